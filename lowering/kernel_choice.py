@@ -1,0 +1,52 @@
+"""Kernel choice from static shapes: decode or prefill kernel shape, and its tile configuration.
+
+Everything here reads only static facts (M as an upper bound of rows, E, N, K, formats), never
+device data, so a compiled graph makes the choice once. Under dynamic shapes M is a symbolic
+size: its size hint picks the bucket (Inductor guards the specialisation like any size hint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile configuration of the grouped GEMM kernel family."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_n: int = 8  # tiles along N walked together (L2 reuse of x tiles)
+
+    @property
+    def decode(self) -> bool:
+        return self.block_m <= 16
+
+
+def rows_per_expert_hint(M: int, E: int) -> float:
+    return M / max(E, 1)
+
+
+def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
+    """Largest power of two <= pref dividing the scale unit along K (so a K tile never straddles
+    two scale units), at least 16."""
+    bk = pref
+    while bk > 16 and scale_k_unit % bk != 0:
+        bk //= 2
+    return bk
+
+
+def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
+                          act_bits: int = 16) -> KernelConfig:
+    """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
+    weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K."""
+    rpe = rows_per_expert_hint(M, E)
+    pref_k = 128 if (w_bits <= 8 or act_bits == 8) else 64
+    if rpe <= 16:  # decode: weight streaming, small M tile, wide K tile
+        bk = _block_k(K, scale_k_unit, 256 if w_bits <= 8 else 128)
+        return KernelConfig(16, 64, bk, 4, 4)
+    if rpe <= 64:
+        return KernelConfig(64, 128, _block_k(K, scale_k_unit, pref_k), 4, 4)
+    return KernelConfig(128, 128, _block_k(K, scale_k_unit, pref_k), 8, 3)

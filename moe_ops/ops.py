@@ -1,0 +1,87 @@
+"""``torch.library`` definitions of the ``moe_ops`` operators and their device implementations.
+
+Each operator is a ``torch.library.triton_op``: one device-agnostic body that runs the shared
+checks, then the CPU reference (``cpu``) or the Triton kernels (``cuda``, ``xpu``). Under
+``torch.compile`` Inductor traces the body, so a GPU graph launches our Triton kernels itself.
+Fake kernels live in :mod:`moe_ops.meta`; autograd formulas in :mod:`moe_ops.autograd`.
+
+Weights are passed as ``(w, w_scale, w_zero, w_format, granularity, group_size)``:
+``w_format='none'`` means ``w`` is a plain float ``[E, N, K]`` tensor (scale and zero None,
+granularity ``'none'``); otherwise ``w`` is the stored data of a quantized format
+(:mod:`moe_ops.formats`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.library import triton_op
+
+from . import checks, formats, reference
+from .activations import quantize_act as _quantize_act_ref
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type in ("cuda", "xpu")
+
+
+@triton_op("moe_ops::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, w_scale: Optional[torch.Tensor], w_zero: Optional[torch.Tensor],
+               offs: torch.Tensor, w_format: str = "none", granularity: str = "none", group_size: int = 0,
+               act_quant: str = "none", recipe: str = "none") -> torch.Tensor:
+    """Grouped forward ``y[g] = x[g] @ W[e]^T``: x ``[M, K]``, offs ``[E]`` int32 -> ``[M, N]``
+    in ``x.dtype``; rows at or past ``offs[-1]`` are zeros."""
+    checks.check_grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+    if _on_gpu(x):
+        from .kernels import dispatch
+        y = dispatch.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+        if y is not None:
+            return y
+    return reference.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+
+
+@triton_op("moe_ops::grouped_mm_dgrad", mutates_args=())
+def grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, w_scale: Optional[torch.Tensor],
+                     w_zero: Optional[torch.Tensor], offs: torch.Tensor, w_format: str = "none",
+                     granularity: str = "none", group_size: int = 0, recipe: str = "none") -> torch.Tensor:
+    """Grouped dgrad ``dx[g] = dy[g] @ W[e]``: dy ``[M, N]`` -> ``[M, K]`` in ``dy.dtype``."""
+    checks.check_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe)
+    return reference.grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe)
+
+
+@triton_op("moe_ops::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, recipe: str = "none") -> torch.Tensor:
+    """Grouped wgrad ``dW[e] = dy[g]^T @ x[g]``: dy ``[M, N]``, x ``[M, K]`` -> ``[E, N, K]`` in
+    ``dy.dtype``; experts with no rows get exact zeros."""
+    checks.check_wgrad(dy, x, offs, recipe)
+    return reference.grouped_mm_wgrad(dy, x, offs, recipe)
+
+
+@triton_op("moe_ops::quantize_weight", mutates_args=())
+def quantize_weight(w: torch.Tensor, format: str, granularity: str = "group",
+                    group_size: int = 128) -> List[torch.Tensor]:
+    """``[data, scale]`` (sym) or ``[data, scale, zero]`` (asym) of ``w`` ``[E, N, K]`` in a
+    quantized ``format`` (:mod:`moe_ops.formats`)."""
+    checks.check_quantize_weight(w, format, granularity, group_size)
+    if formats.get_format(format).kind == "float":
+        raise ValueError(f"format: {format!r} is a plain format; quantize_weight takes a quantized one")
+    data, scale, zero = formats.quantize(w, format, granularity, group_size)
+    return [data, scale] if zero is None else [data, scale, zero]
+
+
+@triton_op("moe_ops::dequantize_weight", mutates_args=())
+def dequantize_weight(data: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+                      format: str, granularity: str, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[E, N, K]`` weights in ``dtype`` from stored ``data``/``scale``/``zero``."""
+    ref = torch.empty(0, dtype=dtype, device=data.device)
+    checks.check_weight(data, scale, zero, format, granularity, group_size, ref, "data")
+    return formats.dequantize(data, scale, zero, format, granularity, group_size, dtype)
+
+
+@triton_op("moe_ops::quantize_act", mutates_args=())
+def quantize_act(x: torch.Tensor, mode: str) -> List[torch.Tensor]:
+    """``[q, scale]`` of activations ``x`` ``[M, K]`` for ``mode`` in ``int8_token``,
+    ``fp8_token``, ``fp8_1x128`` (:mod:`moe_ops.activations`)."""
+    checks.check_act_quant(x, mode)
+    q, s = _quantize_act_ref(x, mode)
+    return [q, s]
