@@ -1,6 +1,124 @@
-"""Which Triton kernel serves an operator call on a GPU (None: the reference path serves it)."""
+"""Launchers: which Triton kernel serves an operator call, with which constexprs and tiles.
+
+``grouped_mm`` returns None for combinations that have no Triton kernel yet (the training
+recipes' forward, and quantized activations with scales that vary inside a 16-column K tile);
+the operator then runs the reference path. Launch grids come from static shapes only.
+"""
 from __future__ import annotations
 
+import os
 
-def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe):
-    return None
+import torch
+import triton
+from torch.library import wrap_triton
+
+from moe_ops import formats
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
+
+from .act_quant import quantize_rows_kernel
+from .grouped_gemm import grouped_gemm_kernel
+
+_HUGE = 1 << 30
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ACT_CODE = {"none": 0, "int8_token": 1, "fp8_token": 2, "fp8_1x128": 2}
+
+
+def _scale_unit(granularity: str, group_size: int):
+    """(UNIT_N, UNIT_K) of a granularity; huge K unit = constant along K."""
+    return {
+        "group": (1, group_size),
+        "channel": (1, _HUGE),
+        "tensor": (_HUGE, _HUGE),
+        "block": (formats.BLOCK, formats.BLOCK),
+    }.get(granularity, (1, _HUGE))
+
+
+def quantize_act(x: torch.Tensor, mode: str):
+    """Triton activation quantization: ``(q, scale)`` as :func:`moe_ops.activations.quantize_act`."""
+    M, K = x.shape
+    unit = formats.BLOCK if mode == "fp8_1x128" else max(K, 1)
+    to_int8 = mode == "int8_token"
+    q = torch.empty(M, K, dtype=torch.int8 if to_int8 else torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, -(-K // unit), dtype=torch.float32, device=x.device)
+    if M and K:
+        xc = x.contiguous()
+        block = min(1024, triton.next_power_of_2(unit))
+        wrap_triton(quantize_rows_kernel)[(M,)](
+            xc, q, s, K, xc.stride(0), q.stride(0), s.stride(0),
+            UNIT=unit, BLOCK=block, QMAX=127.0 if to_int8 else 448.0, TO_INT8=to_int8)
+    return q, s
+
+
+def forward_supported(w_format: str, granularity: str, group_size: int, act_quant: str, recipe: str) -> bool:
+    if recipe != "none":
+        return False
+    if act_quant == "none":
+        return True
+    unit_k = _scale_unit(granularity, group_size)[1]
+    # quantized activations apply scales per K tile: each scale unit must hold whole 16-wide tiles
+    return unit_k % 16 == 0
+
+
+def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
+               config: KernelConfig = None):
+    """Triton forward, or None when no kernel serves this combination."""
+    if not forward_supported(w_format, granularity, group_size, act_quant, recipe):
+        return None
+    M, K = x.shape
+    E, N = w.shape[0], w.shape[1]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    if K == 0 or N == 0:
+        return y.zero_()
+    spec = None if w_format == "none" else formats.get_format(w_format)
+    unit_n, unit_k = _scale_unit(granularity, group_size)
+    act = _ACT_CODE[act_quant]
+    w_bits = 16 if spec is None else spec.bits
+    act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
+    if config is None:
+        config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, K), act_bits=8 if act else 16)
+    bk = config.block_k
+    scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+    if act and not scale_tile:
+        bk = 16
+        while unit_k % (bk * 2) == 0 and bk * 2 <= config.block_k:
+            bk *= 2
+        scale_tile = True
+    if act:
+        xq, xs = quantize_act(x, act_quant)
+    else:
+        xq, xs = x, x  # xs unused
+    if spec is None:
+        w_kind, bits, zero_mode, implicit_zero = 0, 16, 0, 0
+    else:
+        w_kind = 1 if spec.kind == "int" else 2
+        bits = spec.bits
+        zero_mode = 2 if spec.has_zero else (1 if spec.implicit_zero else 0)
+        implicit_zero = spec.implicit_zero
+    has_scale = w_scale is not None
+    ws = w_scale if has_scale else w
+    wz = w_zero if w_zero is not None else ws
+    sse, ssn, ssk = (ws.stride(0), ws.stride(1), ws.stride(2)) if has_scale else (0, 0, 0)
+    if has_scale and granularity == "tensor":
+        ssn = ssk = 0
+    if has_scale and granularity == "channel":
+        ssk = 0
+    bm, bn = config.block_m, config.block_n
+    grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
+    upcast = _INTERPRET or x.dtype == torch.float32
+    wrap_triton(grouped_gemm_kernel)[grid](
+        xq, xs, w, ws, wz, y, offs,
+        M, N, K,
+        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
+        w.stride(0), w.stride(1), w.stride(2),
+        sse, ssn, ssk,
+        y.stride(0), y.stride(1),
+        E=E, E_POW2=triton.next_power_of_2(E),
+        W_KIND=w_kind, W_BITS=bits, ZERO_MODE=zero_mode, IMPLICIT_ZERO=implicit_zero,
+        UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=has_scale,
+        ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=(act == 1 and w_format == "int8_asym"),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=upcast,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

@@ -1,0 +1,210 @@
+"""Triton grouped GEMM ``y[g] = x[g] @ W[e]^T`` for every weight format, dequantization fused.
+
+One kernel family, switched by constexprs (the weight never goes back to memory in 16 bits):
+
+``W_KIND``    0 plain float, 1 integer codes, 2 fp8.
+``W_BITS``    8, 4 or 2 for integer codes (4 and 2 packed along K, low bits first).
+``ZERO_MODE`` 0 none, 1 implicit zero point ``IMPLICIT_ZERO`` (packed sym), 2 stored uint8 zero.
+``UNIT_N``, ``UNIT_K``  the scale unit (1/huge for channel, huge/huge for tensor, 1/g for
+              group, 128/128 for block); scale strides are 0 along broadcast dims.
+``SCALE_TILE`` the scale is constant over a K tile (``UNIT_K % BLOCK_K == 0``): one
+              ``[BLOCK_N]`` load per tile instead of a ``[BLOCK_K, BLOCK_N]`` gather.
+``ACT``       0: 16/32-bit x, W dequantized to x's dtype in registers, fp32 accumulation;
+              1: int8 x (``int8_token``), integer weight values as int8, int32 accumulation
+              (exact), scales applied per scale unit along K (group) or once at the end;
+              2: fp8 e4m3 x (``fp8_token`` / ``fp8_1x128``), fp8 weights, fp32 accumulation,
+              scales per K tile when they vary along K.
+
+Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``
+programs, a static upper bound. Each program reads ``offs`` on the device, finds which expert
+its M tile belongs to (tiles numbered expert by expert), and returns at once if it has none.
+The programs after the last expert's tiles write the zero rows at or past ``offs[-1]``, so
+every output row is written. Decode and prefill differ only in tile shape (BLOCK_M 16 with a
+wide K tile for weight streaming; 64/128 for prefill), chosen from static shapes in
+:mod:`moe_ops.lowering.kernel_choice`. Row and expert offsets are int64.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row of the tile, end row of the expert, number of used tiles)."""
+    idx = tl.arange(0, E_POW2)
+    valid = idx < E
+    ends = tl.load(offs_ptr + idx, mask=valid, other=0)
+    prev = tl.load(offs_ptr + idx - 1, mask=valid & (idx > 0), other=0)
+    sizes = tl.maximum(ends - prev, 0)
+    ntiles = tl.where(valid, (sizes + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(ntiles, 0)
+    expert = tl.sum((cum <= tile).to(tl.int32), 0)
+    total = tl.sum(ntiles, 0)
+    sel = idx == expert
+    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    start = tl.sum(tl.where(sel, prev, 0), 0)
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    row0 = start + (tile - first_tile) * BLOCK_M
+    last_end = tl.max(tl.where(valid, ends, 0), 0)
+    return expert, row0, end, total, last_end
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_xsm, stride_xsk,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_ym, stride_yn,
+    E: tl.constexpr, E_POW2: tl.constexpr,
+    W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
+    UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile = pid // num_n
+    pid_n = pid % num_n
+    expert, row0, row_end, total, last_end = _expert_of_tile(offs_ptr, tile, E, E_POW2, BLOCK_M)
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    y_cols = rn.to(tl.int64) * stride_yn
+
+    if tile >= total:
+        # spare programs: write the zero rows at or past offs[-1]
+        zrow0 = last_end + (tile - total) * BLOCK_M
+        zr = zrow0 + tl.arange(0, BLOCK_M)
+        zmask = (zr < M)[:, None] & n_mask[None, :]
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+        tl.store(y_ptr + zr.to(tl.int64)[:, None] * stride_ym + y_cols[None, :], zeros, mask=zmask)
+    else:
+        _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_end, rn, n_mask, y_cols, K,
+                   stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                   stride_se, stride_sn, stride_sk, stride_ym,
+                   W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
+                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT)
+
+
+@triton.jit
+def _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K: tl.constexpr, ZERO_MODE: tl.constexpr):
+    """``[1, BLOCK_N]`` scale (and int32 zero) of the scale unit holding column ``k0``."""
+    s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[None, :]
+    if ZERO_MODE == 2:
+        z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0).to(tl.int32)[None, :]
+    else:
+        z = tl.zeros_like(s).to(tl.int32)
+    return s, z
+
+
+@triton.jit
+def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_end, rn, n_mask, y_cols, K,
+               stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+               stride_se, stride_sn, stride_sk, stride_ym,
+               W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
+               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
+               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    rm = row0 + tl.arange(0, BLOCK_M)
+    m_mask = rm < row_end
+    rm64 = rm.to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    e64 = expert.to(tl.int64)
+    w_base = w_ptr + e64 * stride_we
+    s_base = ws_ptr + e64 * stride_se
+    z_base = wz_ptr + e64 * stride_se
+    w_rows = rn.to(tl.int64) * stride_wn
+    s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
+
+    CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
+    if ACT == 1:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bmask = k_mask[:, None] & n_mask[None, :]
+        if W_KIND == 1:
+            PACK: tl.constexpr = 8 // W_BITS
+            byte = tl.load(w_base + (kk // PACK).to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
+                           mask=bmask, other=0)
+            if PACK > 1:
+                code = (byte.to(tl.int32) >> ((kk % PACK) * W_BITS)[:, None]) & CODE_MASK
+            else:
+                code = byte.to(tl.int32)
+            if ZERO_MODE == 1:
+                code = code - IMPLICIT_ZERO
+        else:
+            raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask, other=0.0)
+
+        # scale (and zero) of this tile
+        if HAS_SCALE:
+            if SCALE_TILE:
+                s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
+            else:
+                s_off = s_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk
+                s = tl.load(s_off, mask=bmask, other=0.0)
+                if ZERO_MODE == 2:
+                    z = tl.load(z_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk,
+                                mask=bmask, other=0).to(tl.int32)
+
+        if ACT == 0:
+            if W_KIND == 0:
+                b = raw
+            elif W_KIND == 1:
+                if ZERO_MODE == 2:
+                    code = code - z
+                b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+            else:
+                b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        elif ACT == 1:
+            if INT8_OFFSET:
+                # int8_asym: u - z in [-255, 255]; dot with (u - 128), correct by rowsum * (128 - z)
+                part = tl.dot(a, (code - 128).to(tl.int8), out_dtype=tl.int32)
+                part += tl.sum(a.to(tl.int32), 1)[:, None] * (128 - z)
+            else:
+                if ZERO_MODE == 2:
+                    code = code - z
+                part = tl.dot(a, code.to(tl.int8), out_dtype=tl.int32)
+            acc_i += part
+            if UNIT_K < 1 << 30:
+                # group scales: flush the exact integer sum at the end of each scale unit
+                if ((k0 + BLOCK_K) % UNIT_K == 0) | (k0 + BLOCK_K >= K):
+                    acc += acc_i.to(tl.float32) * s
+                    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            part = tl.dot(a, raw, out_dtype=tl.float32)
+            if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
+                xs = tl.load(xs_ptr + rm64 * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask, other=0.0)
+                acc += part * xs[:, None] * s
+            else:
+                acc += part
+
+    if ACT == 1:
+        xs = tl.load(xs_ptr + rm64 * stride_xsm, mask=m_mask, other=0.0)
+        if UNIT_K < 1 << 30:
+            out = acc * xs[:, None]
+        else:
+            s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
+            out = (acc_i.to(tl.float32) * xs[:, None]) * s_end
+    elif ACT == 2:
+        if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
+            out = acc
+        else:
+            xs = tl.load(xs_ptr + rm64 * stride_xsm, mask=m_mask, other=0.0)
+            s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
+            out = acc * xs[:, None] * s_end
+    else:
+        out = acc
+    tl.store(y_ptr + rm64[:, None] * stride_ym + y_cols[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
