@@ -1,0 +1,83 @@
+"""The one benchmark harness: routing, timing, ceilings, result tables (markdown + JSON)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+
+def skewed_offs(T: int, E: int, top_k: int, device, seed: int = 0) -> torch.Tensor:
+    """Expert end rows of T tokens routed top-k by a random router with skewed expert biases."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) + 1.5 * torch.randn(E, generator=g)
+    ids = logits.topk(top_k, dim=-1).indices.flatten()
+    counts = torch.bincount(ids, minlength=E)
+    return torch.cumsum(counts, 0).to(torch.int32).to(device)
+
+
+def bench_ms(fn, rep_ms: int = 100, warmup_ms: int = 25) -> float:
+    """Median ms of ``fn`` (triton.testing.do_bench, device events)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def ceilings(device) -> dict:
+    """Copy bandwidth (bytes read + written per s), bf16 and fp8 dense matmul FLOP/s."""
+    out = {}
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a))
+    out["copy_GBps"] = 2 * a.numel() / ms / 1e6
+    del a, b
+    n = 8192
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = bench_ms(lambda: x @ y)
+    out["bf16_TFLOPs"] = 2 * n ** 3 / ms / 1e9
+    try:
+        xf = x.to(torch.float8_e4m3fn)
+        yf = y.to(torch.float8_e4m3fn).t().contiguous().t()
+        one = torch.ones((), device=device)
+        ms = bench_ms(lambda: torch._scaled_mm(xf, yf, one, one, out_dtype=torch.bfloat16))
+        out["fp8_TFLOPs"] = 2 * n ** 3 / ms / 1e9
+    except Exception as e:  # noqa: BLE001  (recorded, not hidden)
+        out["fp8_TFLOPs_error"] = repr(e)[:200]
+    return out
+
+
+def environment(device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_results(name: str, env: dict, ceil: dict, rows: list, columns: list, out_dir: str) -> str:
+    """Write ``name.md`` and ``name.json`` under ``out_dir``; return the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [f"# {name}", "", f"{env}", "", f"ceilings (measured in this run): {ceil}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, name + ".md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump({"env": env, "ceilings": ceil, "rows": rows}, f, indent=1)
+    return md
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

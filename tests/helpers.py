@@ -1,0 +1,44 @@
+"""Shared test helpers: ragged routing, float64 oracle, error bounds per format."""
+from __future__ import annotations
+
+import torch
+
+import moe_ops
+from moe_ops import formats
+
+# relative Frobenius error bound of a call against the float64 oracle of the same spec
+# (the oracle dequantizes the same stored weights; the bound covers 16-bit x and the 16-bit
+# rounding of dequantized weights plus float32 accumulation)
+BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def ragged_offs(M: int, E: int, gen: torch.Generator, empty=(), tail: int = 0) -> torch.Tensor:
+    """Skewed random group sizes summing to M - tail, with the experts in ``empty`` given none."""
+    w = torch.rand(E, generator=gen) ** 3 + 1e-3
+    for e in empty:
+        w[e] = 0
+    sizes = torch.floor(w / w.sum() * (M - tail)).to(torch.int64)
+    sizes[int(torch.argmax(w))] += (M - tail) - int(sizes.sum())
+    return torch.cumsum(sizes, 0).to(torch.int32)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def oracle_grouped_mm(x, qw_args, offs, act_quant="none", recipe="none"):
+    """The float64 oracle: the same operator's reference path on float64 x."""
+    wd, ws, wz, fmt, gran, gs = qw_args
+    if fmt == "none":
+        wd = wd.double()
+    return moe_ops.reference.grouped_mm(x.double(), wd, ws, wz, offs, fmt, gran, gs, act_quant, recipe)
+
+
+def weight_cases(fmts=None):
+    """(format, granularity, group_size) for every quantized format and granularity."""
+    out = []
+    for f in fmts or formats.QUANTIZED_FORMATS:
+        for g in formats.get_format(f).granularities:
+            out.append((f, g, 32 if g == "group" else 0))
+    return out
