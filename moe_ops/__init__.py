@@ -12,11 +12,13 @@ from .formats import GRANULARITIES, QUANTIZED_FORMATS, WEIGHT_FORMATS
 from .activations import ACT_QUANT_MODES
 from .recipes import RECIPES
 from .quantized_weight import QuantizedWeight
+from .layers import MoE, ExpertWeights, quantize_experts, route
 
 _autograd.register()
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "dequantize_weight", "grouped_mm", "quantize_act",
+    "MoE", "ExpertWeights", "quantize_experts", "route",
     "WEIGHT_FORMATS", "QUANTIZED_FORMATS", "GRANULARITIES", "ACT_QUANT_MODES", "RECIPES",
 ]
 __version__ = "0.1.0"

@@ -60,13 +60,14 @@ def forward_supported(w_format: str, granularity: str, group_size: int, act_quan
 
 
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
-               config: KernelConfig = None):
-    """Triton forward, or None when no kernel serves this combination."""
+               config: KernelConfig = None, out: torch.Tensor = None):
+    """Triton forward, or None when no kernel serves this combination. ``config`` overrides the
+    tile choice and ``out`` (``[M, N]``, x's dtype, contiguous) receives the result (tests)."""
     if not forward_supported(w_format, granularity, group_size, act_quant, recipe):
         return None
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y
     if K == 0 or N == 0:

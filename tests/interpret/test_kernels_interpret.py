@@ -1,0 +1,98 @@
+"""The Triton kernels in Triton's interpreter (CPU tensors), against the reference, on small
+ragged shapes: empty experts, K and N not multiples of the tile, rows past offs[-1], outputs
+poisoned with NaN first; decode-shaped and prefill-shaped tiles."""
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import reference
+from moe_ops.kernels import dispatch
+from moe_ops.lowering.kernel_choice import KernelConfig
+from helpers import ragged_offs, rel_err, weight_cases
+
+E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multiple of 32 (group size)
+CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
+
+
+def _data(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(E, N, K, generator=g)
+    offs = ragged_offs(M, E, g, empty=(1,), tail=4)
+    return x, w, offs
+
+
+def _run(x, args, offs, act, cfg):
+    out = torch.full((M, N), float("nan"), dtype=x.dtype)
+    wd, ws, wz, f, gr, gs = args
+    y = dispatch.grouped_mm(x, wd, ws, wz, offs, f, gr, gs, act, "none", config=cfg, out=out)
+    assert y is out and not torch.isnan(y).any()
+    assert torch.all(y[int(offs[-1]):] == 0)
+    return y
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt,gran,gs", [("none", "none", 0)] + weight_cases())
+def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
+    x, w, offs = _data(hash((fmt, gran)) % 997, dtype)
+    if fmt == "none":
+        args = (w.to(dtype), None, None, "none", "none", 0)
+    else:
+        args = moe_ops.quantize_weight(w.to(dtype), fmt, gran, gs).op_args()
+    y = _run(x, args, offs, "none", CONFIGS[cfg])
+    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+    # Triton's interpreter casts float32 -> bfloat16 by truncation (measured: half the values
+    # differ from round-to-nearest), which doubles bf16's rounding error here; fp16 rounds.
+    assert rel_err(y, ref) < (1e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f.startswith("int")]))
+def test_forward_int8_token_exact(fmt, gran, gs, cfg):
+    x, w, offs = _data(hash((fmt, gran, 2)) % 997, torch.float32)
+    args = moe_ops.quantize_weight(w, fmt, gran, gs).op_args()
+    y = _run(x, args, offs, "int8_token", CONFIGS[cfg])
+    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none")
+    if gran == "group":
+        assert rel_err(y, ref) < 1e-6  # float32 sum over groups: order of additions only
+    else:
+        assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("mode", ["fp8_token", "fp8_1x128"])
+@pytest.mark.parametrize("fmt,gran,gs", weight_cases(["fp8_e4m3", "fp8_e5m2"]))
+def test_forward_fp8_activations(fmt, gran, gs, mode):
+    """The GEMM against the product of the kernel's own quantized x (Triton's interpreter
+    rounds float32 -> float8 differently from the hardware; the GPU tests check the act
+    quantization kernel bit for bit)."""
+    x, w, offs = _data(hash((fmt, gran, mode)) % 997, torch.float16)
+    args = moe_ops.quantize_weight(w, fmt, gran, gs).op_args()
+    y = _run(x, args, offs, mode, CONFIGS["prefill"])
+    qx, sx = dispatch.quantize_act(x, mode)
+    blk = 128 if mode == "fp8_1x128" else K
+    xh = moe_ops.activations.dequantize_blocks_lastdim(qx, sx, blk, torch.float64)
+    ref = reference.segment_mm(xh, moe_ops.dequantize_weight(moe_ops.QuantizedWeight(
+        args[0], args[1], args[2], fmt, gran, gs, (E, N, K), torch.float32), torch.float64), offs, "nt")
+    assert rel_err(y, ref) < 1e-3
+
+
+def test_act_quant_kernel_int8_exact_and_scales():
+    x = torch.randn(37, 300) * 5
+    x[3] = 0
+    for mode in ("int8_token", "fp8_token", "fp8_1x128"):
+        qk, sk = dispatch.quantize_act(x, mode)
+        qr, sr = moe_ops.activations.quantize_act(x, mode)
+        assert torch.equal(sk, sr)
+        if mode == "int8_token":
+            assert torch.equal(qk, qr)
+        assert torch.all(qk[3].float() == 0)
+
+
+def test_all_rows_on_one_expert_and_m_smaller_than_tile():
+    x = torch.randn(5, K, dtype=torch.float16)
+    w = torch.randn(E, N, K, dtype=torch.float16)
+    offs = torch.tensor([0, 0, 5, 5], dtype=torch.int32)
+    out = torch.full((5, N), float("nan"), dtype=torch.float16)
+    y = dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=CONFIGS["prefill"], out=out)
+    assert rel_err(y, x.double() @ w[2].double().t()) < 1e-3
