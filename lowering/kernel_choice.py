@@ -18,7 +18,7 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    group_n: int = 8  # tiles along N walked together (L2 reuse of x tiles)
+    group_m: int = 8  # M tiles that walk the N tiles together (L2 reuse of weight tiles)
 
     @property
     def decode(self) -> bool:

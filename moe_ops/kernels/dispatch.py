@@ -120,6 +120,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=has_scale,
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=(act == 1 and w_format == "int8_asym"),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=upcast,
+        GROUP_M=config.group_m, POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

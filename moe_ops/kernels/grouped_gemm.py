@@ -63,11 +63,18 @@ def grouped_gemm_kernel(
     UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr,
 ):
+    # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
+    # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    tile = pid // num_n
-    pid_n = pid % num_n
+    num_tiles = tl.cdiv(M, BLOCK_M) + E + 1
+    per_group = GROUP_M * num_n
+    first_tile = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
+    tile = first_tile + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     expert, row0, row_end, total, last_end = _expert_of_tile(offs_ptr, tile, E, E_POW2, BLOCK_M)
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +93,29 @@ def grouped_gemm_kernel(
                    stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                    stride_se, stride_sn, stride_sk, stride_ym,
                    W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT)
+                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE)
+
+
+@triton.jit
+def _load_codes(w_base, w_rows, k0, K, n_mask, stride_wk, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """int32 codes ``[BLOCK_K, BLOCK_N]`` of columns ``k0 .. k0 + BLOCK_K`` (0 past K): each
+    byte is loaded once and split into its 8/W_BITS codes (low bits first)."""
+    PACK: tl.constexpr = 8 // W_BITS
+    MASK: tl.constexpr = (1 << W_BITS) - 1
+    rb = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    bmask = (rb < K // PACK)[:, None] & n_mask[None, :]
+    byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask, other=0).to(tl.int32)
+    if PACK == 1:
+        return byte
+    elif PACK == 2:
+        pair = tl.join(byte & MASK, (byte >> 4) & MASK)  # [BK/2, BN, 2]
+        return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    else:
+        lo = tl.join(byte & MASK, (byte >> 2) & MASK)  # codes 0, 1
+        hi = tl.join((byte >> 4) & MASK, (byte >> 6) & MASK)  # codes 2, 3
+        quad = tl.join(lo, hi)  # [BK/4, BN, 2 (q), 2 (p)]: code 2p + q
+        return tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -107,7 +136,8 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
                UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
                ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+               POST_SCALE: tl.constexpr):
     rm = row0 + tl.arange(0, BLOCK_M)
     m_mask = rm < row_end
     rm64 = rm.to(tl.int64)
@@ -119,7 +149,6 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
     w_rows = rn.to(tl.int64) * stride_wn
     s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
 
-    CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
     if ACT == 1:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -131,13 +160,7 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         bmask = k_mask[:, None] & n_mask[None, :]
         if W_KIND == 1:
-            PACK: tl.constexpr = 8 // W_BITS
-            byte = tl.load(w_base + (kk // PACK).to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
-                           mask=bmask, other=0)
-            if PACK > 1:
-                code = (byte.to(tl.int32) >> ((kk % PACK) * W_BITS)[:, None]) & CODE_MASK
-            else:
-                code = byte.to(tl.int32)
+            code = _load_codes(w_base, w_rows, k0, K, n_mask, stride_wk, W_BITS, BLOCK_K, BLOCK_N)
             if ZERO_MODE == 1:
                 code = code - IMPLICIT_ZERO
         else:
@@ -160,9 +183,15 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
             elif W_KIND == 1:
                 if ZERO_MODE == 2:
                     code = code - z
-                b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+                if POST_SCALE:  # integers |q| <= 255 are exact in bf16/fp16
+                    b = code.to(tl.float32).to(x_ptr.dtype.element_ty)
+                else:
+                    b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
             else:
-                b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+                if POST_SCALE:  # every fp8 value is exact in bf16/fp16
+                    b = raw.to(tl.float32).to(x_ptr.dtype.element_ty)
+                else:
+                    b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
             if UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -205,6 +234,10 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
             out = acc * xs[:, None] * s_end
     else:
-        out = acc
+        if POST_SCALE:
+            s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
+            out = acc * s_end
+        else:
+            out = acc
     tl.store(y_ptr + rm64[:, None] * stride_ym + y_cols[None, :], out.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])

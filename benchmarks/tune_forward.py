@@ -1,0 +1,67 @@
+"""Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
+
+Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR]``. The winners inform the static
+table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning at call time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from bench_forward import OURS, SHAPES  # noqa: E402
+
+from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
+
+PREFILL = [KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 128, 64, 4, 4), KernelConfig(128, 256, 64, 8, 3),
+           KernelConfig(64, 128, 64, 4, 4), KernelConfig(128, 128, 128, 8, 3), KernelConfig(64, 256, 64, 8, 3),
+           KernelConfig(128, 64, 64, 4, 4), KernelConfig(128, 128, 128, 8, 4)]
+DECODE = [KernelConfig(16, 64, 256, 4, 4), KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 128, 128, 4, 3),
+          KernelConfig(16, 32, 256, 4, 4), KernelConfig(16, 64, 256, 4, 2), KernelConfig(16, 128, 256, 8, 3),
+          KernelConfig(16, 256, 128, 8, 3), KernelConfig(16, 32, 512, 4, 3)]
+
+
+def main(out_dir):
+    dev = torch.device("cuda")
+    import moe_ops
+    results = []
+    for sname, (E, top_k, K, N) in SHAPES.items():
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+        for T, space in ((16, DECODE), (4096, PREFILL)):
+            offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+            x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16)
+            for lab, f, gr, gs, act in OURS:
+                qw = moe_ops.quantize_weight(w, f, gr, gs)
+                wd, ws, wz, fmt, g2, gs2 = qw.op_args()
+                timings = []
+                for cfg in space:
+                    try:
+                        fn = lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none",  # noqa: E731
+                                                         config=cfg)
+                        fn()
+                        timings.append((harness.bench_ms(fn, rep_ms=40, warmup_ms=10), cfg))
+                    except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
+                        print("skip", sname, T, lab, cfg, repr(e)[:80])
+                timings.sort(key=lambda t: t[0])
+                best, default = timings[0], next((t for t in timings if t[1] == space[0]), None)
+                print(f"{sname:18s} T={T:5d} {lab:16s} best {best[0]:.4f} ms {best[1]}  first-config "
+                      f"{default[0] if default else float('nan'):.4f}", flush=True)
+                results.append({"shape": sname, "T": T, "variant": lab,
+                                "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in timings]})
+            del x
+        del w
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tune_forward.json"), "w") as fh:
+        json.dump({"env": harness.environment(dev), "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    main(p.parse_args().out)
