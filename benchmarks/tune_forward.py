@@ -19,12 +19,13 @@ from bench_forward import OURS, SHAPES  # noqa: E402
 from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
 
-PREFILL = [KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 128, 64, 4, 4), KernelConfig(128, 256, 64, 8, 3),
-           KernelConfig(64, 128, 64, 4, 4), KernelConfig(128, 128, 128, 8, 3), KernelConfig(64, 256, 64, 8, 3),
-           KernelConfig(128, 64, 64, 4, 4), KernelConfig(128, 128, 128, 8, 4)]
-DECODE = [KernelConfig(16, 64, 256, 4, 4), KernelConfig(16, 64, 128, 4, 4), KernelConfig(16, 128, 128, 4, 3),
-          KernelConfig(16, 32, 256, 4, 4), KernelConfig(16, 64, 256, 4, 2), KernelConfig(16, 128, 256, 8, 3),
-          KernelConfig(16, 256, 128, 8, 3), KernelConfig(16, 32, 512, 4, 3)]
+C = KernelConfig
+PREFILL = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 128, 64, 4, 4),
+           C(128, 128, 128, 8, 3), C(128, 256, 64, 8, 3, group_m=1), C(128, 128, 64, 8, 3, group_m=1),
+           C(128, 256, 64, 8, 4)]
+DECODE = [C(16, 64, 128, 4, 4, group_m=1), C(16, 64, 256, 4, 3, group_m=1), C(16, 32, 256, 4, 4, group_m=1),
+          C(16, 128, 128, 4, 3, group_m=1), C(16, 32, 512, 4, 3, group_m=1), C(16, 64, 128, 4, 4, group_m=8),
+          C(16, 256, 128, 8, 3, group_m=1), C(16, 64, 256, 4, 2, group_m=1)]
 
 
 def main(out_dir):

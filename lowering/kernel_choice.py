@@ -41,12 +41,18 @@ def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
                           act_bits: int = 16) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
-    weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K."""
+    weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
+    of ``act_bits`` bits. The table comes from ``benchmarks/tune_forward.py`` on an H100."""
     rpe = rows_per_expert_hint(M, E)
-    pref_k = 128 if (w_bits <= 8 or act_bits == 8) else 64
-    if rpe <= 16:  # decode: weight streaming, small M tile, wide K tile
-        bk = _block_k(K, scale_k_unit, 256 if w_bits <= 8 else 128)
-        return KernelConfig(16, 64, bk, 4, 4)
+    if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
+        bk = _block_k(K, scale_k_unit, 256 if (w_bits <= 8 and act_bits == 16) else 128)
+        return KernelConfig(16, 64, bk, 4, 3 if bk >= 256 else 4, group_m=1)
     if rpe <= 64:
-        return KernelConfig(64, 128, _block_k(K, scale_k_unit, pref_k), 4, 4)
-    return KernelConfig(128, 128, _block_k(K, scale_k_unit, pref_k), 8, 3)
+        return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 4)
+    if act_bits == 8:
+        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128 if w_bits == 8 else 64), 8, 3)
+    if w_bits == 16:
+        return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 3)
+    if w_bits < 8:
+        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
+    return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3)

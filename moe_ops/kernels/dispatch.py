@@ -50,18 +50,15 @@ def quantize_act(x: torch.Tensor, mode: str):
 
 
 def forward_supported(w_format: str, granularity: str, group_size: int, act_quant: str, recipe: str) -> bool:
-    if recipe != "none":
-        return False
-    if act_quant == "none":
-        return True
-    unit_k = _scale_unit(granularity, group_size)[1]
-    # quantized activations apply scales per K tile: each scale unit must hold whole 16-wide tiles
-    return unit_k % 16 == 0
+    """Static part of the choice (the tile-dependent part is in :func:`grouped_mm`)."""
+    return recipe == "none"
 
 
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
                config: KernelConfig = None, out: torch.Tensor = None):
-    """Triton forward, or None when no kernel serves this combination. ``config`` overrides the
+    """Triton forward, or None when no kernel serves this combination (training recipes;
+    quantized activations with weight scales that vary inside a 32*PACK-column K tile, e.g.
+    int2 with group size 32 under ``int8_token``). ``config`` overrides the
     tile choice and ``out`` (``[M, N]``, x's dtype, contiguous) receives the result (tests)."""
     if not forward_supported(w_format, granularity, group_size, act_quant, recipe):
         return None
@@ -79,13 +76,12 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     if config is None:
         config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, K), act_bits=8 if act else 16)
-    bk = config.block_k
+    pack = spec.pack if spec is not None else 1
+    # each sub-dot needs K >= 16 (>= 32 for 8-bit operands)
+    bk = max(config.block_k, (32 if act else 16) * pack)
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
-    if act and not scale_tile:
-        bk = 16
-        while unit_k % (bk * 2) == 0 and bk * 2 <= config.block_k:
-            bk *= 2
-        scale_tile = True
+    if act and not scale_tile:  # quantized activations need the scale constant over a K tile
+        return None
     if act:
         xq, xs = quantize_act(x, act_quant)
     else:
@@ -120,7 +116,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=has_scale,
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=(act == 1 and w_format == "int8_asym"),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=upcast,
-        GROUP_M=config.group_m, POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
+        GROUP_M=config.group_m, PACK=spec.pack if spec is not None else 1, POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

@@ -3,7 +3,10 @@
 One kernel family, switched by constexprs (the weight never goes back to memory in 16 bits):
 
 ``W_KIND``    0 plain float, 1 integer codes, 2 fp8.
-``W_BITS``    8, 4 or 2 for integer codes (4 and 2 packed along K, low bits first).
+``W_BITS``    8, 4 or 2 for integer codes (4 and 2 packed along K, low bits first);
+              ``PACK = 8 // W_BITS`` codes a byte: a K tile is PACK sub-dots, sub-dot j
+              multiplying x's columns ``k0 + PACK*i + j`` by bit field j of each byte (each byte
+              is loaded once, no shuffles).
 ``ZERO_MODE`` 0 none, 1 implicit zero point ``IMPLICIT_ZERO`` (packed sym), 2 stored uint8 zero.
 ``UNIT_N``, ``UNIT_K``  the scale unit (1/huge for channel, huge/huge for tensor, 1/g for
               group, 128/128 for block); scale strides are 0 along broadcast dims.
@@ -63,7 +66,7 @@ def grouped_gemm_kernel(
     UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr,
+    GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -93,29 +96,7 @@ def grouped_gemm_kernel(
                    stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                    stride_se, stride_sn, stride_sk, stride_ym,
                    W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE)
-
-
-@triton.jit
-def _load_codes(w_base, w_rows, k0, K, n_mask, stride_wk, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """int32 codes ``[BLOCK_K, BLOCK_N]`` of columns ``k0 .. k0 + BLOCK_K`` (0 past K): each
-    byte is loaded once and split into its 8/W_BITS codes (low bits first)."""
-    PACK: tl.constexpr = 8 // W_BITS
-    MASK: tl.constexpr = (1 << W_BITS) - 1
-    rb = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    bmask = (rb < K // PACK)[:, None] & n_mask[None, :]
-    byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask, other=0).to(tl.int32)
-    if PACK == 1:
-        return byte
-    elif PACK == 2:
-        pair = tl.join(byte & MASK, (byte >> 4) & MASK)  # [BK/2, BN, 2]
-        return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, BLOCK_N))
-    else:
-        lo = tl.join(byte & MASK, (byte >> 2) & MASK)  # codes 0, 1
-        hi = tl.join((byte >> 4) & MASK, (byte >> 6) & MASK)  # codes 2, 3
-        quad = tl.join(lo, hi)  # [BK/4, BN, 2 (q), 2 (p)]: code 2p + q
-        return tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
+                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK)
 
 
 @triton.jit
@@ -137,87 +118,103 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
                ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               POST_SCALE: tl.constexpr):
+               POST_SCALE: tl.constexpr, PACK: tl.constexpr):
     rm = row0 + tl.arange(0, BLOCK_M)
     m_mask = rm < row_end
     rm64 = rm.to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     e64 = expert.to(tl.int64)
     w_base = w_ptr + e64 * stride_we
     s_base = ws_ptr + e64 * stride_se
     z_base = wz_ptr + e64 * stride_se
     w_rows = rn.to(tl.int64) * stride_wn
     s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
+    # packed codes: a K tile is PACK sub-dots of SUB columns each; sub-dot j takes columns
+    # k0 + PACK*i + j, i.e. bits [j*W_BITS, (j+1)*W_BITS) of the tile's SUB bytes per row of W
+    SUB: tl.constexpr = BLOCK_K // PACK
+    CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
+    rs = tl.arange(0, SUB)
 
     if ACT == 1:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_mask = kk < K
-        a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        bmask = k_mask[:, None] & n_mask[None, :]
         if W_KIND == 1:
-            code = _load_codes(w_base, w_rows, k0, K, n_mask, stride_wk, W_BITS, BLOCK_K, BLOCK_N)
-            if ZERO_MODE == 1:
-                code = code - IMPLICIT_ZERO
-        else:
-            raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask, other=0.0)
-
-        # scale (and zero) of this tile
+            rb = k0 // PACK + rs
+            byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
+                           mask=(rb < K // PACK)[:, None] & n_mask[None, :], other=0).to(tl.int32)
         if HAS_SCALE:
             if SCALE_TILE:
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
+        if ACT == 1:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for j in tl.static_range(PACK):
+            kk = k0 + rs * PACK + j
+            k_mask = kk < K
+            a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            bmask = k_mask[:, None] & n_mask[None, :]
+            if W_KIND == 1:
+                if PACK > 1:
+                    code = (byte >> (j * W_BITS)) & CODE_MASK
+                else:
+                    code = byte
+                if ZERO_MODE == 1:
+                    code = code - IMPLICIT_ZERO
             else:
-                s_off = s_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk
-                s = tl.load(s_off, mask=bmask, other=0.0)
-                if ZERO_MODE == 2:
-                    z = tl.load(z_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk,
-                                mask=bmask, other=0).to(tl.int32)
+                raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask,
+                              other=0.0)
+            if HAS_SCALE:
+                if not SCALE_TILE:
+                    s_off = s_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk
+                    s = tl.load(s_off, mask=bmask, other=0.0)
+                    if ZERO_MODE == 2:
+                        z = tl.load(z_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk,
+                                    mask=bmask, other=0).to(tl.int32)
 
-        if ACT == 0:
-            if W_KIND == 0:
-                b = raw
-            elif W_KIND == 1:
-                if ZERO_MODE == 2:
-                    code = code - z
-                if POST_SCALE:  # integers |q| <= 255 are exact in bf16/fp16
-                    b = code.to(tl.float32).to(x_ptr.dtype.element_ty)
+            if ACT == 0:
+                if W_KIND == 0:
+                    b = raw
+                elif W_KIND == 1:
+                    if ZERO_MODE == 2:
+                        code = code - z
+                    if POST_SCALE:  # integers |q| <= 255 are exact in bf16/fp16
+                        b = code.to(tl.float32).to(x_ptr.dtype.element_ty)
+                    else:
+                        b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
                 else:
-                    b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
-            else:
-                if POST_SCALE:  # every fp8 value is exact in bf16/fp16
-                    b = raw.to(tl.float32).to(x_ptr.dtype.element_ty)
+                    if POST_SCALE:  # every fp8 value is exact in bf16/fp16
+                        b = raw.to(tl.float32).to(x_ptr.dtype.element_ty)
+                    else:
+                        b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+                if UPCAST_DOT:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
                 else:
-                    b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
-            if UPCAST_DOT:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                    acc = tl.dot(a, b, acc)
+            elif ACT == 1:
+                if INT8_OFFSET:
+                    # int8_asym: u - z in [-255, 255]; dot with (u - 128), correct by rowsum * (128 - z)
+                    part += tl.dot(a, (code - 128).to(tl.int8), out_dtype=tl.int32)
+                    part += tl.sum(a.to(tl.int32), 1)[:, None] * (128 - z)
+                else:
+                    if ZERO_MODE == 2:
+                        code = code - z
+                    part += tl.dot(a, code.to(tl.int8), out_dtype=tl.int32)
             else:
-                acc = tl.dot(a, b, acc)
-        elif ACT == 1:
-            if INT8_OFFSET:
-                # int8_asym: u - z in [-255, 255]; dot with (u - 128), correct by rowsum * (128 - z)
-                part = tl.dot(a, (code - 128).to(tl.int8), out_dtype=tl.int32)
-                part += tl.sum(a.to(tl.int32), 1)[:, None] * (128 - z)
-            else:
-                if ZERO_MODE == 2:
-                    code = code - z
-                part = tl.dot(a, code.to(tl.int8), out_dtype=tl.int32)
+                pf = tl.dot(a, raw, out_dtype=tl.float32)
+                if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
+                    xs = tl.load(xs_ptr + rm64 * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask,
+                                 other=0.0)
+                    acc += pf * xs[:, None] * s
+                else:
+                    acc += pf
+        if ACT == 1:
             acc_i += part
             if UNIT_K < 1 << 30:
                 # group scales: flush the exact integer sum at the end of each scale unit
                 if ((k0 + BLOCK_K) % UNIT_K == 0) | (k0 + BLOCK_K >= K):
                     acc += acc_i.to(tl.float32) * s
                     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        else:
-            part = tl.dot(a, raw, out_dtype=tl.float32)
-            if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
-                xs = tl.load(xs_ptr + rm64 * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask, other=0.0)
-                acc += part * xs[:, None] * s
-            else:
-                acc += part
 
     if ACT == 1:
         xs = tl.load(xs_ptr + rm64 * stride_xsm, mask=m_mask, other=0.0)

@@ -14,10 +14,10 @@ E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multi
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
 
 
-def _data(seed, dtype):
+def _data(seed, dtype, k=K):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = torch.randn(E, N, K, generator=g)
+    x = torch.randn(M, k, generator=g).to(dtype)
+    w = torch.randn(E, N, k, generator=g)
     offs = ragged_offs(M, E, g, empty=(1,), tail=4)
     return x, w, offs
 
@@ -50,8 +50,9 @@ def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f.startswith("int")]))
 def test_forward_int8_token_exact(fmt, gran, gs, cfg):
-    x, w, offs = _data(hash((fmt, gran, 2)) % 997, torch.float32)
-    args = moe_ops.quantize_weight(w, fmt, gran, gs).op_args()
+    """K = 384 and group 128: the int8 sub-dots need 32 * PACK columns inside one scale group."""
+    x, w, offs = _data(hash((fmt, gran, 2)) % 997, torch.float32, k=384)
+    args = moe_ops.quantize_weight(w, fmt, gran, 128).op_args()
     y = _run(x, args, offs, "int8_token", CONFIGS[cfg])
     ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none")
     if gran == "group":
@@ -75,6 +76,15 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
     ref = reference.segment_mm(xh, moe_ops.dequantize_weight(moe_ops.QuantizedWeight(
         args[0], args[1], args[2], fmt, gran, gs, (E, N, K), torch.float32), torch.float64), offs, "nt")
     assert rel_err(y, ref) < 1e-3
+
+
+def test_unserved_combination_falls_back_to_reference():
+    """int2 with group 32 under int8_token: no kernel (scale varies inside a 128-column tile);
+    the launcher says so and the operator serves it through the reference path."""
+    x, w, offs = _data(9, torch.float32)
+    args = moe_ops.quantize_weight(w, "int2_sym", "group", 32).op_args()
+    assert dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none") is None
+    assert dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "fp8_rowwise") is None
 
 
 def test_act_quant_kernel_int8_exact_and_scales():
