@@ -45,14 +45,17 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     of ``act_bits`` bits. The table comes from ``benchmarks/tune_forward.py`` on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
-        bk = _block_k(K, scale_k_unit, 256 if (w_bits <= 8 and act_bits == 16) else 128)
-        return KernelConfig(16, 64, bk, 4, 3 if bk >= 256 else 4, group_m=1)
+        if w_bits == 16:
+            return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
+        if w_bits == 8:
+            return KernelConfig(16, 64, _block_k(K, scale_k_unit, 256), 4, 3, group_m=1)
+        return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
     if rpe <= 64:
         return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 4)
-    if act_bits == 8:
-        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128 if w_bits == 8 else 64), 8, 3)
+    if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles
+        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 3)
+    if act_bits == 8 or w_bits < 8:
+        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     if w_bits == 16:
         return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 3)
-    if w_bits < 8:
-        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3)

@@ -77,8 +77,8 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     if config is None:
         config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, K), act_bits=8 if act else 16)
     pack = spec.pack if spec is not None else 1
-    # each sub-dot needs K >= 16 (>= 32 for 8-bit operands)
-    bk = max(config.block_k, (32 if act else 16) * pack)
+    # each sub-dot needs K >= 16 (>= 32 for 8-bit operands); prefill tiles unpack in registers
+    bk = max(config.block_k, (32 if act else 16) * (pack if config.decode else 1))
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     if act and not scale_tile:  # quantized activations need the scale constant over a K tile
         return None
@@ -116,7 +116,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=has_scale,
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=(act == 1 and w_format == "int8_asym"),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=upcast,
-        GROUP_M=config.group_m, PACK=spec.pack if spec is not None else 1, POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
+        GROUP_M=config.group_m, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode), POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

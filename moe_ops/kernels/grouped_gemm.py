@@ -6,7 +6,8 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
 ``W_BITS``    8, 4 or 2 for integer codes (4 and 2 packed along K, low bits first);
               ``PACK = 8 // W_BITS`` codes a byte: a K tile is PACK sub-dots, sub-dot j
               multiplying x's columns ``k0 + PACK*i + j`` by bit field j of each byte (each byte
-              is loaded once, no shuffles).
+              is loaded once, no shuffles); with ``UNPACK_JOIN`` (prefill tiles) the codes are
+              instead interleaved in registers into one ``[BLOCK_K, BLOCK_N]`` tile.
 ``ZERO_MODE`` 0 none, 1 implicit zero point ``IMPLICIT_ZERO`` (packed sym), 2 stored uint8 zero.
 ``UNIT_N``, ``UNIT_K``  the scale unit (1/huge for channel, huge/huge for tensor, 1/g for
               group, 128/128 for block); scale strides are 0 along broadcast dims.
@@ -66,7 +67,7 @@ def grouped_gemm_kernel(
     UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr,
+    GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -96,7 +97,22 @@ def grouped_gemm_kernel(
                    stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                    stride_se, stride_sn, stride_sk, stride_ym,
                    W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK)
+                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK, UNPACK_JOIN)
+
+
+@triton.jit
+def _unpack_join(byte, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K // PACK, BLOCK_N]`` bytes to ``[BLOCK_K, BLOCK_N]`` codes in K order (low bits
+    first), interleaved in registers with join / permute / reshape."""
+    MASK: tl.constexpr = (1 << W_BITS) - 1
+    if W_BITS == 4:
+        pair = tl.join(byte & MASK, (byte >> 4) & MASK)  # [BK/2, BN, 2]
+        return tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+    else:
+        lo = tl.join(byte & MASK, (byte >> 2) & MASK)  # codes 0, 1
+        hi = tl.join((byte >> 4) & MASK, (byte >> 6) & MASK)  # codes 2, 3
+        quad = tl.join(lo, hi)  # [BK/4, BN, 2 (q), 2 (p)]: code 2p + q
+        return tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -118,7 +134,7 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
                ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               POST_SCALE: tl.constexpr, PACK: tl.constexpr):
+               POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr):
     rm = row0 + tl.arange(0, BLOCK_M)
     m_mask = rm < row_end
     rm64 = rm.to(tl.int64)
@@ -131,8 +147,10 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
     # packed codes: a K tile is PACK sub-dots of SUB columns each; sub-dot j takes columns
     # k0 + PACK*i + j, i.e. bits [j*W_BITS, (j+1)*W_BITS) of the tile's SUB bytes per row of W
     SUB: tl.constexpr = BLOCK_K // PACK
+    NSUB: tl.constexpr = 1 if UNPACK_JOIN else PACK  # sub-dots per K tile
     CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
     rs = tl.arange(0, SUB)
+    rsk = tl.arange(0, BLOCK_K // NSUB)
 
     if ACT == 1:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -148,17 +166,19 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
         if ACT == 1:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for j in tl.static_range(PACK):
-            kk = k0 + rs * PACK + j
+        for j in tl.static_range(NSUB):
+            kk = k0 + rsk * NSUB + j
             k_mask = kk < K
             a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             bmask = k_mask[:, None] & n_mask[None, :]
             if W_KIND == 1:
-                if PACK > 1:
-                    code = (byte >> (j * W_BITS)) & CODE_MASK
-                else:
+                if PACK == 1:
                     code = byte
+                elif UNPACK_JOIN:
+                    code = _unpack_join(byte, W_BITS, BLOCK_K, BLOCK_N)
+                else:
+                    code = (byte >> (j * W_BITS)) & CODE_MASK
                 if ZERO_MODE == 1:
                     code = code - IMPLICIT_ZERO
             else:
