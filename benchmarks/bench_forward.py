@@ -83,7 +83,10 @@ def run(args):
             peers["linear_loop"] = loop
             peer_ms = {k: harness.bench_ms(v) for k, v in peers.items()}
             row_base = {"shape": sname, "T": T, "M": M, "active_experts": active}
-            rows.append({**row_base, "variant": "peers", **{f"{k}_ms": v for k, v in peer_ms.items()}})
+            peer_row = {**row_base, "variant": "peers", **{f"{k}_ms": v for k, v in peer_ms.items()}}
+            if T <= 128:  # launch-overhead-free times (CUDA graph replay) for decode shapes
+                peer_row["grouped_mm_bf16_graph_ms"] = harness.bench_graph_ms(peers["grouped_mm_bf16"])
+            rows.append(peer_row)
             for lab, f, gr, gs, act in OURS:
                 qw = qws[lab]
                 fn = lambda: moe_ops.grouped_mm(x, qw, offs, act_quant=act)  # noqa: E731
@@ -96,12 +99,18 @@ def run(args):
                      "mm_share": flops / ms / 1e9 / ceil["fp8_TFLOPs" if act else "bf16_TFLOPs"]}
                 for k, v in peer_ms.items():
                     r[f"x_vs_{k}"] = v / ms
+                if T <= 128:
+                    r["graph_ms"] = gms = harness.bench_graph_ms(fn)
+                    r["graph_copy_share"] = nbytes / gms / 1e6 / ceil["copy_GBps"]
+                    r["graph_x_vs_grouped_mm_bf16"] = peer_row["grouped_mm_bf16_graph_ms"] / gms
                 rows.append(r)
                 print(sname, T, lab, f"{ms:.4f} ms", {k: round(v / ms, 2) for k, v in peer_ms.items()}, flush=True)
             del x
-    cols = ["shape", "T", "variant", "ms", "TFLOPs", "GBps", "copy_share", "mm_share", "x_vs_grouped_mm_bf16",
+    cols = ["shape", "T", "variant", "ms", "TFLOPs", "GBps", "copy_share", "mm_share", "graph_ms", "graph_copy_share",
+            "graph_x_vs_grouped_mm_bf16", "x_vs_grouped_mm_bf16",
             "x_vs_scaled_grouped_mm_fp8", "x_vs_dequant_int4_grouped_mm", "x_vs_linear_loop",
-            "grouped_mm_bf16_ms", "scaled_grouped_mm_fp8_ms", "dequant_int4_grouped_mm_ms", "linear_loop_ms"]
+            "grouped_mm_bf16_ms", "grouped_mm_bf16_graph_ms", "scaled_grouped_mm_fp8_ms", "dequant_int4_grouped_mm_ms",
+            "linear_loop_ms"]
     name = "forward_" + env.get("device", "gpu").replace(" ", "_")
     print(harness.write_results(name, env, ceil, rows, cols, args.out))
 

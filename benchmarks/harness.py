@@ -24,6 +24,20 @@ def bench_ms(fn, rep_ms: int = 100, warmup_ms: int = 25) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def bench_graph_ms(fn, reps: int = 20) -> float:
+    """Median ms of ``fn`` captured ``reps`` times in one CUDA graph (no CPU launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return bench_ms(g.replay) / reps
+
+
 def ceilings(device) -> dict:
     """Copy bandwidth (bytes read + written per s), bf16 and fp8 dense matmul FLOP/s."""
     out = {}
