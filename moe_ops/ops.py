@@ -46,6 +46,11 @@ def grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, w_scale: Optional[torch.
                      granularity: str = "none", group_size: int = 0, recipe: str = "none") -> torch.Tensor:
     """Grouped dgrad ``dx[g] = dy[g] @ W[e]``: dy ``[M, N]`` -> ``[M, K]`` in ``dy.dtype``."""
     checks.check_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe)
+    if _on_gpu(dy):
+        from .kernels import dispatch
+        dx = dispatch.grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe)
+        if dx is not None:
+            return dx
     return reference.grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe)
 
 
@@ -54,6 +59,11 @@ def grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, reci
     """Grouped wgrad ``dW[e] = dy[g]^T @ x[g]``: dy ``[M, N]``, x ``[M, K]`` -> ``[E, N, K]`` in
     ``dy.dtype``; experts with no rows get exact zeros."""
     checks.check_wgrad(dy, x, offs, recipe)
+    if _on_gpu(dy):
+        from .kernels import dispatch
+        dw = dispatch.grouped_mm_wgrad(dy, x, offs, recipe)
+        if dw is not None:
+            return dw
     return reference.grouped_mm_wgrad(dy, x, offs, recipe)
 
 

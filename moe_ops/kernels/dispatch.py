@@ -54,6 +54,41 @@ def forward_supported(w_format: str, granularity: str, group_size: int, act_quan
     return recipe == "none"
 
 
+def _weight_consts(spec):
+    """(W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, PACK) of a format spec (None: plain)."""
+    if spec is None:
+        return 0, 16, 0, 0, 1
+    zero_mode = 2 if spec.has_zero else (1 if spec.implicit_zero else 0)
+    return 1 if spec.kind == "int" else 2, spec.bits, zero_mode, spec.implicit_zero, spec.pack
+
+
+def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
+            int8_offset, post_scale, config: KernelConfig, bk: int):
+    """One launch of :func:`grouped_gemm_kernel` over logical weights ``[E, N, K]`` whose
+    element (e, n, k) sits at ``w + e*w_strides[0] + n*w_strides[1] + k*w_strides[2]`` (k in
+    stored units: bytes of packed codes), scales likewise with ``s_strides``."""
+    w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
+    bm, bn = config.block_m, config.block_n
+    grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
+    scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+    wrap_triton(grouped_gemm_kernel)[grid](
+        xq, xs, w, ws, wz, y, offs,
+        M, N, K,
+        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
+        w_strides[0], w_strides[1], w_strides[2],
+        s_strides[0], s_strides[1], s_strides[2],
+        y.stride(0), y.stride(1),
+        E=E, E_POW2=triton.next_power_of_2(E),
+        W_KIND=w_kind, W_BITS=bits, ZERO_MODE=zero_mode, IMPLICIT_ZERO=implicit_zero,
+        UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=ws is not w,
+        ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=int8_offset,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32,
+        GROUP_M=config.group_m, POST_SCALE=post_scale, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
                config: KernelConfig = None, out: torch.Tensor = None):
     """Triton forward, or None when no kernel serves this combination (training recipes;
@@ -64,59 +99,77 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         return None
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    if M == 0:
-        return y
-    if K == 0 or N == 0:
-        return y.zero_()
     spec = None if w_format == "none" else formats.get_format(w_format)
     unit_n, unit_k = _scale_unit(granularity, group_size)
     act = _ACT_CODE[act_quant]
     w_bits = 16 if spec is None else spec.bits
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     if config is None:
-        config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, K), act_bits=8 if act else 16)
+        config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, max(K, 1)),
+                                       act_bits=8 if act else 16)
     pack = spec.pack if spec is not None else 1
     # each sub-dot needs K >= 16 (>= 32 for 8-bit operands); prefill tiles unpack in registers
     bk = max(config.block_k, (32 if act else 16) * (pack if config.decode else 1))
-    scale_tile = unit_k >= _HUGE or unit_k % bk == 0
-    if act and not scale_tile:  # quantized activations need the scale constant over a K tile
-        return None
-    if act:
-        xq, xs = quantize_act(x, act_quant)
-    else:
-        xq, xs = x, x  # xs unused
-    if spec is None:
-        w_kind, bits, zero_mode, implicit_zero = 0, 16, 0, 0
-    else:
-        w_kind = 1 if spec.kind == "int" else 2
-        bits = spec.bits
-        zero_mode = 2 if spec.has_zero else (1 if spec.implicit_zero else 0)
-        implicit_zero = spec.implicit_zero
+    if act and not (unit_k >= _HUGE or unit_k % bk == 0):
+        return None  # quantized activations need the weight scale constant over a K tile
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0:
+        return y
+    if K == 0 or N == 0:
+        return y.zero_()
+    xq, xs = quantize_act(x, act_quant) if act else (x, x)
     has_scale = w_scale is not None
     ws = w_scale if has_scale else w
     wz = w_zero if w_zero is not None else ws
-    sse, ssn, ssk = (ws.stride(0), ws.stride(1), ws.stride(2)) if has_scale else (0, 0, 0)
-    if has_scale and granularity == "tensor":
-        ssn = ssk = 0
-    if has_scale and granularity == "channel":
-        ssk = 0
-    bm, bn = config.block_m, config.block_n
-    grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
-    upcast = _INTERPRET or x.dtype == torch.float32
-    wrap_triton(grouped_gemm_kernel)[grid](
-        xq, xs, w, ws, wz, y, offs,
-        M, N, K,
-        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
-        w.stride(0), w.stride(1), w.stride(2),
-        sse, ssn, ssk,
-        y.stride(0), y.stride(1),
-        E=E, E_POW2=triton.next_power_of_2(E),
-        W_KIND=w_kind, W_BITS=bits, ZERO_MODE=zero_mode, IMPLICIT_ZERO=implicit_zero,
-        UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=has_scale,
-        ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=(act == 1 and w_format == "int8_asym"),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=upcast,
-        GROUP_M=config.group_m, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode), POST_SCALE=(act == 0 and has_scale and unit_k >= _HUGE),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return y
+    s_strides = (ws.stride(0), ws.stride(1), ws.stride(2)) if has_scale else (0, 0, 0)
+    if granularity == "tensor":
+        s_strides = (s_strides[0], 0, 0)
+    elif granularity == "channel":
+        s_strides = (s_strides[0], s_strides[1], 0)
+    return _launch(xq, xs, w, (w.stride(0), w.stride(1), w.stride(2)), ws, wz, s_strides, y, offs, M, N, K, E,
+                   spec, unit_n, unit_k, act, act_unit_k, act == 1 and w_format == "int8_asym",
+                   act == 0 and has_scale and unit_k >= _HUGE, config, bk)
+
+
+def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe,
+                     config: KernelConfig = None, out: torch.Tensor = None):
+    """Triton dgrad ``dx[g] = dy[g] @ W[e]``: the forward kernel over the transposed weights
+    (logical ``[E, K, N]``: strides swapped, scale units swapped, dequantization fused). Serves
+    plain weights and every unpacked format (int8, fp8); None for packed int4/int2 (whose codes
+    run along the output dim here) and for training recipes."""
+    if recipe != "none":
+        return None
+    spec = None if w_format == "none" else formats.get_format(w_format)
+    if spec is not None and spec.pack > 1:
+        return None
+    M, N = dy.shape
+    E, K = w.shape[0], w.shape[2]
+    unit_n, unit_k = _scale_unit(granularity, group_size)  # units along (N, K) of W
+    t_unit_n, t_unit_k = unit_k, unit_n  # along (K, N): the transposed view's (out, reduction)
+    if config is None:
+        config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits,
+                                       t_unit_k if t_unit_k < _HUGE else max(N, 1))
+    bk = max(config.block_k, 16)
+    y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
+    if M == 0:
+        return y
+    if K == 0 or N == 0:
+        return y.zero_()
+    has_scale = w_scale is not None
+    ws = w_scale if has_scale else w
+    wz = w_zero if w_zero is not None else ws
+    s_strides = (ws.stride(0), ws.stride(2), ws.stride(1)) if has_scale else (0, 0, 0)
+    if granularity == "tensor":
+        s_strides = (s_strides[0], 0, 0)
+    elif granularity == "channel":
+        s_strides = (s_strides[0], 0, s_strides[2])
+    return _launch(dy, dy, w, (w.stride(0), w.stride(2), w.stride(1)), ws, wz, s_strides, y, offs, M, K, N, E,
+                   spec, t_unit_n, t_unit_k, 0, _HUGE, False, False, config, bk)
+
+
+def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
+    """Triton wgrad ``dW[e] = dy[g]^T @ x[g]`` for plain 16/32-bit operands (None for recipes)."""
+    if recipe != "none":
+        return None
+    from .grouped_wgrad import launch_wgrad
+    return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)

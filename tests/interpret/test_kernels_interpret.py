@@ -106,3 +106,40 @@ def test_all_rows_on_one_expert_and_m_smaller_than_tile():
     out = torch.full((5, N), float("nan"), dtype=torch.float16)
     y = dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=CONFIGS["prefill"], out=out)
     assert rel_err(y, x.double() @ w[2].double().t()) < 1e-3
+
+
+DGRAD_CASES = [("none", "none", 0)] + [c for c in weight_cases() if not c[0].startswith(("int4", "int2"))]
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("fmt,gran,gs", DGRAD_CASES)
+def test_dgrad(fmt, gran, gs, cfg):
+    """dx = dy @ W[e] through the forward kernel on the transposed weights."""
+    x, w, offs = _data(hash((fmt, gran, 5)) % 997, torch.float16)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(6)).half()
+    args = (w.half(), None, None, "none", "none", 0) if fmt == "none" else \
+        moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
+    out = torch.full((M, K), float("nan"), dtype=torch.float16)
+    dx = dispatch.grouped_mm_dgrad(dy, *args[:3], offs, *args[3:], "none", config=CONFIGS[cfg], out=out)
+    assert dx is out and not torch.isnan(dx).any() and torch.all(dx[int(offs[-1]):] == 0)
+    ref = reference.grouped_mm_dgrad(dy.double(), *args[:3], offs, *args[3:], "none")
+    assert rel_err(dx, ref) < 1e-3
+
+
+def test_dgrad_packed_formats_fall_back():
+    x, w, offs = _data(7, torch.float16)
+    args = moe_ops.quantize_weight(w.half(), "int4_asym", "group", 32).op_args()
+    assert dispatch.grouped_mm_dgrad(torch.randn(M, N).half(), *args[:3], offs, *args[3:], "none") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_wgrad(dtype):
+    """dW[e] = dy[g]^T x[g]: empty expert 1 gets exact zeros, rows past offs[-1] are ignored."""
+    x, _, offs = _data(8, dtype)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(dtype)
+    dy[int(offs[-1]):] = float("nan")  # rows past the end must never be read into a sum
+    dw = dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=(16, 32, 32, 4, 1))
+    ref = reference.grouped_mm_wgrad(dy[: int(offs[-1])].double(), x[: int(offs[-1])].double(),
+                                     offs, "none")
+    assert torch.all(dw[1] == 0)
+    assert rel_err(dw, ref) < (1e-3 if dtype == torch.float16 else 1e-6)

@@ -1,0 +1,77 @@
+"""Forward + dgrad + wgrad of one grouped GEMM: ours against ``torch._grouped_mm`` (bf16).
+
+Usage (GPU): ``python benchmarks/bench_training.py [--out DIR]``. Ratios are peer_ms / our_ms.
+The fp8 recipes run the reference emulation on the GPU until their Triton kernels land; they
+are timed so that the table says where they stand.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+import moe_ops  # noqa: E402
+
+SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 2048),
+          "dsv3_gate_up_e32": (32, 8, 7168, 4096)}
+
+
+def run(args):
+    dev = torch.device("cuda")
+    env = harness.environment(dev)
+    ceil = harness.ceilings(dev)
+    rows = []
+    T = 4096
+    for sname, (E, top_k, K, N) in SHAPES.items():
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
+        M = T * top_k
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        flops = 3 * 2.0 * M * N * K
+
+        def peer():
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            return torch.autograd.grad(y, (x, w), dy)
+
+        peer_ms = harness.bench_ms(peer)
+        rows.append({"shape": sname, "T": T, "variant": "grouped_mm_bf16_fwd_bwd", "ms": peer_ms,
+                     "TFLOPs": flops / peer_ms / 1e9})
+        for recipe in (None, "fp8_rowwise", "fp8_blockwise"):
+            def ours(recipe=recipe):
+                y = moe_ops.grouped_mm(x, w, offs, recipe=recipe)
+                return torch.autograd.grad(y, (x, w), dy)
+            ours()
+            ms = harness.bench_ms(ours)
+            rows.append({"shape": sname, "T": T, "variant": f"ours_{recipe or 'bf16'}_fwd_bwd", "ms": ms,
+                         "TFLOPs": flops / ms / 1e9, "mm_share": flops / ms / 1e9 / ceil["bf16_TFLOPs"],
+                         "x_vs_grouped_mm_bf16": peer_ms / ms})
+            print(rows[-1], flush=True)
+        with torch.no_grad():
+            parts = {
+                "fwd": lambda: torch.ops.moe_ops.grouped_mm(x, w, None, None, offs),
+                "dgrad": lambda: torch.ops.moe_ops.grouped_mm_dgrad(dy, w, None, None, offs),
+                "wgrad": lambda: torch.ops.moe_ops.grouped_mm_wgrad(dy, x, offs),
+                "peer_fwd": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+                "peer_dgrad": lambda: torch._grouped_mm(dy, w, offs=offs),
+                "peer_wgrad": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
+            }
+            for k, fn in parts.items():
+                ms = harness.bench_ms(fn)
+                rows.append({"shape": sname, "T": T, "variant": k, "ms": ms, "TFLOPs": 2.0 * M * N * K / ms / 1e9,
+                             "mm_share": 2.0 * M * N * K / ms / 1e9 / ceil["bf16_TFLOPs"]})
+        del x, w, dy
+    cols = ["shape", "T", "variant", "ms", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16"]
+    name = "training_" + env.get("device", "gpu").replace(" ", "_")
+    print(harness.write_results(name, env, ceil, rows, cols, args.out))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    run(p.parse_args())
