@@ -1,0 +1,62 @@
+"""Sweep tile configs of the dgrad (forward kernel over transposed weights) and wgrad kernels.
+
+Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR]``; prints each ranking.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from bench_training import SHAPES  # noqa: E402
+
+from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig as C  # noqa: E402
+
+DGRAD = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 256, 64, 8, 3),
+         C(128, 128, 32, 4, 4), C(128, 256, 32, 8, 4), C(256, 128, 64, 8, 3), C(128, 128, 64, 8, 4, group_m=1)]
+WGRAD = [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 3),
+         (128, 128, 64, 8, 3), (64, 128, 128, 4, 4), (32, 256, 128, 8, 3), (128, 128, 128, 8, 3)]
+
+
+def main(out_dir):
+    dev = torch.device("cuda")
+    T, res = 4096, []
+    for sname, (E, top_k, K, N) in SHAPES.items():
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
+        M = T * top_k
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD)):
+            t = []
+            for cfg in space:
+                try:
+                    if kind == "dgrad":
+                        fn = lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none",  # noqa: E731
+                                                               config=cfg)
+                    else:
+                        fn = lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg)  # noqa: E731
+                    fn()
+                    t.append((harness.bench_ms(fn), cfg))
+                except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
+                    print("skip", sname, kind, cfg, repr(e)[:80])
+            t.sort(key=lambda v: v[0])
+            for ms, cfg in t[:4]:
+                print(f"{sname:18s} {kind} {ms:.4f} ms {cfg}", flush=True)
+            res.append({"shape": sname, "kind": kind, "ranking": [(ms, str(c)) for ms, c in t]})
+        del x, w, dy
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tune_backward.json"), "w") as fh:
+        json.dump({"env": harness.environment(dev), "results": res}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    main(p.parse_args().out)
