@@ -146,16 +146,16 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     E, K = w.shape[0], w.shape[2]
     unit_n, unit_k = _scale_unit(granularity, group_size)  # units along (N, K) of W
     t_unit_n, t_unit_k = unit_k, unit_n  # along (K, N): the transposed view's (out, reduction)
-    if config is None:
-        config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits,
-                                       t_unit_k if t_unit_k < _HUGE else max(N, 1))
+    has_scale = w_scale is not None
+    if config is None:  # scales that vary faster than a 16-wide K tile are gathered per element
+        tile_unit = t_unit_k if (has_scale and 16 <= t_unit_k < _HUGE) else max(N, 1)
+        config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit)
     bk = max(config.block_k, 16)
     y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     if M == 0:
         return y
     if K == 0 or N == 0:
         return y.zero_()
-    has_scale = w_scale is not None
     ws = w_scale if has_scale else w
     wz = w_zero if w_zero is not None else ws
     s_strides = (ws.stride(0), ws.stride(2), ws.stride(1)) if has_scale else (0, 0, 0)
