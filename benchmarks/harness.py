@@ -38,6 +38,30 @@ def bench_graph_ms(fn, reps: int = 20) -> float:
     return bench_ms(g.replay) / reps
 
 
+def sweep(make_fn, space, label: str, graph: bool = False) -> list:
+    """Time ``make_fn(cfg)()`` for each config of ``space``; ``[(ms, cfg)]`` fastest first.
+    Infeasible configs (out of shared memory, ...) are printed and left out. ``graph`` times
+    CUDA-graph replays (decode shapes, where launch overhead would hide the kernel)."""
+    timings = []
+    for cfg in space:
+        try:
+            fn = make_fn(cfg)
+            fn()
+            timings.append((bench_graph_ms(fn) if graph else bench_ms(fn), cfg))
+        except Exception as e:  # noqa: BLE001  (an infeasible config: recorded, not hidden)
+            print("skip", label, cfg, repr(e)[:80])
+    timings.sort(key=lambda t: t[0])
+    for ms, cfg in timings[:4]:
+        print(f"{label} {ms:.4f} ms {cfg}", flush=True)
+    return timings
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1, default=str)
+
+
 def ceilings(device) -> dict:
     """Copy bandwidth (bytes read + written per s), bf16 and fp8 dense matmul FLOP/s."""
     out = {}

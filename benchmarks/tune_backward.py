@@ -5,7 +5,6 @@ Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR]``; prints each ran
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,27 +32,14 @@ def main(out_dir):
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
         dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        makers = {"dgrad": lambda cfg: (lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0,
+                                                                          "none", config=cfg)),
+                  "wgrad": lambda cfg: (lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg))}
         for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD)):
-            t = []
-            for cfg in space:
-                try:
-                    if kind == "dgrad":
-                        fn = lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none",  # noqa: E731
-                                                               config=cfg)
-                    else:
-                        fn = lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg)  # noqa: E731
-                    fn()
-                    t.append((harness.bench_ms(fn), cfg))
-                except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
-                    print("skip", sname, kind, cfg, repr(e)[:80])
-            t.sort(key=lambda v: v[0])
-            for ms, cfg in t[:4]:
-                print(f"{sname:18s} {kind} {ms:.4f} ms {cfg}", flush=True)
-            res.append({"shape": sname, "kind": kind, "ranking": [(ms, str(c)) for ms, c in t]})
+            ranking = harness.sweep(makers[kind], space, f"{sname:18s} {kind}")
+            res.append({"shape": sname, "kind": kind, "ranking": [(ms, str(c)) for ms, c in ranking]})
         del x, w, dy
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tune_backward.json"), "w") as fh:
-        json.dump({"env": harness.environment(dev), "results": res}, fh, indent=1)
+    harness.write_json(os.path.join(out_dir, "tune_backward.json"), {"env": harness.environment(dev), "results": res})
 
 
 if __name__ == "__main__":

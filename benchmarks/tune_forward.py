@@ -6,7 +6,6 @@ table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,72 +43,26 @@ FOCUS = {  # (shape, T, variant) -> configs: the cases short of their targets
 }
 
 
-def focus(out_dir):
-    """Tune only the FOCUS cases; decode cases are timed as CUDA-graph replays."""
+def tune(cases, out_path):
+    """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
     import moe_ops
     dev = torch.device("cuda")
     results = []
-    for (sname, T, lab), space in FOCUS.items():
+    for sname, T, lab, space in cases:
         E, top_k, K, N = SHAPES[sname]
         _, f, gr, gs, act = next(o for o in OURS if o[0] == lab)
         w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
-        qw = moe_ops.quantize_weight(w, f, gr, gs)
-        wd, ws, wz, fmt, g2, gs2 = qw.op_args()
+        wd, ws, wz, fmt, g2, gs2 = moe_ops.quantize_weight(w, f, gr, gs).op_args()
         offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
         x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16)
-        timings = []
-        for cfg in space:
-            try:
-                fn = lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none",  # noqa: E731
-                                                 config=cfg)
-                fn()
-                ms = harness.bench_graph_ms(fn) if T <= 128 else harness.bench_ms(fn)
-                timings.append((ms, cfg))
-            except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
-                print("skip", sname, T, lab, cfg, repr(e)[:80])
-        timings.sort(key=lambda t: t[0])
-        for ms, cfg in timings:
-            print(f"{sname:18s} T={T:5d} {lab:16s} {ms:.4f} ms {cfg}", flush=True)
+
+        def make(cfg):
+            return lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none", config=cfg)
+        ranking = harness.sweep(make, space, f"{sname:18s} T={T:5d} {lab:16s}", graph=T <= 128)
         results.append({"shape": sname, "T": T, "variant": lab,
-                        "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in timings]})
-        del w, qw, x
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tune_forward_focus.json"), "w") as fh:
-        json.dump({"env": harness.environment(dev), "results": results}, fh, indent=1)
-
-
-def main(out_dir):
-    dev = torch.device("cuda")
-    import moe_ops
-    results = []
-    for sname, (E, top_k, K, N) in SHAPES.items():
-        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
-        for T, space in ((16, DECODE), (4096, PREFILL)):
-            offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
-            x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16)
-            for lab, f, gr, gs, act in OURS:
-                qw = moe_ops.quantize_weight(w, f, gr, gs)
-                wd, ws, wz, fmt, g2, gs2 = qw.op_args()
-                timings = []
-                for cfg in space:
-                    try:
-                        fn = lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none",  # noqa: E731
-                                                         config=cfg)
-                        fn()
-                        timings.append((harness.bench_ms(fn, rep_ms=40, warmup_ms=10), cfg))
-                    except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
-                        print("skip", sname, T, lab, cfg, repr(e)[:80])
-                timings.sort(key=lambda t: t[0])
-                best, default = timings[0], next((t for t in timings if t[1] == space[0]), None)
-                print(f"{sname:18s} T={T:5d} {lab:16s} best {best[0]:.4f} ms {best[1]}  first-config "
-                      f"{default[0] if default else float('nan'):.4f}", flush=True)
-                results.append({"shape": sname, "T": T, "variant": lab,
-                                "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in timings]})
-            del x
-        del w
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tune_forward.json"), "w") as fh:
-        json.dump({"env": harness.environment(dev), "results": results}, fh, indent=1)
+                        "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
+        del w, wd, x
+    harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 
 if __name__ == "__main__":
@@ -117,4 +70,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--focus", action="store_true", help="tune only the cases short of their targets")
     a = p.parse_args()
-    focus(a.out) if a.focus else main(a.out)
+    if a.focus:
+        tune([(s, t, v, space) for (s, t, v), space in FOCUS.items()], os.path.join(a.out, "tune_forward_focus.json"))
+    else:
+        tune([(s, t, o[0], space) for s in SHAPES for t, space in ((16, DECODE), (4096, PREFILL)) for o in OURS],
+             os.path.join(a.out, "tune_forward.json"))

@@ -62,6 +62,22 @@ def _weight_consts(spec):
     return 1 if spec.kind == "int" else 2, spec.bits, zero_mode, spec.implicit_zero, spec.pack
 
 
+def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
+    """``(ws, wz, (stride_e, stride_out, stride_red))`` of the scales (and zero points, which
+    share their shape) as the kernel reads them: 0 along dims a granularity broadcasts over,
+    out/reduction swapped for the transposed (dgrad) view. Without scales, ``ws`` is ``w``
+    itself (the kernel's HAS_SCALE is ``ws is not w``)."""
+    if w_scale is None:
+        return w, w, (0, 0, 0)
+    st = [w_scale.stride(0), w_scale.stride(1), w_scale.stride(2)]
+    if granularity == "tensor":
+        st[1] = st[2] = 0
+    elif granularity == "channel":
+        st[2] = 0
+    wz = w_zero if w_zero is not None else w_scale
+    return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
+
+
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
             int8_offset, post_scale, config: KernelConfig, bk: int):
     """One launch of :func:`grouped_gemm_kernel` over logical weights ``[E, N, K]`` whose
@@ -119,13 +135,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         return y.zero_()
     xq, xs = quantize_act(x, act_quant) if act else (x, x)
     has_scale = w_scale is not None
-    ws = w_scale if has_scale else w
-    wz = w_zero if w_zero is not None else ws
-    s_strides = (ws.stride(0), ws.stride(1), ws.stride(2)) if has_scale else (0, 0, 0)
-    if granularity == "tensor":
-        s_strides = (s_strides[0], 0, 0)
-    elif granularity == "channel":
-        s_strides = (s_strides[0], s_strides[1], 0)
+    ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
     return _launch(xq, xs, w, (w.stride(0), w.stride(1), w.stride(2)), ws, wz, s_strides, y, offs, M, N, K, E,
                    spec, unit_n, unit_k, act, act_unit_k, act == 1 and w_format == "int8_asym",
                    act == 0 and has_scale and unit_k >= _HUGE, config, bk)
@@ -156,13 +166,7 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
         return y
     if K == 0 or N == 0:
         return y.zero_()
-    ws = w_scale if has_scale else w
-    wz = w_zero if w_zero is not None else ws
-    s_strides = (ws.stride(0), ws.stride(2), ws.stride(1)) if has_scale else (0, 0, 0)
-    if granularity == "tensor":
-        s_strides = (s_strides[0], 0, 0)
-    elif granularity == "channel":
-        s_strides = (s_strides[0], 0, s_strides[2])
+    ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=True)
     return _launch(dy, dy, w, (w.stride(0), w.stride(2), w.stride(1)), ws, wz, s_strides, y, offs, M, K, N, E,
                    spec, t_unit_n, t_unit_k, 0, _HUGE, False, False, config, bk)
 
