@@ -49,9 +49,6 @@ def quantize_act(x: torch.Tensor, mode: str):
     return q, s
 
 
-def forward_supported(w_format: str, granularity: str, group_size: int, act_quant: str, recipe: str) -> bool:
-    """Static part of the choice (the tile-dependent part is in :func:`grouped_mm`)."""
-    return recipe == "none"
 
 
 def _weight_consts(spec):
@@ -107,12 +104,13 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
 
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
                config: KernelConfig = None, out: torch.Tensor = None):
-    """Triton forward, or None when no kernel serves this combination (training recipes;
-    quantized activations with weight scales that vary inside a 32*PACK-column K tile, e.g.
-    int2 with group size 32 under ``int8_token``). ``config`` overrides the
+    """Triton forward, or None when no kernel serves this combination (quantized activations
+    with weight scales that vary inside a 32*PACK-column K tile, e.g. int2 with group size 32
+    under ``int8_token``). Training recipes run :mod:`.recipe_gemms`. ``config`` overrides the
     tile choice and ``out`` (``[M, N]``, x's dtype, contiguous) receives the result (tests)."""
-    if not forward_supported(w_format, granularity, group_size, act_quant, recipe):
-        return None
+    if recipe != "none":
+        from . import recipe_gemms
+        return recipe_gemms.forward(x, w, offs, recipe)
     M, K = x.shape
     E, N = w.shape[0], w.shape[1]
     spec = None if w_format == "none" else formats.get_format(w_format)
@@ -146,9 +144,10 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     """Triton dgrad ``dx[g] = dy[g] @ W[e]``: the forward kernel over the transposed weights
     (logical ``[E, K, N]``: strides swapped, scale units swapped, dequantization fused). Serves
     plain weights and every unpacked format (int8, fp8); None for packed int4/int2 (whose codes
-    run along the output dim here) and for training recipes."""
+    run along the output dim here). Training recipes run :mod:`.recipe_gemms`."""
     if recipe != "none":
-        return None
+        from . import recipe_gemms
+        return recipe_gemms.dgrad(dy, w, offs, recipe)
     spec = None if w_format == "none" else formats.get_format(w_format)
     if spec is not None and spec.pack > 1:
         return None
@@ -172,8 +171,10 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
 
 
 def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
-    """Triton wgrad ``dW[e] = dy[g]^T @ x[g]`` for plain 16/32-bit operands (None for recipes)."""
+    """Triton wgrad ``dW[e] = dy[g]^T @ x[g]``: plain 16/32-bit operands, or a training recipe's
+    fp8 operands (:mod:`.recipe_gemms`)."""
     if recipe != "none":
-        return None
+        from . import recipe_gemms
+        return recipe_gemms.wgrad(dy, x, offs, recipe, out_dtype or dy.dtype, _INTERPRET)
     from .grouped_wgrad import launch_wgrad
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)

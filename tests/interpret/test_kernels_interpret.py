@@ -84,7 +84,6 @@ def test_unserved_combination_falls_back_to_reference():
     x, w, offs = _data(9, torch.float32)
     args = moe_ops.quantize_weight(w, "int2_sym", "group", 32).op_args()
     assert dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none") is None
-    assert dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "fp8_rowwise") is None
 
 
 def test_act_quant_kernel_int8_exact_and_scales():
@@ -143,3 +142,39 @@ def test_wgrad(dtype):
                                      offs, "none")
     assert torch.all(dw[1] == 0)
     assert rel_err(dw, ref) < (1e-3 if dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
+def test_recipe_forward_and_dgrad(recipe):
+    """The recipes' forward and dgrad GEMMs against the product of the same quantized operands
+    (activations quantized by the kernel itself: see test_forward_fp8_activations)."""
+    x, w, offs = _data(11, torch.float16)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(12)).half()
+    w16 = w.half()
+    mode, gran = ("fp8_token", "channel") if recipe == "fp8_rowwise" else ("fp8_1x128", "block")
+    for a, wt, red in ((x, w16, K), (dy, w16.transpose(1, 2).contiguous(), N)):
+        if a is x:
+            out = dispatch.grouped_mm(x, w16, None, None, offs, "none", "none", 0, "none", recipe)
+        else:
+            out = dispatch.grouped_mm_dgrad(dy, w16, None, None, offs, "none", "none", 0, recipe)
+        qa, sa = dispatch.quantize_act(a, mode)
+        ah = moe_ops.activations.dequantize_blocks_lastdim(qa, sa, 128 if mode == "fp8_1x128" else red, torch.float64)
+        d, sc, _ = moe_ops.formats.quantize(wt, "fp8_e4m3", gran, 0)
+        wh = moe_ops.formats.dequantize(d, sc, None, "fp8_e4m3", gran, 0, torch.float64)
+        ref = reference.segment_mm(ah, wh, offs, "nt")
+        assert rel_err(out, ref) < 1e-3
+        assert torch.all(out[int(offs[-1]):] == 0)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
+def test_recipe_wgrad_fp8_kernel(recipe):
+    """fp8 wgrad with per-(token block, column) scales: experts of 300 and 140 rows (several
+    128-row blocks, short last blocks), an empty expert, tail rows past offs[-1]."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(460, 64, generator=g)
+    dy = torch.randn(460, 48, generator=g)
+    offs = torch.tensor([300, 300, 440], dtype=torch.int32)
+    dw = dispatch.grouped_mm_wgrad(dy, x, offs, recipe)
+    ref = reference.grouped_mm_wgrad(dy.double(), x.double(), offs, recipe)
+    assert torch.all(dw[1] == 0)
+    assert rel_err(dw, ref) < 1e-5

@@ -1,0 +1,56 @@
+"""The FP8 training recipes (:mod:`moe_ops.recipes`) on the Triton kernels.
+
+Each GEMM quantizes its operands per the recipe and runs the fp8 x fp8 path of the grouped
+kernels (fp32 accumulation, scales applied per K tile where they vary along K):
+
+* forward  ``fp8_rowwise``: x ``fp8_token`` x W ``channel``; ``fp8_blockwise``: x ``fp8_1x128`` x
+  W ``block`` (128x128).
+* dgrad    the same on ``(dy, W^T)``: rowwise W is scaled along N per (e, k); blockwise reuses
+  W's 128x128 tiles, transposed (block quantization commutes with transposition).
+* wgrad    dy and x in float8 with scales per (token block, column): one block per expert
+  (rowwise) or 128-row blocks from each expert's first row (blockwise); the wgrad kernel's
+  ``FP8`` mode.
+
+The numbers equal the reference emulation up to float32 summation order. Weight-side
+quantization and the wgrad operands' token-block statistics run as PyTorch ops (sync-free);
+W^T is materialised once per dgrad.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe_ops import formats, recipes
+
+_E4M3 = "fp8_e4m3"
+
+
+def _modes(recipe: str):
+    """(activation mode, weight granularity) of a recipe's forward / dgrad GEMM."""
+    return ("fp8_token", "channel") if recipe == "fp8_rowwise" else ("fp8_1x128", "block")
+
+
+def forward(x, w, offs, recipe):
+    from .dispatch import grouped_mm
+    act, gran = _modes(recipe)
+    data, scale, _ = formats.quantize(w, _E4M3, gran, 0)
+    return grouped_mm(x, data, scale, None, offs, _E4M3, gran, 0, act, "none")
+
+
+def dgrad(dy, w, offs, recipe):
+    from .dispatch import grouped_mm
+    act, gran = _modes(recipe)
+    if recipe == "fp8_rowwise":
+        data, scale, _ = formats.quantize(w.transpose(1, 2).contiguous(), _E4M3, "channel", 0)
+    else:
+        data, scale, _ = formats.quantize(w, _E4M3, "block", 0)
+        data, scale = data.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()
+    return grouped_mm(dy, data, scale, None, offs, _E4M3, gran, 0, act, "none")
+
+
+def wgrad(dy, x, offs, recipe, out_dtype, interpret: bool):
+    from .grouped_wgrad import launch_wgrad
+    block = 0 if recipe == "fp8_rowwise" else recipes.BLOCK
+    qdy, sdy, blk = recipes.quantize_token_blocks(dy, offs, block)
+    qx, sx, _ = recipes.quantize_token_blocks(x, offs, block)
+    config = (128, 128, 128, 8, 3) if block else None
+    return launch_wgrad(qdy, qx, offs, out_dtype, config, interpret, fp8_scales=(sdy, sx, blk))
