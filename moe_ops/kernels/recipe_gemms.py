@@ -11,8 +11,9 @@ kernels (fp32 accumulation, scales applied per K tile where they vary along K):
   (rowwise) or 128-row blocks from each expert's first row (blockwise); the wgrad kernel's
   ``FP8`` mode.
 
-The numbers equal the reference emulation up to float32 summation order. Weight-side
-quantization and the wgrad operands' token-block statistics run as PyTorch ops (sync-free);
+The numbers equal the reference emulation up to float32 summation order. The wgrad operands
+are quantized by a Triton kernel that writes the layout the wgrad kernel reads
+(:mod:`.token_block_quant`); weight-side quantization runs as PyTorch ops (sync-free), and
 W^T is materialised once per dgrad.
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def dgrad(dy, w, offs, recipe):
 
 def wgrad(dy, x, offs, recipe, out_dtype, interpret: bool):
     from .grouped_wgrad import launch_wgrad
+    from .token_block_quant import token_block_quant
     block = 0 if recipe == "fp8_rowwise" else recipes.BLOCK
-    qdy, sdy, blk = recipes.quantize_token_blocks(dy, offs, block)
-    qx, sx, _ = recipes.quantize_token_blocks(x, offs, block)
+    blk, num_blocks = recipes.token_blocks(offs, dy.shape[0], block)
+    qdy, sdy = token_block_quant(dy, offs, block, num_blocks)
+    qx, sx = token_block_quant(x, offs, block, num_blocks)
     config = (128, 128, 128, 8, 3) if block else None
     return launch_wgrad(qdy, qx, offs, out_dtype, config, interpret, fp8_scales=(sdy, sx, blk))

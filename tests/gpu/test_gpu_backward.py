@@ -80,3 +80,15 @@ def test_autograd_and_training_step_capture(recipe):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_token_block_quant_bit_exact(block):
+    from moe_ops.kernels.token_block_quant import token_block_quant
+    x, dy, _, offs = _case(5)
+    q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, block)
+    q, s = token_block_quant(x.to(DEV), offs.to(DEV), block, s_ref.shape[0])
+    end = int(offs[-1])
+    used = torch.unique(blk[:end])
+    assert torch.equal(s.cpu()[used], s_ref[used])
+    assert torch.equal(q.cpu()[:end].view(torch.uint8), q_ref[:end].view(torch.uint8))
