@@ -13,14 +13,14 @@ kernels (fp32 accumulation, scales applied per K tile where they vary along K):
 
 The numbers equal the reference emulation up to float32 summation order. The wgrad operands
 are quantized by a Triton kernel that writes the layout the wgrad kernel reads
-(:mod:`.token_block_quant`); weight-side quantization runs as PyTorch ops (sync-free), and
-W^T is materialised once per dgrad.
+(:mod:`.token_block_quant`); weight-side quantization is a Triton kernel too (:mod:`.weight_quant`),
+which writes W^T's codes and scales directly for the dgrad GEMM.
 """
 from __future__ import annotations
 
 import torch
 
-from moe_ops import formats, recipes
+from moe_ops import recipes
 
 _E4M3 = "fp8_e4m3"
 
@@ -32,19 +32,17 @@ def _modes(recipe: str):
 
 def forward(x, w, offs, recipe):
     from .dispatch import grouped_mm
+    from .weight_quant import fp8_weight_quant
     act, gran = _modes(recipe)
-    data, scale, _ = formats.quantize(w, _E4M3, gran, 0)
+    data, scale = fp8_weight_quant(w, gran)
     return grouped_mm(x, data, scale, None, offs, _E4M3, gran, 0, act, "none")
 
 
 def dgrad(dy, w, offs, recipe):
     from .dispatch import grouped_mm
+    from .weight_quant import fp8_weight_quant
     act, gran = _modes(recipe)
-    if recipe == "fp8_rowwise":
-        data, scale, _ = formats.quantize(w.transpose(1, 2).contiguous(), _E4M3, "channel", 0)
-    else:
-        data, scale, _ = formats.quantize(w, _E4M3, "block", 0)
-        data, scale = data.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()
+    data, scale = fp8_weight_quant(w, gran, transpose=True)  # W^T [E, K, N], written directly
     return grouped_mm(dy, data, scale, None, offs, _E4M3, gran, 0, act, "none")
 
 

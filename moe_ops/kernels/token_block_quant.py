@@ -18,7 +18,7 @@ from .grouped_gemm import _expert_of_tile
 
 
 @triton.jit
-def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qm, stride_sb,
+def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr):
     blk = tl.program_id(0)
@@ -48,22 +48,25 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
         v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :], mask=msk, other=0.0)
         qv = tl.math.div_rn(v.to(tl.float32), safe[None, :])
         qv = tl.minimum(tl.maximum(qv, -448.0), 448.0)
-        tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + cols[None, :], qv.to(q_ptr.dtype.element_ty),
-                 mask=msk)
+        tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + cols.to(tl.int64)[None, :] * stride_qc,
+                 qv.to(q_ptr.dtype.element_ty), mask=msk)
 
 
 def token_block_quant(t: torch.Tensor, offs: torch.Tensor, block: int, num_blocks: int):
-    """``(q [M, C] float8_e4m3fn, scale [num_blocks, C] float32)``; ``block <= 0``: per expert."""
+    """``(q [M, C] float8_e4m3fn, scale [num_blocks, C] float32)``; ``block <= 0``: per expert.
+    ``q`` is stored column-major (a ``[C, M]`` buffer, returned as its ``[M, C]`` view): the
+    token dim is the wgrad GEMM's reduction dim, and fp8 tensor-core operands want it
+    contiguous."""
     M, C = t.shape
     E = offs.shape[0]
     tc = t.contiguous()
-    q = torch.empty(M, C, dtype=torch.float8_e4m3fn, device=t.device)
+    q = torch.empty(C, M, dtype=torch.float8_e4m3fn, device=t.device).t()
     s = torch.empty(num_blocks, C, dtype=torch.float32, device=t.device)
     if M == 0 or C == 0:
         return q, s
     bm, bc = (block, 64) if block > 0 else (64, 64)
     grid = (num_blocks - 1 if block > 0 else E, triton.cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
-        tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
+        tc, q, s, offs, C, tc.stride(0), q.stride(0), q.stride(1), s.stride(0),
         E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_C=bc, PER_EXPERT=block <= 0)
     return q, s

@@ -92,3 +92,15 @@ def test_token_block_quant_bit_exact(block):
     used = torch.unique(blk[:end])
     assert torch.equal(s.cpu()[used], s_ref[used])
     assert torch.equal(q.cpu()[:end].view(torch.uint8), q_ref[:end].view(torch.uint8))
+
+
+@pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])
+def test_fp8_weight_quant_bit_exact(gran, transpose):
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    w = (torch.randn(4, 300, 520) * 0.05).bfloat16()
+    w[1, :, :128] = 0
+    q, s = fp8_weight_quant(w.to(DEV), gran, transpose)
+    src = w.transpose(1, 2).contiguous() if transpose else w
+    d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), d_ref.view(torch.uint8))

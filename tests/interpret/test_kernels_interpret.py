@@ -147,19 +147,20 @@ def test_wgrad(dtype):
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
 def test_recipe_forward_and_dgrad(recipe):
     """The recipes' forward and dgrad GEMMs against the product of the same quantized operands
-    (activations quantized by the kernel itself: see test_forward_fp8_activations)."""
+    (quantized by the kernels themselves: see test_forward_fp8_activations)."""
     x, w, offs = _data(11, torch.float16)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(12)).half()
     w16 = w.half()
     mode, gran = ("fp8_token", "channel") if recipe == "fp8_rowwise" else ("fp8_1x128", "block")
-    for a, wt, red in ((x, w16, K), (dy, w16.transpose(1, 2).contiguous(), N)):
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    for a, transpose, red in ((x, False, K), (dy, True, N)):
         if a is x:
             out = dispatch.grouped_mm(x, w16, None, None, offs, "none", "none", 0, "none", recipe)
         else:
             out = dispatch.grouped_mm_dgrad(dy, w16, None, None, offs, "none", "none", 0, recipe)
         qa, sa = dispatch.quantize_act(a, mode)
         ah = moe_ops.activations.dequantize_blocks_lastdim(qa, sa, 128 if mode == "fp8_1x128" else red, torch.float64)
-        d, sc, _ = moe_ops.formats.quantize(wt, "fp8_e4m3", gran, 0)
+        d, sc = fp8_weight_quant(w16, gran, transpose)
         wh = moe_ops.formats.dequantize(d, sc, None, "fp8_e4m3", gran, 0, torch.float64)
         ref = reference.segment_mm(ah, wh, offs, "nt")
         assert rel_err(out, ref) < 1e-3
@@ -192,3 +193,17 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     # and the whole recipe wgrad through the operator's Triton path stays within fp8 error
     full = dispatch.grouped_mm_wgrad(dy, x, offs, recipe)
     assert rel_err(full, ref) < 0.1
+
+
+@pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])
+def test_fp8_weight_quant_scales(gran, transpose):
+    """Scales equal formats.quantize's bit for bit (codes: see the GPU tests; Triton's
+    interpreter rounds float32 -> float8 differently from the hardware)."""
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    w = torch.randn(3, 200, 300, generator=torch.Generator().manual_seed(14)).bfloat16()
+    w[1, :, :128] = 0  # all-zero units
+    q, s = fp8_weight_quant(w, gran, transpose)
+    src = w.transpose(1, 2).contiguous() if transpose else w
+    d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
+    assert q.shape == d_ref.shape and q.dtype == d_ref.dtype
+    assert torch.equal(s, s_ref)

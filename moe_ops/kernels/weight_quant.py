@@ -1,0 +1,87 @@
+"""Triton fp8 e4m3 quantization of plain expert weights for the FP8 training recipes.
+
+Same math as :func:`moe_ops.formats.quantize` (``fp8_e4m3``; s = absmax / 448 per unit,
+data = float8(clamp(w / s, -448, 448)), an all-zero unit gets s = 0 and zero codes), for two
+units: ``block`` (128 x 128 tiles, one program a tile) and ``channel`` (one scale per output
+row over all of K, one program per BLOCK_N rows, two passes over K). Input and outputs are
+addressed through strides, so the kernel can read W ``[E, N, K]`` as its transpose and write
+the transposed codes and scales directly (the layout the dgrad GEMM reads).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+@triton.jit
+def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
+                            stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+                            stride_se, stride_sn, stride_sk,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
+    q_base = q_ptr + e * stride_qe + rn.to(tl.int64)[:, None] * stride_qn
+    if PER_ROW:
+        amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=n_mask[:, None] & (rk < K)[None, :],
+                        other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
+        scale = tl.math.div_rn(amax, 448.0)
+        tl.store(s_ptr + e * stride_se + rn.to(tl.int64) * stride_sn, scale, mask=n_mask)
+        safe = tl.where(scale > 0, scale, 1.0)[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            m = n_mask[:, None] & (rk < K)[None, :]
+            v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
+            qv = tl.minimum(tl.maximum(tl.math.div_rn(v, safe), -448.0), 448.0)
+            tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
+    else:
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m = n_mask[:, None] & (rk < K)[None, :]
+        v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), 1), 0), 448.0)
+        tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
+        safe = tl.where(scale > 0, scale, 1.0)
+        qv = tl.minimum(tl.maximum(tl.math.div_rn(v, safe), -448.0), 448.0)
+        tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
+
+
+def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False):
+    """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
+    as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
+    (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed)."""
+    E = w.shape[0]
+    wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
+    R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
+    if granularity == "channel":
+        q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
+        s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
+        grid, bn, bk, per_row = (E, triton.cdiv(R, 32), 1), 32, 128, True
+        q_strides = (q.stride(0), q.stride(1), q.stride(2))
+        s_strides = (s.stride(0), s.stride(1), 0)
+    else:
+        nb, kb = triton.cdiv(R, 128), triton.cdiv(C, 128)
+        if transpose:  # write W^T's codes [E, K, N] and scales [E, kb, nb] directly
+            q = torch.empty(E, C, R, dtype=torch.float8_e4m3fn, device=w.device)
+            s = torch.empty(E, kb, nb, dtype=torch.float32, device=w.device)
+            q_strides = (q.stride(0), q.stride(2), q.stride(1))
+            s_strides = (s.stride(0), s.stride(2), s.stride(1))
+        else:
+            q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
+            s = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
+            q_strides = (q.stride(0), q.stride(1), q.stride(2))
+            s_strides = (s.stride(0), s.stride(1), s.stride(2))
+        grid, bn, bk, per_row = (E, nb, kb), 128, 128, False
+    if E and R and C:
+        wrap_triton(fp8_weight_quant_kernel)[grid](
+            wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row)
+    return q, s
