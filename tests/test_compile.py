@@ -91,3 +91,15 @@ def test_at_most_one_recompile_and_matches_eager(recipe):
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
         moe.zero_grad()
     assert cnt.frame_count <= 2, f"{cnt.frame_count} compiles over T in (1, 7, 64, 300)"
+
+
+def test_plain_dynamic_no_recompile_from_our_ops():
+    """Plain ``dynamic=True`` (no marking) through AOTAutograd, forward and backward: only
+    Dynamo's 0/1 specialisation of T=1 adds a graph; T in (7, 64, 300) share one."""
+    torch._dynamo.reset()
+    moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2)
+    cnt = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=cnt, fullgraph=True, dynamic=True)
+    for T in (1, 7, 64, 300):
+        step(torch.randn(T, 32, requires_grad=True)).backward()
+    assert cnt.frame_count <= 2
