@@ -1,8 +1,9 @@
 """Launchers: which Triton kernel serves an operator call, with which constexprs and tiles.
 
-``grouped_mm`` returns None for combinations that have no Triton kernel yet (the training
-recipes' forward, and quantized activations with scales that vary inside a 16-column K tile);
-the operator then runs the reference path. Launch grids come from static shapes only.
+Each launcher returns None for a combination no Triton kernel serves (``grouped_mm``:
+``int8_token`` with weight scales that vary inside a 32*PACK-column K tile; ``grouped_mm_dgrad``:
+packed int4/int2 weights); the operator then runs the reference path. Training recipes go to
+:mod:`.recipe_gemms`. Launch grids and tiles come from static shapes only.
 """
 from __future__ import annotations
 
