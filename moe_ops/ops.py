@@ -93,5 +93,9 @@ def quantize_act(x: torch.Tensor, mode: str) -> List[torch.Tensor]:
     """``[q, scale]`` of activations ``x`` ``[M, K]`` for ``mode`` in ``int8_token``,
     ``fp8_token``, ``fp8_1x128`` (:mod:`moe_ops.activations`)."""
     checks.check_act_quant(x, mode)
-    q, s = _quantize_act_ref(x, mode)
+    if _on_gpu(x):
+        from .kernels import dispatch
+        q, s = dispatch.quantize_act(x, mode)
+    else:
+        q, s = _quantize_act_ref(x, mode)
     return [q, s]
