@@ -21,6 +21,35 @@ SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 204
           "dsv3_gate_up_e32": (32, 8, 7168, 4096)}
 
 
+def cast_rows(sname, T, x, w, offs, ceil):
+    """The recipes' quantization kernels alone: bytes read + written over the copy ceiling."""
+    from moe_ops import recipes
+    from moe_ops.kernels.dispatch import quantize_act
+    from moe_ops.kernels.token_block_quant import token_block_quant
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    M, K = x.shape
+    E, N, _ = w.shape
+    _, nb = recipes.token_blocks(offs, M, recipes.BLOCK)
+    casts = {  # name: (fn, bytes read + written)
+        "cast_x_fp8_1x128": (lambda: quantize_act(x, "fp8_1x128"), M * K * 3 + M * (K // 128) * 4),
+        "cast_x_fp8_token": (lambda: quantize_act(x, "fp8_token"), M * K * 3 + M * 4),
+        "cast_x_token_blocks_128": (lambda: token_block_quant(x, offs, recipes.BLOCK, nb), M * K * 3 + nb * K * 4),
+        "cast_w_fp8_block": (lambda: fp8_weight_quant(w, "block"), E * N * K * 3),
+        "cast_w_fp8_block_transposed": (lambda: fp8_weight_quant(w, "block", transpose=True), E * N * K * 3),
+        "cast_w_fp8_channel": (lambda: fp8_weight_quant(w, "channel"), E * N * K * 3),
+        "cast_wT_fp8_channel": (lambda: fp8_weight_quant(w, "channel", transpose=True), E * N * K * 3),
+    }
+    out = []
+    for name, (fn, nbytes) in casts.items():
+        fn()
+        ms = harness.bench_ms(fn)
+        gbps = nbytes / ms / 1e6
+        out.append({"shape": sname, "T": T, "variant": name, "ms": ms, "GBps": gbps,
+                    "copy_share": gbps / ceil["copy_GBps"]})
+        print(out[-1], flush=True)
+    return out
+
+
 def run(args):
     dev = torch.device("cuda")
     env = harness.environment(dev)
@@ -65,8 +94,9 @@ def run(args):
                 ms = harness.bench_ms(fn)
                 rows.append({"shape": sname, "T": T, "variant": k, "ms": ms, "TFLOPs": 2.0 * M * N * K / ms / 1e9,
                              "mm_share": 2.0 * M * N * K / ms / 1e9 / ceil["bf16_TFLOPs"]})
+            rows.extend(cast_rows(sname, T, x.detach(), w.detach(), offs, ceil))
         del x, w, dy
-    cols = ["shape", "T", "variant", "ms", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16"]
+    cols = ["shape", "T", "variant", "ms", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps", "copy_share"]
     name = "training_" + env.get("device", "gpu").replace(" ", "_")
     print(harness.write_results(name, env, ceil, rows, cols, args.out))
 
