@@ -87,7 +87,7 @@ def run(args):
             if T <= 128:  # launch-overhead-free times (CUDA graph replay) for decode shapes
                 peer_row["grouped_mm_bf16_graph_ms"] = harness.bench_graph_ms(peers["grouped_mm_bf16"])
             rows.append(peer_row)
-            for lab, f, gr, gs, act in OURS:
+            for lab, _f, _gr, _gs, act in OURS:
                 qw = qws[lab]
                 fn = lambda: moe_ops.grouped_mm(x, qw, offs, act_quant=act)  # noqa: E731
                 fn()

@@ -225,7 +225,7 @@ def dequantize(data: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional
     if spec.kind == "float":
         return data.to(dtype)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    E, N = data.shape[0], data.shape[1]
+    N = data.shape[1]
     K = data.shape[2] * spec.pack
     if spec.kind == "fp8" or (spec.symmetric and spec.bits == 8):
         q = data.to(work)

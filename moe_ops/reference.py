@@ -74,7 +74,7 @@ def _row_experts(offs: torch.Tensor, M: int) -> torch.Tensor:
 def integer_weight_values(w, w_zero, w_format, granularity, group_size):
     """Integer values ``q - z`` of int weights as float64 ``[E, N, K]`` (exact)."""
     spec = formats.get_format(w_format)
-    E, N = w.shape[0], w.shape[1]
+    N = w.shape[1]
     K = w.shape[2] * spec.pack
     if spec.symmetric and spec.bits == 8:
         return w.to(torch.float64)

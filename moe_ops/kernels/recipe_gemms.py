@@ -18,8 +18,6 @@ which writes W^T's codes and scales directly for the dgrad GEMM.
 """
 from __future__ import annotations
 
-import torch
-
 from moe_ops import recipes
 
 _E4M3 = "fp8_e4m3"
