@@ -18,7 +18,7 @@ LAYOUTS = ("nt", "nn", "tn")
 
 @torch.library.custom_op("moe_ops::_segment_mm", mutates_args=())
 def segment_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, layout: str) -> torch.Tensor:
-    """Per-expert GEMM over row segments ``[offs[e-1], offs[e])`` (``offs[-1]`` = 0).
+    """Per-expert GEMM over row segments ``[offs[e-1], offs[e])`` (the segment of e = 0 starts at 0).
 
     ``nt``: a ``[M, K]``, b ``[E, N, K]`` -> ``[M, N]``, ``out[g] = a[g] @ b[e]^T``.
     ``nn``: a ``[M, N]``, b ``[E, N, K]`` -> ``[M, K]``, ``out[g] = a[g] @ b[e]``.

@@ -18,11 +18,14 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               (exact), scales applied per scale unit along K (group) or once at the end;
               2: fp8 e4m3 x (``fp8_token`` / ``fp8_1x128``), fp8 weights, fp32 accumulation,
               scales per K tile when they vary along K.
+``POST_SCALE`` (ACT 0, scales constant along K): codes go to x's dtype exactly and the scale
+              multiplies the accumulator once, after the K loop.
+``GROUP_M``   swizzle: GROUP_M consecutive M tiles walk the N tiles together (1: no swizzle).
 
 Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``
 programs, a static upper bound. Each program reads ``offs`` on the device, finds which expert
-its M tile belongs to (tiles numbered expert by expert), and returns at once if it has none.
-The programs after the last expert's tiles write the zero rows at or past ``offs[-1]``, so
+its M tile belongs to (tiles numbered expert by expert). The programs after the last
+expert's tiles write the zero rows at or past ``offs[-1]``, so
 every output row is written. Decode and prefill differ only in tile shape (BLOCK_M 16 with a
 wide K tile for weight streaming; 64/128 for prefill), chosen from static shapes in
 :mod:`moe_ops.lowering.kernel_choice`. Row and expert offsets are int64.
