@@ -102,7 +102,6 @@ _FORMATS = {
 WEIGHT_FORMATS = tuple(_FORMATS)
 QUANTIZED_FORMATS = tuple(n for n, f in _FORMATS.items() if f.kind != "float")
 GRANULARITIES = ("group", "channel", "tensor", "block")
-FLOAT_FORMAT_OF_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def get_format(name: str, arg: str = "format") -> FormatSpec:
@@ -236,8 +235,3 @@ def dequantize(data: torch.Tensor, scale: Optional[torch.Tensor], zero: Optional
         else:
             q = q - spec.implicit_zero
     return (q * expand_scale(scale.to(work), granularity, N, K, group_size)).to(dtype)
-
-
-def logical_k(data_k: int, fmt: str) -> int:
-    """Logical K of stored data whose last dim is ``data_k``."""
-    return data_k * get_format(fmt).pack

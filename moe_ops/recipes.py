@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import formats
-from .activations import E4M3, dequantize_blocks_lastdim, quantize_blocks_lastdim
+from .activations import E4M3, E4M3_MAX, dequantize_blocks_lastdim, quantize_blocks_lastdim
 
 RECIPES = ("none", "fp8_rowwise", "fp8_blockwise")
 BLOCK = formats.BLOCK
@@ -90,9 +90,9 @@ def quantize_token_blocks(t: torch.Tensor, offs: torch.Tensor, block: int):
     tf = t.to(_work(t))
     amax = torch.zeros(nb, C, dtype=tf.dtype, device=t.device)
     amax = amax.scatter_reduce(0, blk.unsqueeze(1).expand(M, C), tf.abs(), reduce="amax", include_self=True)
-    scale = amax / 448.0
+    scale = amax / E4M3_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (tf / safe[blk]).clamp(-448.0, 448.0).to(E4M3)
+    q = (tf / safe[blk]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale.to(torch.float32), blk
 
 

@@ -13,9 +13,6 @@ import torch
 from . import formats, recipes
 from .activations import act_block, dequantize_blocks_lastdim, quantize_act
 
-LAYOUTS = ("nt", "nn", "tn")
-
-
 @torch.library.custom_op("moe_ops::_segment_mm", mutates_args=())
 def segment_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, layout: str) -> torch.Tensor:
     """Per-expert GEMM over row segments ``[offs[e-1], offs[e])`` (the segment of e = 0 starts at 0).

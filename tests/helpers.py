@@ -6,10 +6,16 @@ import torch
 import moe_ops
 from moe_ops import formats
 
-# relative Frobenius error bound of a call against the float64 oracle of the same spec
-# (the oracle dequantizes the same stored weights; the bound covers 16-bit x and the 16-bit
-# rounding of dequantized weights plus float32 accumulation)
-BOUND = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# relative Frobenius error bound of a call against the float64 oracle of the same spec (the
+# oracle dequantizes the same stored weights; the call rounds the dequantized weights and the
+# output to 16 bits once each, 2^-9 (bf16) / 2^-12 (fp16) relative, and sums in float32).
+# Largest error measured on the CPU over every format, 5 seeds: bf16 2.8e-3, fp16 3.5e-4,
+# fp32 1.6e-7.
+BOUND = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 6e-3}
+# The GPU tests' bf16 bound is the one of the recorded H100 run (benchmarks/results/
+# gpu_tests_h100.log), whose per-case errors were not printed: tighten it to BOUND after a
+# GPU run that reports them.
+GPU_BOUND_BF16 = 1.6e-2
 
 
 def ragged_offs(M: int, E: int, gen: torch.Generator, empty=(), tail: int = 0) -> torch.Tensor:

@@ -18,17 +18,15 @@ class CompileTest(TestCase):
         from torch._dynamo.backends.common import aot_autograd
         graphs = {"fw": [], "bw": []}
 
-        def fw(gm, _):
-            graphs["fw"].append(_moe_ops_calls(gm))
-            return make_boxed_func(gm.forward)
-
-        def bw(gm, _):
-            graphs["bw"].append(_moe_ops_calls(gm))
-            return make_boxed_func(gm.forward)
+        def recorder(key):
+            def compiler(gm, _):
+                graphs[key].append(_moe_ops_calls(gm))
+                return make_boxed_func(gm.forward)
+            return compiler
 
         torch._dynamo.reset()
         moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe)
-        step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=aot_autograd(fw_compiler=fw, bw_compiler=bw),
+        step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")),
                              fullgraph=True, dynamic=True)
         x = torch.randn(64, 32, requires_grad=True)
         step(x).backward()

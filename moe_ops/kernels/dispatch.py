@@ -50,8 +50,6 @@ def quantize_act(x: torch.Tensor, mode: str):
     return q, s
 
 
-
-
 def _weight_consts(spec):
     """(W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, PACK) of a format spec (None: plain)."""
     if spec is None:

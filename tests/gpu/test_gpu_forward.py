@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_ops
-from helpers import BOUND, oracle_grouped_mm, ragged_offs, rel_err, weight_cases
+from helpers import GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, weight_cases
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -44,7 +44,7 @@ def test_forward_formats(fmt, gran, gs, shape):
     y = moe_ops.grouped_mm(x.to(DEV), wq.to(DEV), offs.to(DEV))
     ref = oracle_grouped_mm(x, args, offs)
     assert not torch.isnan(y).any()
-    assert rel_err(y.cpu(), ref) < BOUND[torch.bfloat16]
+    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
     assert torch.all(y[int(offs[-1]):] == 0)
 
 
@@ -134,4 +134,4 @@ def test_compiled_forward_launches_triton():
     from torch._inductor.utils import run_and_get_code
     y, code = run_and_get_code(f, x.to(DEV), offs.to(DEV))
     assert "grouped_gemm_kernel" in "\n".join(code)
-    assert rel_err(y.cpu(), oracle_grouped_mm(x, qw.cpu().op_args(), offs)) < BOUND[torch.bfloat16]
+    assert rel_err(y.cpu(), oracle_grouped_mm(x, qw.cpu().op_args(), offs)) < GPU_BOUND_BF16
