@@ -65,3 +65,39 @@ def segment_mm_fake(a, b, offs, layout):
     if layout == "nn":
         return a.new_empty(a.shape[0], b.shape[2])
     return a.new_empty(offs.shape[0], a.shape[1], b.shape[1])
+
+
+@torch.library.register_fake("moe_ops::topk_route")
+def topk_route_fake(logits, top_k, scoring="softmax", renormalize=True, bias=None):
+    checks.check_topk_route(logits, top_k, scoring, bias)
+    T = logits.shape[0]
+    return [logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32)]
+
+
+@torch.library.register_fake("moe_ops::sort_rows")
+def sort_rows_fake(topk_ids, num_experts):
+    checks.check_sort_rows(topk_ids, num_experts)
+    M = topk_ids.shape[0] * topk_ids.shape[1]
+    return [topk_ids.new_empty(M, dtype=torch.int32), topk_ids.new_empty(num_experts, dtype=torch.int32)]
+
+
+@torch.library.register_fake("moe_ops::permute")
+def permute_fake(x, sorted_rows, top_k):
+    checks.check_permute(x, sorted_rows, top_k)
+    return x.new_empty(sorted_rows.shape[0], x.shape[1])
+
+
+@torch.library.register_fake("moe_ops::unpermute")
+def unpermute_fake(y, sorted_rows, topk_weights):
+    checks.check_unpermute(y, sorted_rows, topk_weights)
+    return y.new_empty(topk_weights.shape[0], y.shape[1])
+
+
+@torch.library.register_fake("moe_ops::expert_mlp")
+def expert_mlp_fake(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero,
+                    w_format="none", granularity="none", group_size1=0, group_size2=0, act_quant="none",
+                    recipe="none"):
+    T, H, _, _, _ = checks.check_expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2,
+                                            w2_scale, w2_zero, w_format, granularity, group_size1, group_size2,
+                                            act_quant, recipe)
+    return x.new_empty(T, H)

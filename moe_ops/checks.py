@@ -50,27 +50,30 @@ def check_offs(offs: torch.Tensor, E, ref: torch.Tensor, ref_arg: str) -> None:
     check_same_device(offs, ref, "offs", ref_arg)
 
 
-def check_group_size(granularity: str, group_size: int, K) -> None:
+def check_group_size(granularity: str, group_size: int, K, arg: str = "group_size") -> None:
     if granularity == "group":
         if not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"group_size: must be a positive int for granularity='group', got {group_size!r}")
+            raise ValueError(f"{arg}: must be a positive int for granularity='group', got {group_size!r}")
         if K % group_size != 0:
-            raise ValueError(f"group_size: {group_size} does not divide K={K}")
+            raise ValueError(f"{arg}: {group_size} does not divide K={K}")
 
 
 def check_weight(w: torch.Tensor, w_scale: Optional[torch.Tensor], w_zero: Optional[torch.Tensor],
-                 w_format: str, granularity: str, group_size: int, ref: torch.Tensor, ref_arg: str):
-    """Stored weights of ``w_format`` (``"none"``: a plain ``[E, N, K]`` float tensor).
+                 w_format: str, granularity: str, group_size: int, ref: torch.Tensor, ref_arg: str,
+                 arg: str = "w"):
+    """Stored weights of ``w_format`` (``"none"``: a plain ``[E, N, K]`` float tensor), named
+    ``arg`` (its scales ``{arg}_scale``, zero points ``{arg}_zero``) in messages.
 
     Returns ``(E, N, K)`` with K the logical in-features.
     """
+    sa, za = f"{arg}_scale", f"{arg}_zero"
     if w.dim() != 3:
-        raise ValueError(f"w: expected a 3-D [E, N, K] tensor, got shape {tuple(w.shape)}")
-    check_same_device(w, ref, "w", ref_arg)
+        raise ValueError(f"{arg}: expected a 3-D [E, N, K] tensor, got shape {tuple(w.shape)}")
+    check_same_device(w, ref, arg, ref_arg)
     if w_format == "none":
         if w.dtype != ref.dtype:
-            raise ValueError(f"w: dtype {w.dtype} does not match {ref_arg}'s dtype {ref.dtype}")
-        for t, name in ((w_scale, "w_scale"), (w_zero, "w_zero")):
+            raise ValueError(f"{arg}: dtype {w.dtype} does not match {ref_arg}'s dtype {ref.dtype}")
+        for t, name in ((w_scale, sa), (w_zero, za)):
             if t is not None:
                 raise ValueError(f"{name}: must be None for plain weights (w_format='none')")
         if granularity != "none":
@@ -81,28 +84,28 @@ def check_weight(w: torch.Tensor, w_scale: Optional[torch.Tensor], w_zero: Optio
         raise ValueError(f"w_format: {w_format!r} is a plain format; pass w_format='none'")
     check_choice(granularity, spec.granularities, "granularity")
     if w.dtype != spec.storage:
-        raise ValueError(f"w: format {w_format} stores {spec.storage}, got {w.dtype}")
+        raise ValueError(f"{arg}: format {w_format} stores {spec.storage}, got {w.dtype}")
     E, N, K = w.shape[0], w.shape[1], w.shape[2] * spec.pack
-    check_group_size(granularity, group_size, K)
+    check_group_size(granularity, group_size, K, "group_size" if arg == "w" else f"group_size{arg[1:]}")
     expected = formats.scale_shape(granularity, E, N, K, group_size)
     if w_scale is None:
-        raise ValueError(f"w_scale: format {w_format} needs float32 scales of shape {expected}")
+        raise ValueError(f"{sa}: format {w_format} needs float32 scales of shape {expected}")
     if w_scale.dtype != torch.float32:
-        raise ValueError(f"w_scale: expected dtype torch.float32, got {w_scale.dtype}")
+        raise ValueError(f"{sa}: expected dtype torch.float32, got {w_scale.dtype}")
     if tuple(w_scale.shape) != tuple(expected):
-        raise ValueError(f"w_scale: expected shape {tuple(expected)} for {granularity} granularity, "
+        raise ValueError(f"{sa}: expected shape {tuple(expected)} for {granularity} granularity, "
                          f"got {tuple(w_scale.shape)}")
-    check_same_device(w_scale, ref, "w_scale", ref_arg)
+    check_same_device(w_scale, ref, sa, ref_arg)
     if spec.has_zero:
         if w_zero is None:
-            raise ValueError(f"w_zero: format {w_format} needs uint8 zero points of shape {tuple(expected)}")
+            raise ValueError(f"{za}: format {w_format} needs uint8 zero points of shape {tuple(expected)}")
         if w_zero.dtype != torch.uint8:
-            raise ValueError(f"w_zero: expected dtype torch.uint8, got {w_zero.dtype}")
+            raise ValueError(f"{za}: expected dtype torch.uint8, got {w_zero.dtype}")
         if tuple(w_zero.shape) != tuple(expected):
-            raise ValueError(f"w_zero: expected shape {tuple(expected)}, got {tuple(w_zero.shape)}")
-        check_same_device(w_zero, ref, "w_zero", ref_arg)
+            raise ValueError(f"{za}: expected shape {tuple(expected)}, got {tuple(w_zero.shape)}")
+        check_same_device(w_zero, ref, za, ref_arg)
     elif w_zero is not None:
-        raise ValueError(f"w_zero: must be None for symmetric format {w_format}")
+        raise ValueError(f"{za}: must be None for symmetric format {w_format}")
     return E, N, K
 
 
@@ -184,3 +187,90 @@ def check_act_quant(x: torch.Tensor, mode: str) -> None:
     check_2d(x, "x")
     check_float_input(x, "x")
     check_choice(mode, ACT_QUANT_MODES[1:], "mode")
+
+
+# ----------------------------------------------------------------------------- routing
+def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optional[torch.Tensor]) -> None:
+    check_2d(logits, "logits")
+    check_float_input(logits, "logits")
+    check_choice(scoring, ("softmax", "sigmoid"), "scoring")
+    E = logits.shape[1]
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k: must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != E:
+            raise ValueError(f"bias: expected shape ({E},) (one per expert), got {tuple(bias.shape)}")
+        check_same_device(bias, logits, "bias", "logits")
+
+
+def check_row_index(t: torch.Tensor, arg: str, allowed=(torch.int32,)) -> None:
+    if t.dtype not in allowed:
+        raise ValueError(f"{arg}: expected dtype in {allowed}, got {t.dtype}")
+
+
+def check_sort_rows(topk_ids: torch.Tensor, num_experts: int) -> None:
+    check_2d(topk_ids, "topk_ids")
+    check_row_index(topk_ids, "topk_ids", (torch.int32, torch.int64))
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: must be a positive int, got {num_experts!r}")
+
+
+def check_sorted_rows(sorted_rows: torch.Tensor, T, top_k: int, ref: torch.Tensor, ref_arg: str) -> None:
+    """``sorted_rows``: int32 ``[T * top_k]`` on ``ref``'s device."""
+    check_row_index(sorted_rows, "sorted_rows")
+    if sorted_rows.dim() != 1 or sorted_rows.shape[0] != T * top_k:
+        raise ValueError(f"sorted_rows: expected shape ({T} * {top_k},) (tokens * top_k), "
+                         f"got {tuple(sorted_rows.shape)}")
+    check_same_device(sorted_rows, ref, "sorted_rows", ref_arg)
+
+
+def check_topk_weights(topk_weights: torch.Tensor, T, ref: torch.Tensor, ref_arg: str) -> int:
+    """``topk_weights``: float ``[T, top_k]``. Returns top_k."""
+    check_2d(topk_weights, "topk_weights")
+    if not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights: expected a float tensor, got {topk_weights.dtype}")
+    if topk_weights.shape[0] != T:
+        raise ValueError(f"topk_weights: has {topk_weights.shape[0]} rows but there are {T} tokens")
+    check_same_device(topk_weights, ref, "topk_weights", ref_arg)
+    return topk_weights.shape[1]
+
+
+def check_permute(x: torch.Tensor, sorted_rows: torch.Tensor, top_k: int) -> None:
+    check_2d(x, "x")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k: must be a positive int, got {top_k!r}")
+    check_sorted_rows(sorted_rows, x.shape[0], top_k, x, "x")
+
+
+def check_unpermute(y: torch.Tensor, sorted_rows: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    check_2d(y, "y")
+    check_float_input(y, "y")
+    T = topk_weights.shape[0] if topk_weights.dim() == 2 else -1
+    top_k = check_topk_weights(topk_weights, T, y, "y")
+    if y.shape[0] != T * top_k:
+        raise ValueError(f"y: has {y.shape[0]} rows but topk_weights {tuple(topk_weights.shape)} "
+                         f"needs {T} * {top_k}")
+    check_sorted_rows(sorted_rows, T, top_k, y, "y")
+
+
+def check_expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero,
+                     w_format, granularity, group_size1, group_size2, act_quant, recipe):
+    """Checks of ``expert_mlp``. Returns ``(T, H, I, E, top_k)``."""
+    check_2d(x, "x")
+    check_float_input(x, "x")
+    T, H = x.shape[0], x.shape[1]
+    top_k = check_topk_weights(topk_weights, T, x, "x")
+    check_sorted_rows(sorted_rows, T, top_k, x, "x")
+    check_act_recipe(w_format, act_quant, recipe)
+    E, N1, K1 = check_weight(w1, w1_scale, w1_zero, w_format, granularity, group_size1, x, "x", "w1")
+    if K1 != H:
+        raise ValueError(f"w1: has K={K1} in-features but x has {H} columns")
+    if N1 % 2 != 0:
+        raise ValueError(f"w1: needs 2 * I out-features ([gate; up]), got {N1}")
+    I = N1 // 2
+    E2, N2, K2 = check_weight(w2, w2_scale, w2_zero, w_format, granularity, group_size2, x, "x", "w2")
+    if (E2, N2, K2) != (E, H, I):
+        raise ValueError(f"w2: expected logical shape {(E, H, I)} ([E, H, I]) to match w1, got {(E2, N2, K2)}")
+    check_offs(offs, E, x, "x")
+    return T, H, I, E, top_k
+

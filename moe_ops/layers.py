@@ -1,12 +1,12 @@
 """MoE modules built on the operators: sync-free routing, expert MLPs, quantize_experts().
 
-Routing here is plain PyTorch with static shapes (T * top_k rows) and no host sync: expert
-counts come from ``scatter_add`` (not ``bincount``, whose output size depends on the data),
-``offs`` is their cumulative sum on the device.
+Routing goes through the operators of :mod:`moe_ops.routing` (static shapes, no host sync);
+the experts through the fused ``moe_ops::expert_mlp`` (or, with ``fused=False``, the unfused
+composition permute -> grouped_mm -> SwiGLU -> grouped_mm -> unpermute).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -17,20 +17,22 @@ from .api import dequantize_weight, grouped_mm, quantize_weight
 from .quantized_weight import QuantizedWeight
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """Softmax top-k routing. Returns ``(order, token_of_row, weight_of_row, offs)``:
-    rows sorted by expert (stable), each row's source token and routing weight, and ``offs``
-    ``[E]`` int32 (end row of each expert). All shapes static (``T * top_k`` rows)."""
-    T, E = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    return order, order // top_k, weights.reshape(-1)[order], offs
+class Routing(NamedTuple):
+    """Routing of T tokens to top_k experts each (see :mod:`moe_ops.routing` for layouts)."""
+
+    weights: torch.Tensor  # float32 [T, top_k]
+    ids: torch.Tensor  # int32 [T, top_k]
+    sorted_rows: torch.Tensor  # int32 [T * top_k]
+    offs: torch.Tensor  # int32 [E]
+
+
+def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
+          bias: Optional[torch.Tensor] = None) -> Routing:
+    """Top-k routing of router ``logits`` ``[T, E]`` and the expert-sorted row order, on the
+    device with static shapes (no host sync); differentiable in ``logits`` through the weights."""
+    weights, ids = torch.ops.moe_ops.topk_route(logits, top_k, scoring, renormalize, bias)
+    sorted_rows, offs = torch.ops.moe_ops.sort_rows(ids, logits.shape[1])
+    return Routing(weights, ids, sorted_rows, offs)
 
 
 class ExpertWeights(nn.Module):
@@ -86,46 +88,110 @@ class ExpertWeights(nn.Module):
             return grouped_mm(x, qw, offs, act_quant=act_quant)
         return grouped_mm(x, self.weight, offs, recipe=recipe)
 
+    def op_args(self) -> tuple:
+        """``(w, w_scale, w_zero, w_format, granularity, group_size)`` as the operators take them."""
+        qw = self.quantized
+        return (self.weight, None, None, "none", "none", 0) if qw is None else qw.op_args()
+
     def dense(self) -> torch.Tensor:
         qw = self.quantized
         return self.weight.detach() if qw is None else dequantize_weight(qw)
 
 
-class MoE(nn.Module):
-    """A SwiGLU MoE block (Qwen3-MoE / Mixtral style): router, top-k, experts, weighted combine.
+class SwiGLUMLP(nn.Module):
+    """A dense SwiGLU MLP (the shared expert of DeepSeek-V3 / Qwen2-MoE style blocks)."""
 
-    ``gate_up`` is ``[E, 2I, H]`` (gate rows first), ``down`` is ``[E, H, I]``. ``recipe``
-    applies an FP8 training recipe to both expert GEMMs; ``act_quant`` quantizes the
-    activations of quantized experts (W8A8 / W4A8).
+    def __init__(self, hidden: int, intermediate: int, dtype=torch.float32):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+MOE_STYLES = {
+    "qwen3": dict(scoring="softmax", renormalize=True),
+    "mixtral": dict(scoring="softmax", renormalize=True),
+    "deepseek_v3": dict(scoring="sigmoid", renormalize=True, router_bias=True, routed_scaling=2.5),
+}
+
+
+class MoE(nn.Module):
+    """A SwiGLU MoE block: router, top-k routing, experts, weighted combine, optional shared
+    expert. Input ``[..., hidden]``, output the same shape and dtype.
+
+    ``gate_up`` is ``[E, 2I, H]`` (gate rows first), ``down`` is ``[E, H, I]``. Routing:
+    ``scoring`` ``softmax`` (Qwen3-MoE, Mixtral) or ``sigmoid`` (DeepSeek-V3), ``renormalize``
+    the top-k weights, ``router_bias`` a selection-only bias buffer ``e_score_bias`` [E]
+    (DeepSeek-V3's correction bias), ``routed_scaling`` multiplies the routed output,
+    ``shared_intermediate`` > 0 adds a shared SwiGLU expert. ``MoE.from_style("qwen3" |
+    "mixtral" | "deepseek_v3", ...)`` presets these. ``recipe`` applies an FP8 training recipe
+    to both expert GEMMs; ``act_quant`` quantizes the activations of quantized experts (W8A8 /
+    W4A8). ``fused=False`` runs the unfused composition (same math, more memory traffic).
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype=torch.float32,
-                 recipe: Optional[str] = None, act_quant: Optional[str] = None, seed: int = 0):
+                 recipe: Optional[str] = None, act_quant: Optional[str] = None, seed: int = 0,
+                 scoring: str = "softmax", renormalize: bool = True, router_bias: bool = False,
+                 routed_scaling: float = 1.0, shared_intermediate: int = 0, fused: bool = True):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.top_k, self.recipe, self.act_quant = top_k, recipe, act_quant
+        self.num_experts, self.top_k, self.recipe, self.act_quant = num_experts, top_k, recipe, act_quant
+        self.scoring, self.renormalize, self.routed_scaling, self.fused = scoring, renormalize, routed_scaling, fused
+        self.scale_routing = routed_scaling != 1.0
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
         nn.init.normal_(self.router.weight, std=hidden ** -0.5, generator=g)
+        self.register_buffer("e_score_bias", torch.zeros(num_experts, dtype=torch.float32) if router_bias else None)
         self.gate_up = ExpertWeights((torch.randn(num_experts, 2 * intermediate, hidden, generator=g)
                                       * hidden ** -0.5).to(dtype))
         self.down = ExpertWeights((torch.randn(num_experts, hidden, intermediate, generator=g)
                                    * intermediate ** -0.5).to(dtype))
+        self.shared = SwiGLUMLP(hidden, shared_intermediate, dtype) if shared_intermediate > 0 else None
+
+    @classmethod
+    def from_style(cls, style: str, hidden: int, intermediate: int, num_experts: int, top_k: int, **kwargs) -> "MoE":
+        if style not in MOE_STYLES:
+            raise ValueError(f"style: expected one of {tuple(MOE_STYLES)}, got {style!r}")
+        return cls(hidden, intermediate, num_experts, top_k, **{**MOE_STYLES[style], **kwargs})
+
+    def route(self, x: torch.Tensor) -> Routing:
+        r = route(self.router(x), self.top_k, self.scoring, self.renormalize, self.e_score_bias)
+        if self.scale_routing:  # a bool, so that dynamic=True does not trace a float comparison
+            r = r._replace(weights=r.weights * self.routed_scaling)
+        return r
+
+    def experts(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """The routed experts' combined output ``[T, H]`` for tokens ``x`` ``[T, H]``."""
+        a1, a2 = self.gate_up.op_args(), self.down.op_args()
+        act = self.act_quant or "none"
+        rec = self.recipe or "none"
+        if self.fused and a1[3:5] == a2[3:5]:
+            return torch.ops.moe_ops.expert_mlp(x, r.weights, r.sorted_rows, r.offs, *a1[:3], *a2[:3], a1[3], a1[4],
+                                                a1[5], a2[5], act, rec)
+        xs = torch.ops.moe_ops.permute(x, r.sorted_rows, self.top_k)
+        gate, up = self.gate_up(xs, r.offs, self.act_quant, self.recipe).chunk(2, dim=-1)
+        y = self.down(F.silu(gate) * up, r.offs, self.act_quant, self.recipe)
+        return torch.ops.moe_ops.unpermute(y, r.sorted_rows, r.weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, H = x.shape
-        order, token, weight, offs = route(self.router(x), self.top_k)
-        xs = x[token]
-        h = self.gate_up(xs, offs, self.act_quant, self.recipe)
-        gate, up = h.chunk(2, dim=-1)
-        y = self.down(F.silu(gate) * up, offs, self.act_quant, self.recipe)
-        out = torch.zeros_like(x)
-        return out.index_add(0, token, y * weight.to(y.dtype).unsqueeze(1))
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        out = self.experts(xf, self.route(xf))
+        if self.shared is not None:
+            out = out + self.shared(xf)
+        return out.reshape(shape)
 
 
 def quantize_experts(model: nn.Module, format: str, granularity: str = "group", group_size: int = 128,
                      act_quant: Optional[str] = None) -> nn.Module:
     """Convert every :class:`ExpertWeights` of ``model`` in place to ``format``; MoE blocks get
-    ``act_quant``. Group size is reduced to K where K is smaller. Returns ``model``."""
+    ``act_quant``. Group size is reduced to K where K is smaller. transformers' sparse-MoE
+    blocks (Qwen3-MoE, Mixtral) are first replaced by :class:`MoE` modules holding their
+    weights (:func:`moe_ops.hf.convert_hf_blocks`). Returns ``model``."""
+    from .hf import convert_hf_blocks
+    convert_hf_blocks(model)
     for mod in model.modules():
         if isinstance(mod, MoE):
             mod.act_quant = act_quant

@@ -41,11 +41,13 @@ moe_ops._segment_mm.default""")
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
+moe_ops._segment_mm.default
 moe_ops._segment_mm.default""")
 
     def test_fp8_blockwise_graph(self):
         g = self._graphs("fp8_blockwise")
         self.assertExpectedInline("\n".join(g["bw"][0]), """\
+moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default

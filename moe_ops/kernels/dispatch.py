@@ -75,16 +75,24 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
 
 
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
-            int8_offset, post_scale, config: KernelConfig, bk: int):
+            int8_offset, post_scale, config: KernelConfig, bk: int, fused: dict = None):
     """One launch of :func:`grouped_gemm_kernel` over logical weights ``[E, N, K]`` whose
     element (e, n, k) sits at ``w + e*w_strides[0] + n*w_strides[1] + k*w_strides[2]`` (k in
-    stored units: bytes of packed codes), scales likewise with ``s_strides``."""
+    stored units: bytes of packed codes), scales likewise with ``s_strides``. ``fused`` holds
+    the expert-MLP prologue/epilogue operands (``xrow``, ``dst``, ``rw``, ``amax`` tensors;
+    ``swiglu``, ``amax_out`` flags; ``amax_cols``): see the kernel's docstring. With
+    ``swiglu``, N is the output width (the weights have 2N rows)."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
     bm, bn = config.block_m, config.block_n
     grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+    f = fused or {}
+    xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
+    amax_cols = f.get("amax_cols", 1)
     wrap_triton(grouped_gemm_kernel)[grid](
         xq, xs, w, ws, wz, y, offs,
+        offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
+        xs if amax is None else amax,
         M, N, K,
         xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
         w_strides[0], w_strides[1], w_strides[2],
@@ -96,6 +104,9 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=int8_offset,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32,
         GROUP_M=config.group_m, POST_SCALE=post_scale, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode),
+        GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
+        SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
+        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
@@ -177,3 +188,63 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
         return recipe_gemms.wgrad(dy, x, offs, recipe, out_dtype or dy.dtype, _INTERPRET)
     from .grouped_wgrad import launch_wgrad
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
+
+
+def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
+               granularity, group_size1, group_size2, act_quant, recipe, configs=None):
+    """The fused expert MLP (:mod:`moe_ops.expert_mlp`) in two launches, or None where it has
+    no fused kernel (training recipes; quantized activations whose weight scales vary inside
+    a K tile). ``configs`` = (gate/up, down) :class:`KernelConfig` overrides (tests)."""
+    if recipe != "none":
+        return None
+    T, H = x.shape
+    top_k = topk_weights.shape[1]
+    M, E, I = T * top_k, w1.shape[0], w1.shape[1] // 2
+    spec = None if w_format == "none" else formats.get_format(w_format)
+    pack = 1 if spec is None else spec.pack
+    w_bits = 16 if spec is None else spec.bits
+    act = _ACT_CODE[act_quant]
+    act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
+    units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
+    cfgs = []
+    for i, (n, k) in enumerate(((2 * I, H), (H, I))):
+        cfg = configs[i] if configs is not None else choose_forward_config(
+            M, n, k, E, w_bits, min(units[i][1], act_unit_k, max(k, 1)), act_bits=8 if act else 16)
+        if i == 0 and configs is None and not cfg.decode and cfg.block_n > 128:
+            cfg = KernelConfig(cfg.block_m, 128, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)  # 2 accumulators
+        bk = max(cfg.block_k, (32 if act else 16) * (pack if cfg.decode else 1))
+        if act and not (units[i][1] >= _HUGE or units[i][1] % bk == 0):
+            return None
+        cfgs.append((cfg, bk))
+    out_rows = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    if M and H and I:
+        rows = sorted_rows.contiguous()
+        # gate/up: gathered token rows (quantized once per token), SwiGLU epilogue -> h [M, I]
+        xq, xs = quantize_act(x, act_quant) if act else (x.contiguous(), x)
+        h = torch.empty(M, I, dtype=x.dtype, device=x.device)
+        int8 = act_quant == "int8_token"
+        amax_cols = triton.cdiv(I, cfgs[0][0].block_n)
+        amax = torch.empty(M, amax_cols, dtype=torch.float32, device=x.device) if int8 else None
+        ws, wz, st = _scale_operands(w1, w1_scale, w1_zero, granularity, transposed=False)
+        _launch(xq, xs, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), ws, wz, st, h, offs, M, I, H, E, spec,
+                *units[0], act, act_unit_k, act == 1 and w_format == "int8_asym",
+                act == 0 and w1_scale is not None and units[0][1] >= _HUGE, cfgs[0][0], cfgs[0][1],
+                fused=dict(xrow=rows, swiglu=True, amax_out=int8, amax=amax, amax_cols=amax_cols,
+                           gather=top_k))
+        # down: h quantized in the loads (int8) or by the act-quant kernel (fp8); routing weight
+        # and the token-major store in the epilogue
+        if int8:
+            hq, hs, act2 = h, h, 3
+        elif act:
+            (hq, hs), act2 = quantize_act(h, act_quant), act
+        else:
+            hq, hs, act2 = h, h, 0
+        ws, wz, st = _scale_operands(w2, w2_scale, w2_zero, granularity, transposed=False)
+        rw = topk_weights.to(torch.float32).contiguous().reshape(-1)
+        _launch(hq, hs, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), ws, wz, st, out_rows, offs, M, H, I, E,
+                spec, *units[1], act2, act_unit_k, act2 in (1, 3) and w_format == "int8_asym",
+                act2 == 0 and w2_scale is not None and units[1][1] >= _HUGE, cfgs[1][0], cfgs[1][1],
+                fused=dict(dst=rows, rw=rw, amax=amax, amax_cols=amax_cols))
+    elif M:
+        out_rows.zero_()
+    return out_rows.view(T, top_k, H).sum(dim=1)

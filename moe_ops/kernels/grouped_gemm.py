@@ -20,7 +20,22 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               scales per K tile when they vary along K.
 ``POST_SCALE`` (ACT 0, scales constant along K): codes go to x's dtype exactly and the scale
               multiplies the accumulator once, after the K loop.
+              3: 16-bit x quantized to int8 per row while it is loaded (the fused W8A8
+              pipeline's down GEMM): the row scale is max(``amax`` partials) / 127, the
+              partials written by the gate/up GEMM's epilogue (``AMAX_OUT``), then as ACT 1.
 ``GROUP_M``   swizzle: GROUP_M consecutive M tiles walk the N tiles together (1: no swizzle).
+
+Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
+``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
+              GATHER = top_k: the token of a sorted row), its activation scale row likewise:
+              the permuted ``[M, K]`` copy never exists.
+``SWIGLU``    the weights hold ``[gate; up]`` (2N rows); the program computes the gate tile
+              (rows n) and the up tile (rows N + n) and stores ``silu(gate) * up`` ``[M, N]``.
+``AMAX_OUT``  also store each row's absmax over the program's stored columns to
+              ``amax[r, pid_n]`` (float32 ``[M, AMAX_COLS]``, ``AMAX_POW2`` its next power of
+              two), for ACT 3 downstream.
+``SCATTER``   row r is stored at output row ``dst[r]`` (token-major ``t * top_k + j``), and
+              with ``ROW_WEIGHT`` multiplied first by ``rw[dst[r]]`` (the routing weight).
 
 Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``
 programs, a static upper bound. Each program reads ``offs`` on the device, finds which expert
@@ -59,7 +74,7 @@ def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_we, stride_wn, stride_wk,
@@ -71,6 +86,9 @@ def grouped_gemm_kernel(
     ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
     GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
+    GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
+    SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
+    AMAX_POW2: tl.constexpr = 1,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -90,17 +108,61 @@ def grouped_gemm_kernel(
 
     if tile >= total:
         # spare programs: write the zero rows at or past offs[-1]
-        zrow0 = last_end + (tile - total) * BLOCK_M
-        zr = zrow0 + tl.arange(0, BLOCK_M)
-        zmask = (zr < M)[:, None] & n_mask[None, :]
+        zr = last_end + (tile - total) * BLOCK_M + tl.arange(0, BLOCK_M)
+        z_ok = zr < M
+        if SCATTER:
+            zdst = tl.load(dst_ptr + zr, mask=z_ok, other=0).to(tl.int64)
+        else:
+            zdst = zr.to(tl.int64)
         zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
-        tl.store(y_ptr + zr.to(tl.int64)[:, None] * stride_ym + y_cols[None, :], zeros, mask=zmask)
+        tl.store(y_ptr + zdst[:, None] * stride_ym + y_cols[None, :], zeros, mask=z_ok[:, None] & n_mask[None, :])
+        if AMAX_OUT:
+            tl.store(amax_ptr + zr.to(tl.int64) * AMAX_COLS + pid_n, tl.zeros((BLOCK_M,), dtype=tl.float32),
+                     mask=z_ok)
     else:
-        _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_end, rn, n_mask, y_cols, K,
-                   stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
-                   stride_se, stride_sn, stride_sk, stride_ym,
-                   W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                   ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK, UNPACK_JOIN)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        m_mask = rm < row_end
+        if GATHER:
+            xrow = (tl.load(xrow_ptr + rm, mask=m_mask, other=0) // GATHER).to(tl.int64)
+        else:
+            xrow = rm.to(tl.int64)
+        if ACT == 3:
+            # per-row int8 scale of the 16-bit x from the absmax partials of its producer
+            ac = tl.arange(0, AMAX_POW2)
+            part = tl.load(amax_ptr + xrow[:, None] * AMAX_COLS + ac[None, :],
+                           mask=m_mask[:, None] & (ac < AMAX_COLS)[None, :], other=0.0)
+            xs_row = tl.math.div_rn(tl.max(part, 1), 127.0)
+        elif (ACT == 1) | (ACT == 2):
+            xs_row = tl.load(xs_ptr + xrow * stride_xsm, mask=m_mask, other=0.0)
+        else:
+            xs_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
+                        stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                        stride_se, stride_sn, stride_sk,
+                        W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
+                        ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                        UNPACK_JOIN, x_ptr.dtype.element_ty)
+        if SWIGLU:
+            up = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn + N, n_mask, K,
+                           stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                           stride_se, stride_sn, stride_sk,
+                           W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
+                           ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                           UNPACK_JOIN, x_ptr.dtype.element_ty)
+            out = out / (1.0 + tl.exp(-out)) * up
+        rm64 = rm.to(tl.int64)
+        if SCATTER:
+            dst = tl.load(dst_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+        else:
+            dst = rm64
+        if ROW_WEIGHT:
+            out = out * tl.load(rw_ptr + dst, mask=m_mask, other=0.0)[:, None]
+        res = out.to(y_ptr.dtype.element_ty)
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        tl.store(y_ptr + dst[:, None] * stride_ym + y_cols[None, :], res, mask=o_mask)
+        if AMAX_OUT:
+            amax = tl.max(tl.where(o_mask, tl.abs(res.to(tl.float32)), 0.0), 1)
+            tl.store(amax_ptr + rm64 * AMAX_COLS + pid_n, amax, mask=m_mask)
 
 
 @triton.jit
@@ -130,17 +192,16 @@ def _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K: tl.co
 
 
 @triton.jit
-def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_end, rn, n_mask, y_cols, K,
-               stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
-               stride_se, stride_sn, stride_sk, stride_ym,
-               W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
-               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
-               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-               POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr):
-    rm = row0 + tl.arange(0, BLOCK_M)
-    m_mask = rm < row_end
-    rm64 = rm.to(tl.int64)
+def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
+              stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+              stride_se, stride_sn, stride_sk,
+              W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
+              UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
+              ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
+    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
     e64 = expert.to(tl.int64)
     w_base = w_ptr + e64 * stride_we
     s_base = ws_ptr + e64 * stride_se
@@ -155,7 +216,10 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
     rs = tl.arange(0, SUB)
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
-    if ACT == 1:
+    IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
+    if ACT == 3:
+        inv_safe = tl.where(xs_row > 0, xs_row, 1.0)
+    if IS_INT:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -167,13 +231,16 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
         if HAS_SCALE:
             if SCALE_TILE:
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
-        if ACT == 1:
+        if IS_INT:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for j in tl.static_range(NSUB):
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
-            a = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+            a = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if ACT == 3:  # the int8_token rule of moe_ops.activations, in registers
+                v = tl.math.div_rn(a.to(tl.float32), inv_safe[:, None])
+                a = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
             bmask = k_mask[:, None] & n_mask[None, :]
             if W_KIND == 1:
                 if PACK == 1:
@@ -202,19 +269,19 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                     if ZERO_MODE == 2:
                         code = code - z
                     if POST_SCALE:  # integers |q| <= 255 are exact in bf16/fp16
-                        b = code.to(tl.float32).to(x_ptr.dtype.element_ty)
+                        b = code.to(tl.float32).to(X_DTYPE)
                     else:
-                        b = (code.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+                        b = (code.to(tl.float32) * s).to(X_DTYPE)
                 else:
                     if POST_SCALE:  # every fp8 value is exact in bf16/fp16
-                        b = raw.to(tl.float32).to(x_ptr.dtype.element_ty)
+                        b = raw.to(tl.float32).to(X_DTYPE)
                     else:
-                        b = (raw.to(tl.float32) * s).to(x_ptr.dtype.element_ty)
+                        b = (raw.to(tl.float32) * s).to(X_DTYPE)
                 if UPCAST_DOT:
                     acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, b, acc)
-            elif ACT == 1:
+            elif IS_INT:
                 if INT8_OFFSET:
                     # int8_asym: u - z in [-255, 255]; dot with (u - 128), correct by rowsum * (128 - z)
                     part += tl.dot(a, (code - 128).to(tl.int8), out_dtype=tl.int32)
@@ -226,12 +293,12 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
             else:
                 pf = tl.dot(a, raw, out_dtype=tl.float32)
                 if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
-                    xs = tl.load(xs_ptr + rm64 * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask,
+                    xs = tl.load(xs_ptr + xrow * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask,
                                  other=0.0)
                     acc += pf * xs[:, None] * s
                 else:
                     acc += pf
-        if ACT == 1:
+        if IS_INT:
             acc_i += part
             if UNIT_K < 1 << 30:
                 # group scales: flush the exact integer sum at the end of each scale unit
@@ -239,25 +306,22 @@ def _gemm_tile(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, expert, row0, row_en
                     acc += acc_i.to(tl.float32) * s
                     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
-    if ACT == 1:
-        xs = tl.load(xs_ptr + rm64 * stride_xsm, mask=m_mask, other=0.0)
+    if IS_INT:
         if UNIT_K < 1 << 30:
-            out = acc * xs[:, None]
+            out = acc * xs_row[:, None]
         else:
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
-            out = (acc_i.to(tl.float32) * xs[:, None]) * s_end
+            out = (acc_i.to(tl.float32) * xs_row[:, None]) * s_end
     elif ACT == 2:
         if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
             out = acc
         else:
-            xs = tl.load(xs_ptr + rm64 * stride_xsm, mask=m_mask, other=0.0)
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
-            out = acc * xs[:, None] * s_end
+            out = acc * xs_row[:, None] * s_end
     else:
         if POST_SCALE:
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
             out = acc * s_end
         else:
             out = acc
-    tl.store(y_ptr + rm64[:, None] * stride_ym + y_cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    return out

@@ -1,0 +1,124 @@
+"""The fused expert MLP operator ``moe_ops::expert_mlp``: a SwiGLU MoE's experts in two GEMMs.
+
+``out[t] = sum_j topk_weights[t, j] * W2[e] @ (silu(g) * u)``, ``[g; u] = W1[e] @ x[t]``, for the
+expert e of each of token t's slots j. Inputs in the layouts of :mod:`moe_ops.routing`:
+x ``[T, H]``; topk_weights ``[T, top_k]``; sorted_rows int32 ``[T * top_k]``; offs int32 ``[E]``;
+w1 logically ``[E, 2I, H]`` (gate rows, then up rows: Qwen3-MoE / transformers' fused
+``gate_up_proj``), w2 logically ``[E, H, I]``, both in one format (``w_format``, granularity;
+group sizes per weight since H and I differ). ``act_quant`` quantizes both GEMMs' inputs (W8A8,
+W4A8, fp8); ``recipe`` an FP8 training recipe on plain weights. Output ``[T, H]`` in x's dtype.
+
+GPU (:func:`moe_ops.kernels.dispatch.expert_mlp`): two launches of the grouped GEMM kernel.
+The first gathers token rows in its loads and applies SwiGLU in its epilogue (the ``[M, 2I]``
+gate/up output never goes to memory, only ``h`` ``[M, I]``); under ``int8_token`` it quantizes
+x once per token (T rows, not T * top_k) and writes per-row absmax partials of h, from which
+the second launch quantizes h to int8 while loading it (no separate quantization pass). The
+second multiplies by the routing weight and stores each row at its token-major slot; the
+combine is a sum over the top_k slots. Training recipes and combinations without a fused
+kernel run :func:`composed`, the same math through the unfused operators.
+
+Backward recomputes rather than saves: the ``[M, 2I]`` gate/up output is recomputed (one
+grouped GEMM, a third of the forward FLOPs) instead of being kept alive from forward to
+backward (``M * 2I`` elements per layer: 100 MB at Qwen3-30B-A3B's T=4096, 48 layers). The
+routing-weight gradient needs the unweighted down output ``y_r``; it uses
+``<dout_t, y_r> = <dout_t @ W2, h_r>``, and ``dout_t @ W2`` is the down GEMM's dgrad that
+backward computes anyway, so the down GEMM is not recomputed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op
+
+from . import checks
+from .routing import inverse_rows, sum_slots
+
+
+def _token_of_row(sorted_rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.div(sorted_rows.long(), top_k, rounding_mode="floor")
+
+
+def composed(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
+             granularity, group_size1, group_size2, act_quant, recipe):
+    """The unfused composition (the reference path): permute, gate/up grouped GEMM, SwiGLU in
+    x's dtype, down grouped GEMM, weighted combine."""
+    top_k = topk_weights.shape[1]
+    xs = x[_token_of_row(sorted_rows, top_k)]
+    gu = torch.ops.moe_ops.grouped_mm(xs, w1, w1_scale, w1_zero, offs, w_format, granularity, group_size1,
+                                      act_quant, recipe)
+    gate, up = gu.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    y = torch.ops.moe_ops.grouped_mm(h, w2, w2_scale, w2_zero, offs, w_format, granularity, group_size2,
+                                     act_quant, recipe)
+    return sum_slots(y, sorted_rows, top_k, topk_weights)
+
+
+@triton_op("moe_ops::expert_mlp", mutates_args=())
+def expert_mlp(x: torch.Tensor, topk_weights: torch.Tensor, sorted_rows: torch.Tensor, offs: torch.Tensor,
+               w1: torch.Tensor, w1_scale: Optional[torch.Tensor], w1_zero: Optional[torch.Tensor],
+               w2: torch.Tensor, w2_scale: Optional[torch.Tensor], w2_zero: Optional[torch.Tensor],
+               w_format: str = "none", granularity: str = "none", group_size1: int = 0, group_size2: int = 0,
+               act_quant: str = "none", recipe: str = "none") -> torch.Tensor:
+    """The experts of a SwiGLU MoE layer for routed tokens; ``[T, H]`` in ``x.dtype`` (see the
+    module docstring)."""
+    args = (x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
+            granularity, group_size1, group_size2, act_quant, recipe)
+    checks.check_expert_mlp(*args)
+    if x.device.type in ("cuda", "xpu"):
+        from .kernels import dispatch
+        out = dispatch.expert_mlp(*args)
+        if out is not None:
+            return out
+    return composed(*args)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, tw, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format, granularity,
+     group_size1, group_size2, act_quant, recipe) = inputs
+    ctx.meta = (w_format, granularity, group_size1, group_size2, act_quant, recipe)
+    ctx.save_for_backward(x, tw, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero)
+
+
+def _backward(ctx, dout):
+    x, tw, sorted_rows, offs, w1, s1, z1, w2, s2, z2 = ctx.saved_tensors
+    w_format, gran, gs1, gs2, act_quant, recipe = ctx.meta
+    need = ctx.needs_input_grad
+    if w_format != "none" and any(need[i] for i in (4, 5, 6, 7, 8, 9)):
+        raise RuntimeError("w1/w2: quantized expert weights get no gradient; train plain weights "
+                           "(optionally with recipe=...) and quantize after training")
+    ops = torch.ops.moe_ops
+    T, top_k = tw.shape
+    dtype = x.dtype
+    tok = _token_of_row(sorted_rows, top_k)
+    xs = x[tok]
+    gu = ops.grouped_mm(xs, w1, s1, z1, offs, w_format, gran, gs1, act_quant, recipe)  # recomputed
+    gate, up = gu.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(dtype)
+    dz = dout.contiguous()[tok]  # [M, H]: each row's token gradient (rows past offs[-1] are ignored)
+    dzh = ops.grouped_mm_dgrad(dz, w2, s2, z2, offs, w_format, gran, gs2, recipe).float()  # dout @ W2
+    rw = tw.reshape(-1)[sorted_rows.long()].float()
+    dx = dtw = dw1 = dw2 = None
+    if need[1]:
+        per_row = (dzh * h.float()).sum(dim=1)
+        dtw = per_row[inverse_rows(sorted_rows)].reshape(T, top_k).to(tw.dtype)
+    dh = dzh * rw.unsqueeze(1)
+    dgate = dh * up * sig * (1 + gate * (1 - sig))
+    dup = dh * silu
+    dgu = torch.cat([dgate, dup], dim=1).to(dtype)
+    if need[7]:
+        dw2 = ops.grouped_mm_wgrad((dz.float() * rw.unsqueeze(1)).to(dtype), h, offs, recipe).to(w2.dtype)
+    if need[4]:
+        dw1 = ops.grouped_mm_wgrad(dgu, xs, offs, recipe).to(w1.dtype)
+    if need[0]:
+        dxs = ops.grouped_mm_dgrad(dgu, w1, s1, z1, offs, w_format, gran, gs1, recipe)
+        dx = sum_slots(dxs, sorted_rows, top_k)
+    # one entry per argument as called (trailing defaults are not passed to autograd)
+    return (dx, dtw, None, None, dw1, None, None, dw2) + (None,) * (len(need) - 8)
+
+
+def register() -> None:
+    torch.library.register_autograd("moe_ops::expert_mlp", _backward, setup_context=_setup_context)

@@ -1,0 +1,174 @@
+"""Routing operators: top-k selection, sorting rows by expert, permute and unpermute.
+
+All four are ``torch.library.triton_op``\\ s whose bodies are plain PyTorch with static shapes
+(``T * top_k`` rows) and no host synchronisation (no ``bincount``, ``nonzero`` or ``.item()``),
+so they run on any device and Inductor traces and fuses them. Layout conventions:
+
+* ``topk_ids``/``topk_weights`` ``[T, top_k]``: slot j of token t is *flat row* ``t * top_k + j``.
+* ``sorted_rows`` ``[T * top_k]`` int32: the flat row at each position of the expert-sorted
+  order (stable: within an expert, rows keep token order). Position ``r`` holds token
+  ``sorted_rows[r] // top_k``.
+* ``offs`` ``[E]`` int32: the end position of each expert's rows (the grouped GEMMs' ``offs``).
+  Ids outside ``[0, E)`` mark a dropped slot (e.g. an expert on another rank): its row sorts
+  after every expert's, past ``offs[-1]``, where the grouped GEMMs write zeros, so it adds
+  nothing to the combined output.
+
+Top-k ties go to the lower expert index (a stable descending sort), on every device.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.library import triton_op
+
+from . import checks
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+# ----------------------------------------------------------------------------- top-k routing
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    lf = logits.float()
+    return torch.softmax(lf, dim=-1) if scoring == "softmax" else torch.sigmoid(lf)
+
+
+def _select(scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """int64 ``[T, top_k]``: the top-k experts of ``scores + bias`` (ties: lower index)."""
+    sel = scores if bias is None else scores + bias.float()
+    return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
+
+
+@triton_op("moe_ops::topk_route", mutates_args=())
+def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
+               bias: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """``[weights, ids]`` of router ``logits`` ``[T, E]``: ``p = softmax(logits)`` (Qwen3-MoE,
+    Mixtral) or ``sigmoid(logits)`` (DeepSeek-V3), ids = the ``top_k`` largest of ``p + bias``
+    (``bias`` ``[E]`` steers selection only, as DeepSeek-V3's correction bias), weights =
+    ``p[ids]``, divided by their sum when ``renormalize``. weights float32 ``[T, top_k]``, ids
+    int32 ``[T, top_k]``. Differentiable in ``logits``."""
+    checks.check_topk_route(logits, top_k, scoring, bias)
+    p = _scores(logits, scoring)
+    ids = _select(p, top_k, bias)
+    w = p.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return [w, ids.to(torch.int32)]
+
+
+def _topk_route_setup(ctx, inputs, output):
+    logits, top_k, scoring, renormalize, bias = inputs
+    ctx.meta = (scoring, renormalize, logits.dtype)
+    ctx.save_for_backward(logits, output[1])
+
+
+def _topk_route_backward(ctx, grads):
+    logits, ids = ctx.saved_tensors
+    scoring, renormalize, dtype = ctx.meta
+    dw = grads[0]  # the ids output is integer: no gradient
+    rest = (None,) * (len(ctx.needs_input_grad) - 1)  # the schema's args as called (defaults dropped)
+    if dw is None:
+        return (None,) + rest
+    p = _scores(logits, scoring)
+    idx = ids.long()
+    raw = p.gather(1, idx)
+    dw = dw.float()
+    if renormalize:  # w = raw / S: d raw = (dw - <dw, w>) / S
+        S = raw.sum(dim=-1, keepdim=True)
+        w = raw / S
+        dw = (dw - (dw * w).sum(dim=-1, keepdim=True)) / S
+    dp = torch.zeros_like(p).scatter_(1, idx, dw)
+    if scoring == "softmax":
+        dl = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    else:
+        dl = dp * p * (1 - p)
+    return (dl.to(dtype),) + rest
+
+
+# ----------------------------------------------------------------------------- sorting
+@triton_op("moe_ops::sort_rows", mutates_args=())
+def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
+    """``[sorted_rows, offs]`` of ``topk_ids`` ``[T, top_k]`` (int32/int64): flat rows in
+    expert order (stable) as int32 ``[T * top_k]``, and int32 ``offs`` ``[num_experts]``.
+    Ids outside ``[0, num_experts)`` are dropped (sorted past ``offs[-1]``)."""
+    checks.check_sort_rows(topk_ids, num_experts)
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    experts = torch.arange(num_experts, device=flat.device, dtype=sorted_key.dtype)
+    offs = torch.searchsorted(sorted_key, experts, right=True)
+    return [order.to(torch.int32), offs.to(torch.int32)]
+
+
+def inverse_rows(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """int64 ``pos`` ``[T * top_k]``: the sorted position of each flat row (the inverse
+    permutation of ``sorted_rows``)."""
+    M = sorted_rows.shape[0]
+    pos = torch.empty(M, dtype=torch.int64, device=sorted_rows.device)
+    return pos.scatter_(0, sorted_rows.long(), torch.arange(M, device=sorted_rows.device))
+
+
+def sum_slots(rows: torch.Tensor, sorted_rows: torch.Tensor, top_k: int,
+              weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * rows[pos(t * top_k + j)]`` (``w`` = 1 when ``weights`` is
+    None) for sorted ``rows`` ``[T * top_k, H]``; float32 accumulation, ``rows.dtype`` out.
+    Deterministic (a gather and a sum, no atomics)."""
+    M, H = rows.shape
+    per_slot = rows[inverse_rows(sorted_rows)].reshape(M // top_k, top_k, H).float()
+    if weights is not None:
+        per_slot = per_slot * weights.float().unsqueeze(-1)
+    return per_slot.sum(dim=1).to(rows.dtype)
+
+
+# ----------------------------------------------------------------------------- permute
+@triton_op("moe_ops::permute", mutates_args=())
+def permute(x: torch.Tensor, sorted_rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Expert-sorted copy of the token rows: ``out[r] = x[sorted_rows[r] // top_k]``, ``[T *
+    top_k, H]``. Differentiable in ``x`` (each token's gradient is the sum over its slots)."""
+    checks.check_permute(x, sorted_rows, top_k)
+    return x[torch.div(sorted_rows.long(), top_k, rounding_mode="floor")]
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.top_k = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _permute_backward(ctx, dout):
+    (sorted_rows,) = ctx.saved_tensors
+    return sum_slots(dout, sorted_rows, ctx.top_k), None, None
+
+
+# ----------------------------------------------------------------------------- unpermute
+@triton_op("moe_ops::unpermute", mutates_args=())
+def unpermute(y: torch.Tensor, sorted_rows: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted combine back to token order: ``out[t] = sum_j topk_weights[t, j] *
+    y[pos(t * top_k + j)]`` for expert-sorted rows ``y`` ``[T * top_k, H]``; ``[T, H]`` in
+    ``y.dtype``, float32 accumulation. Differentiable in ``y`` and ``topk_weights``."""
+    checks.check_unpermute(y, sorted_rows, topk_weights)
+    return sum_slots(y, sorted_rows, topk_weights.shape[1], topk_weights)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, sorted_rows, topk_weights = inputs
+    ctx.save_for_backward(y, sorted_rows, topk_weights)
+
+
+def _unpermute_backward(ctx, dout):
+    y, sorted_rows, tw = ctx.saved_tensors
+    T, k = tw.shape
+    rows = sorted_rows.long()
+    tok = torch.div(rows, k, rounding_mode="floor")
+    dy = dtw = None
+    if ctx.needs_input_grad[0]:
+        dy = (dout[tok].float() * tw.reshape(-1)[rows].float().unsqueeze(1)).to(y.dtype)
+    if ctx.needs_input_grad[2]:
+        per_row = (dout[tok].float() * y.float()).sum(dim=1)  # [M], sorted order
+        dtw = per_row[inverse_rows(sorted_rows)].reshape(T, k).to(tw.dtype)
+    return dy, None, dtw
+
+
+def register() -> None:
+    torch.library.register_autograd("moe_ops::topk_route", _topk_route_backward, setup_context=_topk_route_setup)
+    torch.library.register_autograd("moe_ops::permute", _permute_backward, setup_context=_permute_setup)
+    torch.library.register_autograd("moe_ops::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
