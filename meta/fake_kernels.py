@@ -71,7 +71,8 @@ def segment_mm_fake(a, b, offs, layout):
 def topk_route_fake(logits, top_k, scoring="softmax", renormalize=True, bias=None):
     checks.check_topk_route(logits, top_k, scoring, bias)
     T = logits.shape[0]
-    return [logits.new_empty(T, top_k, dtype=torch.float32), logits.new_empty(T, top_k, dtype=torch.int32)]
+    wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return [logits.new_empty(T, top_k, dtype=wdt), logits.new_empty(T, top_k, dtype=torch.int32)]
 
 
 @torch.library.register_fake("moe_ops::sort_rows")

@@ -22,7 +22,10 @@ grouped GEMM, a third of the forward FLOPs) instead of being kept alive from for
 backward (``M * 2I`` elements per layer: 100 MB at Qwen3-30B-A3B's T=4096, 48 layers). The
 routing-weight gradient needs the unweighted down output ``y_r``; it uses
 ``<dout_t, y_r> = <dout_t @ W2, h_r>``, and ``dout_t @ W2`` is the down GEMM's dgrad that
-backward computes anyway, so the down GEMM is not recomputed.
+backward computes anyway, so the down GEMM is not recomputed. That identity needs the down GEMM
+linear in (h, W2); with quantized activations or an FP8 recipe it is not, and backward
+recomputes ``y_r`` with the forward's own quantization instead. Activation quantization is
+straight-through, as in ``grouped_mm``.
 """
 from __future__ import annotations
 
@@ -103,7 +106,11 @@ def _backward(ctx, dout):
     rw = tw.reshape(-1)[sorted_rows.long()].float()
     dx = dtw = dw1 = dw2 = None
     if need[1]:
-        per_row = (dzh * h.float()).sum(dim=1)
+        if act_quant == "none" and recipe == "none":
+            per_row = (dzh * h.float()).sum(dim=1)  # <dout_t @ W2, h_r> = <dout_t, y_r>
+        else:  # quantized operands: y_r is not linear in (h, W2); recompute the forward's y_r
+            y = ops.grouped_mm(h, w2, s2, z2, offs, w_format, gran, gs2, act_quant, recipe)
+            per_row = (dz.float() * y.float()).sum(dim=1)
         dtw = per_row[inverse_rows(sorted_rows)].reshape(T, top_k).to(tw.dtype)
     dh = dzh * rw.unsqueeze(1)
     dgate = dh * up * sig * (1 + gate * (1 - sig))

@@ -28,14 +28,18 @@ SCORINGS = ("softmax", "sigmoid")
 
 
 # ----------------------------------------------------------------------------- top-k routing
+def _weight_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    lf = logits.float()
+    lf = logits.to(_weight_dtype(logits))
     return torch.softmax(lf, dim=-1) if scoring == "softmax" else torch.sigmoid(lf)
 
 
 def _select(scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """int64 ``[T, top_k]``: the top-k experts of ``scores + bias`` (ties: lower index)."""
-    sel = scores if bias is None else scores + bias.float()
+    sel = scores if bias is None else scores + bias.to(scores.dtype)
     return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
 
 
@@ -45,8 +49,8 @@ def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renor
     """``[weights, ids]`` of router ``logits`` ``[T, E]``: ``p = softmax(logits)`` (Qwen3-MoE,
     Mixtral) or ``sigmoid(logits)`` (DeepSeek-V3), ids = the ``top_k`` largest of ``p + bias``
     (``bias`` ``[E]`` steers selection only, as DeepSeek-V3's correction bias), weights =
-    ``p[ids]``, divided by their sum when ``renormalize``. weights float32 ``[T, top_k]``, ids
-    int32 ``[T, top_k]``. Differentiable in ``logits``."""
+    ``p[ids]``, divided by their sum when ``renormalize``. weights float32 ``[T, top_k]``
+    (float64 for float64 logits), ids int32 ``[T, top_k]``. Differentiable in ``logits``."""
     checks.check_topk_route(logits, top_k, scoring, bias)
     p = _scores(logits, scoring)
     ids = _select(p, top_k, bias)
@@ -72,7 +76,7 @@ def _topk_route_backward(ctx, grads):
     p = _scores(logits, scoring)
     idx = ids.long()
     raw = p.gather(1, idx)
-    dw = dw.float()
+    dw = dw.to(p.dtype)
     if renormalize:  # w = raw / S: d raw = (dw - <dw, w>) / S
         S = raw.sum(dim=-1, keepdim=True)
         w = raw / S
@@ -100,6 +104,10 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
     return [order.to(torch.int32), offs.to(torch.int32)]
 
 
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def inverse_rows(sorted_rows: torch.Tensor) -> torch.Tensor:
     """int64 ``pos`` ``[T * top_k]``: the sorted position of each flat row (the inverse
     permutation of ``sorted_rows``)."""
@@ -111,12 +119,14 @@ def inverse_rows(sorted_rows: torch.Tensor) -> torch.Tensor:
 def sum_slots(rows: torch.Tensor, sorted_rows: torch.Tensor, top_k: int,
               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * rows[pos(t * top_k + j)]`` (``w`` = 1 when ``weights`` is
-    None) for sorted ``rows`` ``[T * top_k, H]``; float32 accumulation, ``rows.dtype`` out.
+    None) for sorted ``rows`` ``[T * top_k, H]``; float32 accumulation (float64 for float64),
+    ``rows.dtype`` out.
     Deterministic (a gather and a sum, no atomics)."""
     M, H = rows.shape
-    per_slot = rows[inverse_rows(sorted_rows)].reshape(M // top_k, top_k, H).float()
+    work = _acc_dtype(rows)
+    per_slot = rows[inverse_rows(sorted_rows)].reshape(M // top_k, top_k, H).to(work)
     if weights is not None:
-        per_slot = per_slot * weights.float().unsqueeze(-1)
+        per_slot = per_slot * weights.to(work).unsqueeze(-1)
     return per_slot.sum(dim=1).to(rows.dtype)
 
 
@@ -159,11 +169,12 @@ def _unpermute_backward(ctx, dout):
     T, k = tw.shape
     rows = sorted_rows.long()
     tok = torch.div(rows, k, rounding_mode="floor")
+    work = _acc_dtype(y)
     dy = dtw = None
     if ctx.needs_input_grad[0]:
-        dy = (dout[tok].float() * tw.reshape(-1)[rows].float().unsqueeze(1)).to(y.dtype)
+        dy = (dout[tok].to(work) * tw.reshape(-1)[rows].to(work).unsqueeze(1)).to(y.dtype)
     if ctx.needs_input_grad[2]:
-        per_row = (dout[tok].float() * y.float()).sum(dim=1)  # [M], sorted order
+        per_row = (dout[tok].to(work) * y.to(work)).sum(dim=1)  # [M], sorted order
         dtw = per_row[inverse_rows(sorted_rows)].reshape(T, k).to(tw.dtype)
     return dy, None, dtw
 

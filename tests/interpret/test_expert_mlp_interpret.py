@@ -52,7 +52,7 @@ def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     # fp16 storage of h and of the output rows; under int8_token the fused h (float32 SwiGLU,
     # one rounding) differs from the composition's (rounded gate/up, then SwiGLU) by fp16
     # rounding, which can move an int8 code of h by one step: 1/127 of the row's range
-    assert rel_err(out, ref) < (1e-2 if act == "int8_token" else 2e-3)
+    assert rel_err(out, ref) < (6e-3 if act == "int8_token" else 2e-3)  # measured 4.0e-3 / 8.5e-4
 
 
 def test_int8_requant_in_loads_is_exact():

@@ -1,0 +1,173 @@
+"""The MoE layer (router + top-k + experts + combine): ours against the layer as model code
+writes it, in one run.
+
+Layers: Qwen3-30B-A3B (H 2048, 128 experts, top-8, I 768) and DeepSeek-V3 with 32 local
+experts (H 7168, top-8, I 2048; routed experts only). Prefill T=4096, decode T in {1, 8, 64}.
+Variants per (layer, T):
+
+* ``loop_eager``: the per-expert loop of transformers' eager experts (bf16; host syncs, so no
+  CUDA graph; skipped at decode-irrelevant sizes only by ``--no-loop``).
+* ``grouped_mm_compiled``: the same layer written with ``torch._grouped_mm`` (sort by expert,
+  gather, gate/up, SwiGLU, down, weighted ``index_add_``), ``torch.compile``\\ d (bf16).
+* ``ours_<fmt>``: ``moe_ops.MoE`` (routing operators + fused ``expert_mlp``) for bf16, int4
+  g128 asym, fp8 128x128 block, int8 W8A8 (channel weights, per-token int8 activations).
+* ``ours_<fmt>_unfused``: the same module with ``fused=False`` (permute -> grouped_mm ->
+  SwiGLU -> grouped_mm -> unpermute): what fusion buys.
+
+Everything except ``loop_eager`` is timed as CUDA-graph replays of the layer call (our
+operators never synchronise with the host, so a whole layer call captures). ``kernels`` is
+the number of GPU kernels one call launches (torch.profiler). ``act_MB`` is the activation
+bytes the expert path moves (reads + writes of x, its permuted copy, the gate/up output, h,
+the down output, and the combined output; weights excluded), computed from the shapes.
+
+Usage (GPU): ``python benchmarks/bench_moe_layer.py [--out DIR] [--layers qwen3,dsv3]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+import moe_ops  # noqa: E402
+
+LAYERS = {"qwen3": (2048, 768, 128, 8), "dsv3": (7168, 2048, 32, 8)}
+TOKENS = (4096, 1, 8, 64)
+FORMATS = {"bf16": None, "int4_g128": ("int4_asym", "group", 128, None),
+           "fp8_block": ("fp8_e4m3", "block", 0, None), "int8_w8a8": ("int8_sym", "channel", 0, "int8_token")}
+
+
+class GroupedMMLayer(torch.nn.Module):
+    """The layer as torchtitan / transformers' grouped-mm experts write it with
+    ``torch._grouped_mm``; shares the weights of a :class:`moe_ops.MoE`."""
+
+    def __init__(self, moe: moe_ops.MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        m = self.moe
+        logits = m.router(x)
+        w, ids = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(m.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        tok = order // m.top_k
+        xs = x[tok]
+        gu = torch._grouped_mm(xs, m.gate_up.weight.transpose(-2, -1), offs=offs)
+        gate, up = gu.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, m.down.weight.transpose(-2, -1), offs=offs)
+        y = y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def loop_layer(m: moe_ops.MoE, x):
+    """transformers' eager experts loop (one_hot mask, nonzero per hit expert, index_add_)."""
+    logits = m.router(x)
+    w, ids = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+    out = torch.zeros_like(x)
+    mask = F.one_hot(ids, m.num_experts).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    wg, wd = m.gate_up.weight, m.down.weight
+    for e in hit:
+        e = e[0]
+        slot, tok = torch.where(mask[e])
+        gate, up = F.linear(x[tok], wg[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, wd[e]) * w[tok, slot, None]
+        out.index_add_(0, tok, y)
+    return out
+
+
+def act_mb(T, H, I, k, fused):
+    M = T * k
+    if fused:  # gathered x read, h written + read, weighted rows written + read, output written
+        elems = M * H + 2 * M * I + 2 * M * H + T * H
+    else:  # x read, permuted x written + read, gate/up written + read, h written + read, y, out
+        elems = T * H + 2 * M * H + 2 * M * 2 * I + 2 * M * I + 2 * M * H + T * H
+    return elems * 2 / 1e6
+
+
+def count_kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in e.name and "Memset" not in e.name)
+
+
+def _time(fn, graph=True):
+    with torch.no_grad():
+        fn()
+        return harness.bench_graph_ms(fn, reps=10) if graph else harness.bench_ms(fn)
+
+
+def run(args):
+    dev = torch.device("cuda")
+    env = harness.environment(dev)
+    ceil = harness.ceilings(dev)
+    rows = []
+    for lname in args.layers.split(","):
+        H, I, E, k = LAYERS[lname]
+        base = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+        with torch.no_grad():  # skewed routing, as a trained router gives
+            base.router.weight.add_(torch.randn(E, 1, device=dev, dtype=torch.bfloat16) * 0.02)
+        peer = torch.compile(GroupedMMLayer(base), dynamic=False)
+        quantized = {}
+        for fname, spec in FORMATS.items():
+            if spec is None:
+                quantized[fname] = base
+                continue
+            m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+            m.load_state_dict(base.state_dict())
+            fmt, gran, gs, act = spec
+            quantized[fname] = moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+        for T in TOKENS:
+            x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            res = {}
+            with torch.no_grad():
+                peer(x)
+                res["grouped_mm_compiled"] = (_time(lambda: peer(x)), count_kernels(lambda: peer(x)),
+                                              act_mb(T, H, I, k, False))
+                if not args.no_loop:
+                    res["loop_eager"] = (_time(lambda: loop_layer(base, x), graph=False), None, None)
+                for fname, m in quantized.items():
+                    for fused in (True, False):
+                        m.fused = fused
+                        name = f"ours_{fname}" + ("" if fused else "_unfused")
+                        res[name] = (_time(lambda: m(x)), count_kernels(lambda: m(x)), act_mb(T, H, I, k, fused))
+                    m.fused = True
+            peer_ms = res["grouped_mm_compiled"][0]
+            for name, (ms, nk, mb) in res.items():
+                row = {"layer": lname, "T": T, "variant": name, "ms": ms, "kernels": nk, "act_MB": mb,
+                       "x_vs_grouped_mm_compiled": peer_ms / ms}
+                if name.startswith("ours_") and not name.endswith("_unfused"):
+                    un = res.get(name + "_unfused")
+                    row["x_vs_our_unfused"] = un[0] / ms if un else None
+                rows.append(row)
+                print(row, flush=True)
+            del x
+        del base, quantized, peer
+        torch.cuda.empty_cache()
+    cols = ["layer", "T", "variant", "ms", "kernels", "act_MB", "x_vs_grouped_mm_compiled", "x_vs_our_unfused"]
+    name = "moe_layer_" + env.get("device", "gpu").replace(" ", "_")
+    print(harness.write_results(name, env, ceil, rows, cols, args.out))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--layers", default="qwen3,dsv3")
+    p.add_argument("--no-loop", action="store_true")
+    run(p.parse_args())
