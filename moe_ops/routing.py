@@ -25,6 +25,7 @@ from torch.library import triton_op
 from . import checks
 
 SCORINGS = ("softmax", "sigmoid")
+COUNT_SORT_MAX_ROWS = 4096  # GPU: one-launch counting sort up to here (decode), torch.sort above
 
 
 # ----------------------------------------------------------------------------- top-k routing
@@ -37,9 +38,11 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(lf, dim=-1) if scoring == "softmax" else torch.sigmoid(lf)
 
 
-def _select(scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """int64 ``[T, top_k]``: the top-k experts of ``scores + bias`` (ties: lower index)."""
-    sel = scores if bias is None else scores + bias.to(scores.dtype)
+def _select(logits: torch.Tensor, scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """int64 ``[T, top_k]``: the top-k experts of ``scores + bias``, or without a bias of the
+    logits themselves (scores are monotone in them: the same choice, free of the scores'
+    rounding, so every device picks alike). Ties: the lower index."""
+    sel = logits.to(scores.dtype) if bias is None else scores + bias.to(scores.dtype)
     return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
 
 
@@ -52,8 +55,11 @@ def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renor
     ``p[ids]``, divided by their sum when ``renormalize``. weights float32 ``[T, top_k]``
     (float64 for float64 logits), ids int32 ``[T, top_k]``. Differentiable in ``logits``."""
     checks.check_topk_route(logits, top_k, scoring, bias)
+    if logits.device.type in ("cuda", "xpu"):
+        from .kernels import dispatch
+        return dispatch.topk_route(logits, top_k, scoring, renormalize, bias)
     p = _scores(logits, scoring)
-    ids = _select(p, top_k, bias)
+    ids = _select(logits, p, top_k, bias)
     w = p.gather(1, ids)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
@@ -96,6 +102,9 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
     expert order (stable) as int32 ``[T * top_k]``, and int32 ``offs`` ``[num_experts]``.
     Ids outside ``[0, num_experts)`` are dropped (sorted past ``offs[-1]``)."""
     checks.check_sort_rows(topk_ids, num_experts)
+    if topk_ids.device.type in ("cuda", "xpu") and topk_ids.numel() <= COUNT_SORT_MAX_ROWS:
+        from .kernels import dispatch
+        return dispatch.count_sort(topk_ids, num_experts)
     flat = topk_ids.reshape(-1).long()
     key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
     sorted_key, order = torch.sort(key, stable=True)

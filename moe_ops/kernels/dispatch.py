@@ -17,6 +17,7 @@ from moe_ops import formats
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
 
 from .act_quant import quantize_rows_kernel
+from .routing_kernels import count_sort_kernel, topk_kernel
 from .grouped_gemm import grouped_gemm_kernel
 
 _HUGE = 1 << 30
@@ -222,7 +223,9 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         # gate/up: gathered token rows (quantized once per token), SwiGLU epilogue -> h [M, I]
         xq, xs = quantize_act(x, act_quant) if act else (x.contiguous(), x)
         h = torch.empty(M, I, dtype=x.dtype, device=x.device)
-        int8 = act_quant == "int8_token"
+        # int8: requantize h while the down GEMM loads it (decode tiles), or with the act-quant
+        # kernel (prefill tiles, where each h tile would be requantized once per N tile)
+        int8 = act_quant == "int8_token" and cfgs[1][0].decode
         amax_cols = triton.cdiv(I, cfgs[0][0].block_n)
         amax = torch.empty(M, amax_cols, dtype=torch.float32, device=x.device) if int8 else None
         ws, wz, st = _scale_operands(w1, w1_scale, w1_zero, granularity, transposed=False)
@@ -231,8 +234,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                 act == 0 and w1_scale is not None and units[0][1] >= _HUGE, cfgs[0][0], cfgs[0][1],
                 fused=dict(xrow=rows, swiglu=True, amax_out=int8, amax=amax, amax_cols=amax_cols,
                            gather=top_k))
-        # down: h quantized in the loads (int8) or by the act-quant kernel (fp8); routing weight
-        # and the token-major store in the epilogue
+        # down: h quantized in the loads (int8 at decode sizes) or by the act-quant kernel (fp8;
+        # int8 at prefill sizes); routing weight and the token-major store in the epilogue
         if int8:
             hq, hs, act2 = h, h, 3
         elif act:
@@ -248,3 +251,34 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     elif M:
         out_rows.zero_()
     return out_rows.view(T, top_k, H).sum(dim=1)
+
+
+def topk_route(logits, top_k, scoring, renormalize, bias):
+    """Triton :func:`moe_ops.routing.topk_route`: ``[weights float32, ids int32]``."""
+    T, E = logits.shape
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
+    if T:
+        e_pow2 = triton.next_power_of_2(E)
+        block_t = max(1, min(64, 4096 // e_pow2, triton.next_power_of_2(T)))
+        lc = logits if logits.stride(1) == 1 else logits.contiguous()
+        wrap_triton(topk_kernel)[(triton.cdiv(T, block_t),)](
+            lc, lc if bias is None else bias, w, ids, T, E, lc.stride(0), w.stride(0), ids.stride(0),
+            TOP_K=top_k, E_POW2=e_pow2, BLOCK_T=block_t, SOFTMAX=scoring == "softmax", RENORM=renormalize,
+            HAS_BIAS=bias is not None)
+    return [w, ids]
+
+
+def count_sort(topk_ids, num_experts):
+    """Triton :func:`moe_ops.routing.sort_rows` in one launch (decode-sized inputs)."""
+    M = topk_ids.numel()
+    rows = torch.empty(M, dtype=torch.int32, device=topk_ids.device)
+    offs = torch.empty(num_experts, dtype=torch.int32, device=topk_ids.device)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.clamp(-1, num_experts).to(torch.int32)  # out-of-range ids stay out of range
+    ids = ids.contiguous()
+    e_pow2 = triton.next_power_of_2(num_experts)
+    block_r = max(16, min(triton.next_power_of_2(max(M, 1)), 8192 // e_pow2))
+    wrap_triton(count_sort_kernel)[(1,)](ids, rows, offs, M, num_experts, E_POW2=e_pow2, BLOCK_R=block_r)
+    return [rows, offs]

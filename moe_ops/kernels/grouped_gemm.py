@@ -21,8 +21,10 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
 ``POST_SCALE`` (ACT 0, scales constant along K): codes go to x's dtype exactly and the scale
               multiplies the accumulator once, after the K loop.
               3: 16-bit x quantized to int8 per row while it is loaded (the fused W8A8
-              pipeline's down GEMM): the row scale is max(``amax`` partials) / 127, the
-              partials written by the gate/up GEMM's epilogue (``AMAX_OUT``), then as ACT 1.
+              pipeline's down GEMM at decode sizes): the row scale is s = max(``amax``
+              partials) / 127, the partials written by the gate/up GEMM's epilogue
+              (``AMAX_OUT``); codes clamp(round(x * (1/s))), which differ from the spec's
+              round(x / s) by one where x / s is within an ulp of a half-integer; then as ACT 1.
 ``GROUP_M``   swizzle: GROUP_M consecutive M tiles walk the N tiles together (1: no swizzle).
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
@@ -217,8 +219,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
-    if ACT == 3:
-        inv_safe = tl.where(xs_row > 0, xs_row, 1.0)
+    if ACT == 3:  # codes round(x * (1 / s)): one multiply per element instead of a division
+        inv_scale = tl.where(xs_row > 0, tl.math.div_rn(tl.full(xs_row.shape, 1.0, tl.float32), xs_row), 0.0)
     if IS_INT:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -238,8 +240,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
             k_mask = kk < K
             a = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if ACT == 3:  # the int8_token rule of moe_ops.activations, in registers
-                v = tl.math.div_rn(a.to(tl.float32), inv_safe[:, None])
+            if ACT == 3:  # the int8_token rule, with x / s as x * (1 / s)
+                v = a.to(tl.float32) * inv_scale[:, None]
                 a = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
             bmask = k_mask[:, None] & n_mask[None, :]
             if W_KIND == 1:

@@ -1,0 +1,91 @@
+"""Triton routing kernels: top-k selection and a one-launch counting sort by expert.
+
+``topk_kernel``  one program per ``BLOCK_T`` tokens: scores of the ``[BLOCK_T, E]`` logits
+                 (softmax or sigmoid, float32), selection key (the logits themselves without
+                 bias, the scores plus bias with one), ``TOP_K`` rounds of argmax (ties: the
+                 lower expert), weights renormalised on request. Same rule as
+                 :func:`moe_ops.routing.topk_route`.
+``count_sort_kernel``  one program: a histogram of the expert ids (ids outside ``[0, E)``
+                 dropped), their cumulative sum (``offs``), then each flat row's position
+                 ``start[e] + rows of e before it`` in chunks of ``BLOCK_R`` rows (rank inside
+                 a chunk from a cumulative sum over the chunk's one-hot rows): stable, as
+                 :func:`moe_ops.routing.sort_rows`, and every position written (dropped rows
+                 fill the positions past ``offs[-1]`` in flat order). Launch cost, not
+                 bandwidth, dominates decode-sized routing; larger inputs use the sort path.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt, stride_it,
+                TOP_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr,
+                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    re = tl.arange(0, E_POW2)
+    t_ok = rt < T
+    e_ok = re < E
+    rt64 = rt.to(tl.int64)
+    lg = tl.load(logits_ptr + rt64[:, None] * stride_lt + re[None, :], mask=t_ok[:, None] & e_ok[None, :],
+                 other=float("-inf")).to(tl.float32)
+    lg = tl.where(t_ok[:, None], lg, 0.0)  # rows past T: finite (never stored)
+    if SOFTMAX:
+        ex = tl.exp(lg - tl.max(lg, 1)[:, None])
+        p = ex / tl.sum(ex, 1)[:, None]
+    else:
+        p = 1.0 / (1.0 + tl.exp(-lg))
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
+        sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
+    else:
+        sel = lg  # monotone in p: the same choice, with no rounding of p in between
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        idx = tl.argmax(sel, 1, tie_break_left=True)
+        hit = re[None, :] == idx[:, None]
+        wj = tl.sum(tl.where(hit, p, 0.0), 1)
+        sel = tl.where(hit, float("-inf"), sel)
+        total += wj
+        tl.store(w_ptr + rt64 * stride_wt + j, wj, mask=t_ok)
+        tl.store(ids_ptr + rt64 * stride_it + j, idx.to(tl.int32), mask=t_ok)
+    if RENORM:
+        for j in tl.static_range(TOP_K):
+            wj = tl.load(w_ptr + rt64 * stride_wt + j, mask=t_ok, other=1.0)
+            tl.store(w_ptr + rt64 * stride_wt + j, wj / total, mask=t_ok)
+
+
+@triton.jit
+def count_sort_kernel(ids_ptr, rows_ptr, offs_ptr, M, E, E_POW2: tl.constexpr, BLOCK_R: tl.constexpr):
+    re = tl.arange(0, E_POW2)
+    rr = tl.arange(0, BLOCK_R)
+    # pass 1: rows per expert; slot E_POW2 - 1 ... E collect nothing (dropped ids are masked)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for r0 in range(0, M, BLOCK_R):
+        r = r0 + rr
+        e = tl.load(ids_ptr + r, mask=r < M, other=-1)
+        valid = (r < M) & (e >= 0) & (e < E)
+        onehot = ((re[None, :] == e[:, None]) & valid[:, None]).to(tl.int32)
+        counts += tl.sum(onehot, 0)
+    ends = tl.cumsum(counts, 0)
+    tl.store(offs_ptr + re, ends, mask=re < E)
+    n_valid = tl.sum(counts, 0)
+    start = ends - counts
+    # pass 2: positions, chunk by chunk in flat order (stable)
+    seen = tl.zeros((E_POW2,), dtype=tl.int32)
+    dropped_seen = 0
+    for r0 in range(0, M, BLOCK_R):
+        r = r0 + rr
+        in_range = r < M
+        e = tl.load(ids_ptr + r, mask=in_range, other=-1)
+        valid = in_range & (e >= 0) & (e < E)
+        onehot = ((re[None, :] == e[:, None]) & valid[:, None]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # rows of the same expert before, in chunk
+        base = tl.sum(onehot * (start + seen)[None, :], 1)
+        dropped = in_range & ~valid
+        d_rank = tl.cumsum(dropped.to(tl.int32), 0) - 1
+        pos = tl.where(valid, base + rank, n_valid + dropped_seen + d_rank)
+        tl.store(rows_ptr + pos, r.to(tl.int32), mask=in_range)
+        seen += tl.sum(onehot, 0)
+        dropped_seen += tl.sum(dropped.to(tl.int32), 0)
