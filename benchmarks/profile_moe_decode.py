@@ -1,0 +1,49 @@
+"""Per-kernel GPU time of one MoE layer call (torch.profiler), to see where decode time goes.
+
+Usage (GPU): ``python benchmarks/profile_moe_decode.py [--T 1] [--formats bf16,int4_g128]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402,F401
+from bench_moe_layer import FORMATS, LAYERS  # noqa: E402
+
+import moe_ops  # noqa: E402
+
+
+def main(args):
+    dev = torch.device("cuda")
+    H, I, E, k = LAYERS[args.layer]
+    for fname in args.formats.split(","):
+        m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+        spec = FORMATS[fname]
+        if spec is not None:
+            fmt, gran, gs, act = spec
+            moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+        x = torch.randn(args.T, H, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for _ in range(3):
+                m(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    m(x)
+                torch.cuda.synchronize()
+        print(f"== {args.layer} T={args.T} {fname}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--layer", default="qwen3")
+    p.add_argument("--T", type=int, default=1)
+    p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8")
+    p.add_argument("--out", default=None)
+    main(p.parse_args())
