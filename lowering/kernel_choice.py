@@ -59,3 +59,18 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     if w_bits == 16:
         return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 3)
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3)
+
+
+def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
+                              act_bits: int = 16):
+    """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
+    T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps two
+    accumulators (gate and up) live, so prefill tiles are at most 128 wide."""
+    unit1 = group_size1 if group_size1 else H
+    unit2 = group_size2 if group_size2 else I
+    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits)
+    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits)
+    if not gate_up.decode and gate_up.block_n > 128:
+        gate_up = KernelConfig(gate_up.block_m, 128, gate_up.block_k, gate_up.num_warps, gate_up.num_stages,
+                               gate_up.group_m)
+    return gate_up, down

@@ -14,7 +14,7 @@ import triton
 from torch.library import wrap_triton
 
 from moe_ops import formats
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
 
 from .act_quant import quantize_rows_kernel
 from .routing_kernels import count_sort_kernel, topk_kernel
@@ -191,6 +191,15 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
 
 
+def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant):
+    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes."""
+    spec = None if w_format == "none" else formats.get_format(w_format)
+    act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
+    units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
+    return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
+                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16)
+
+
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
                granularity, group_size1, group_size2, act_quant, recipe, configs=None):
     """The fused expert MLP (:mod:`moe_ops.expert_mlp`) in two launches, or None where it has
@@ -203,16 +212,13 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     M, E, I = T * top_k, w1.shape[0], w1.shape[1] // 2
     spec = None if w_format == "none" else formats.get_format(w_format)
     pack = 1 if spec is None else spec.pack
-    w_bits = 16 if spec is None else spec.bits
     act = _ACT_CODE[act_quant]
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
+    if configs is None:
+        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant)
     cfgs = []
-    for i, (n, k) in enumerate(((2 * I, H), (H, I))):
-        cfg = configs[i] if configs is not None else choose_forward_config(
-            M, n, k, E, w_bits, min(units[i][1], act_unit_k, max(k, 1)), act_bits=8 if act else 16)
-        if i == 0 and configs is None and not cfg.decode and cfg.block_n > 128:
-            cfg = KernelConfig(cfg.block_m, 128, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)  # 2 accumulators
+    for i, cfg in enumerate(configs):
         bk = max(cfg.block_k, (32 if act else 16) * (pack if cfg.decode else 1))
         if act and not (units[i][1] >= _HUGE or units[i][1] % bk == 0):
             return None

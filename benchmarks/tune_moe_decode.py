@@ -1,0 +1,67 @@
+"""Tile sweep of the fused expert-MLP decode launches (gate/up with SwiGLU, down with the
+routing-weight scatter) at Qwen3-30B-A3B's layer, T=1 and 8, CUDA-graph timed.
+
+Usage (GPU): ``python benchmarks/tune_moe_decode.py [--out DIR]``; prints the fastest configs
+per (format, launch) and writes ``tune_moe_decode.json``. The winners go to
+:func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from bench_moe_layer import FORMATS, LAYERS  # noqa: E402
+
+import moe_ops  # noqa: E402
+from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
+
+SPACE = [KernelConfig(16, bn, bk, w, s, group_m=1)
+         for bn, bk, (w, s) in itertools.product((16, 32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (2, 4)))]
+
+
+def main(args):
+    dev = torch.device("cuda")
+    H, I, E, k = LAYERS["qwen3"]
+    results = {}
+    for fname in args.formats.split(","):
+        m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+        spec = FORMATS[fname]
+        act = "none"
+        if spec is not None:
+            fmt, gran, gs, act = spec
+            moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+            act = act or "none"
+        a1, a2 = m.gate_up.op_args(), m.down.op_args()
+        for T in args.tokens:
+            x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            r = m.route(x)
+            args_ = (x, r.weights, r.sorted_rows, r.offs, *a1[:3], *a2[:3], a1[3], a1[4], a1[5], a2[5], act, "none")
+            default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act)
+            base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
+            print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
+            for which in (0, 1):
+                def make(cfg, which=which):
+                    cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
+                    fn = lambda: dispatch.expert_mlp(*args_, configs=cfgs)  # noqa: E731
+                    if fn() is None:
+                        raise ValueError("not served")
+                    return fn
+                best = harness.sweep(make, SPACE, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
+                results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
+        del m
+    harness.write_json(os.path.join(args.out, "tune_moe_decode.json"), results)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8,fp8_block")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    main(p.parse_args())
