@@ -70,6 +70,13 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     unit2 = group_size2 if group_size2 else I
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits)
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits)
+    if gate_up.decode:  # benchmarks/tune_moe_decode.py, Qwen3-30B-A3B T=1 on an H100
+        bk1 = _block_k(H, min(unit1, H), 256 if (w_bits == 8 and act_bits == 8) else 128)
+        gate_up = KernelConfig(16, 32, bk1, 4 if w_bits < 8 else 2, 3 if w_bits < 8 else 4, group_m=1)
+        if w_bits == 16:
+            down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 64), 2, 4, group_m=1)
+        else:
+            down = KernelConfig(16, 128, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1)
     if not gate_up.decode and gate_up.block_n > 128:
         gate_up = KernelConfig(gate_up.block_m, 128, gate_up.block_k, gate_up.num_warps, gate_up.num_stages,
                                gate_up.group_m)
