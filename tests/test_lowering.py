@@ -1,0 +1,169 @@
+"""The graph passes of moe_ops.lowering: each pattern on a small graph (the FX code before and
+after locked with expecttest, numerics against the unrewritten graph), graphs without a
+match left alone, and a plain-PyTorch MoE block compiled with the passes on."""
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import EagerAndRecordGraphs
+from torch.testing._internal.common_utils import TestCase
+
+import moe_ops
+import moe_ops.lowering as lowering
+from helpers import rel_err
+
+E, N, K, M = 4, 24, 32, 29
+
+
+def _traced(fn, *args):
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    torch.compile(fn, backend=rec, fullgraph=True)(*args)
+    return rec.graphs[0]
+
+
+def _run(gm, **named):
+    """Call a Dynamo graph with its inputs by name (its placeholders ``L_<name>_`` are in the
+    order Dynamo saw them, not the function's)."""
+    return gm(*[named[n.target[2:-1]] for n in gm.graph.nodes if n.op == "placeholder"])[0]
+
+
+def _name(target):
+    if isinstance(target, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)
+    return f"{getattr(target, '__module__', None) or 'torch'}.{target.__name__}"
+
+
+def _calls(gm):
+    return "\n".join(f"{n.op} {_name(n.target)}" for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def _inputs(dtype=torch.bfloat16):  # aten's _grouped_mm traces in bf16 only
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(E, N, K, generator=g).to(dtype)
+    offs = torch.tensor([5, 5, 17, M], dtype=torch.int32)  # an empty expert (aten leaves rows past offs[-1] unset)
+    return x, w, offs
+
+
+class PassTest(TestCase):
+    def test_grouped_mm_to_ours(self):
+        x, w, offs = _inputs()
+        gm = _traced(lambda x, w, o: torch._grouped_mm(x, w.transpose(-2, -1), offs=o), x, w, offs)
+        ref = _run(gm, x=x, w=w, o=offs)
+        self.assertEqual(lowering.rewrite_grouped_mm(gm.graph, "always"), 1)
+        gm.recompile()
+        self.assertExpectedInline(_calls(gm), """call_function moe_ops.grouped_mm.default""")
+        y = _run(gm, x=x, w=w, o=offs)
+        self.assertLess(rel_err(y, ref), 6e-3)  # both round a float32 sum to bf16 once
+
+    def test_grouped_mm_without_transpose_gets_one(self):
+        x, w, offs = _inputs()
+        wt = w.transpose(-2, -1).contiguous()  # [E, K, N] as stored by some models
+        gm = _traced(lambda x, b, o: torch._grouped_mm(x, b, offs=o), x, wt, offs)
+        ref = _run(gm, x=x, b=wt, o=offs)
+        lowering.rewrite_grouped_mm(gm.graph, "always")
+        gm.recompile()
+        self.assertExpectedInline(_calls(gm), """\
+call_function torch.transpose
+call_function moe_ops.grouped_mm.default""")
+        self.assertLess(rel_err(_run(gm, x=x, b=wt, o=offs), ref), 6e-3)
+
+    def test_dequantize_then_grouped_mm_fused(self):
+        x, w, offs = _inputs(torch.bfloat16)
+        q = moe_ops.quantize_weight(w, "int4_asym", "group", 16).op_args()[:3]
+
+        def f(x, o, d, s, z):
+            wd = torch.ops.moe_ops.dequantize_weight(d, s, z, "int4_asym", "group", 16, torch.bfloat16)
+            return torch._grouped_mm(x, wd.transpose(-2, -1), offs=o)
+        gm = _traced(f, x, offs, *q)
+        ref = _run(gm, x=x, o=offs, **dict(zip('dsz', q)))
+        self.assertEqual(lowering.rewrite_grouped_mm(gm.graph, "always"), 1)
+        gm.recompile()
+        self.assertExpectedInline(_calls(gm), """call_function moe_ops.grouped_mm.default""")
+        self.assertLess(rel_err(_run(gm, x=x, o=offs, **dict(zip('dsz', q))), ref), 6e-3)  # one bf16 rounding of the output each
+
+    def test_our_grouped_mm_on_dequantized_weights_fused(self):
+        x, w, offs = _inputs(torch.bfloat16)
+        q = moe_ops.quantize_weight(w, "fp8_e4m3", "channel", 0).op_args()[:2]
+
+        def f(x, o, d, s):
+            wd = torch.ops.moe_ops.dequantize_weight(d, s, None, "fp8_e4m3", "channel", 0, torch.bfloat16)
+            return torch.ops.moe_ops.grouped_mm(x, wd, None, None, o)
+        gm = _traced(f, x, offs, *q)
+        ref = _run(gm, x=x, o=offs, **dict(zip('dsz', q)))
+        self.assertEqual(lowering.rewrite_grouped_mm(gm.graph), 1)  # pass 2 applies under "auto" too
+        gm.recompile()
+        self.assertExpectedInline(_calls(gm), """call_function moe_ops.grouped_mm.default""")
+        self.assertLess(rel_err(_run(gm, x=x, o=offs, **dict(zip('dsz', q))), ref), 6e-3)
+
+    def test_non_matching_graphs_untouched(self):
+        x, w, offs = _inputs()
+        cases = [(lambda a, b: torch.bmm(a.unsqueeze(0), b), (x.float(), w[:1].float().transpose(-2, -1))),
+                 (lambda a, b, o: torch._grouped_mm(a, b.transpose(-2, -1), offs=o, out_dtype=torch.bfloat16),
+                  (x, w, offs)),
+                 (lambda a, b: torch._grouped_mm(a, b.transpose(-2, -1)), (x.reshape(1, M, K).expand(E, M, K), w))]
+        for fn, args in cases:
+            gm = _traced(fn, *args)
+            before = gm.code
+            self.assertEqual(lowering.rewrite_grouped_mm(gm.graph, "always"), 0)
+            gm.recompile()
+            self.assertEqual(gm.code, before)
+
+
+class PlainMoEBlock(torch.nn.Module):
+    """A MoE block as plain model code writes it: router, per-expert weights in [E, N, K],
+    torch._grouped_mm for gate/up and down, SwiGLU, weighted index_add_ combine."""
+
+    def __init__(self, H=32, I=16, E=4, k=2, dtype=torch.bfloat16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.k, self.E = k, E
+        self.router = torch.nn.Linear(H, E, bias=False, dtype=dtype)
+        self.gate_up = torch.nn.Parameter((torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype))
+        self.down = torch.nn.Parameter((torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype))
+
+    def forward(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x).float(), -1), self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.E, dtype=torch.int32).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        tok = order // self.k
+        gate, up = torch._grouped_mm(x[tok], self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offs)
+        return torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype))
+
+
+def test_plain_moe_block_compiled_with_passes():
+    """No graph break; both GEMMs become our operator, forward and backward (the compiled
+    graph's extern calls are our reference's segment GEMM); numerics as eager."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    block = PlainMoEBlock()
+    x = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+    ref = block(x).float().pow(2).sum()
+    ref.backward()
+    gx, gw = x.grad.clone(), block.gate_up.grad.clone()
+    x.grad = None
+    block.zero_grad()
+    opts = lowering.compile_options("always")
+    opts["fx_graph_cache"] = False  # run the passes (a cache hit would skip them) and show the code
+    step = torch.compile(lambda a: block(a).float().pow(2).sum(), fullgraph=True, options=opts)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        loss, code = run_and_get_code(lambda: step(x).backward() or step(x))
+    assert opts["pre_grad_custom_pass"].rewrites == 2
+    assert "segment_mm" in "\n".join(code)
+    x.grad = None
+    block.zero_grad()
+    step(x).backward()
+    # bf16 outputs and gradients, rounded at different points than aten's: bf16 noise
+    assert rel_err(x.grad, gx) < 2e-2 and rel_err(block.gate_up.grad, gw) < 2e-2
+    assert abs(float(loss) - float(ref)) < 1e-2 * float(ref)
+
+
+def test_enable_disable_switch():
+    import torch._inductor.config as cfg
+    before = cfg.pre_grad_custom_pass
+    with lowering.enabled("always") as p:
+        assert cfg.pre_grad_custom_pass is p and p.then is before
+    assert cfg.pre_grad_custom_pass is before
