@@ -8,5 +8,5 @@ configuration from static shapes only, so under ``torch.compile`` the choice hap
 at trace time.
 """
 from .kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config  # noqa: F401
-from .passes import rewrite_grouped_mm  # noqa: F401
+from .passes import fuse_moe_patterns, rewrite_grouped_mm  # noqa: F401
 from .switch import MoEGraphPass, compile_options, disable, enable, enabled  # noqa: F401

@@ -18,12 +18,21 @@ grouped GEMM kernel or a slower one (XPU, CUDA before compute capability 9.0, th
 Hopper our bf16 kernels measured 1.04x aten's at prefill (benchmarks/results/forward_h100.md),
 too close to swap by default. Pass 2 always applies (aten has no fused form).
 
-Not here yet: the SwiGLU (silu(gate) * up) and the weighted ``index_add_`` combine patterns.
+3. ``grouped_mm`` (ours, after 1) -> ``chunk(2)`` -> ``silu(gate) * up`` -> ``grouped_mm``
+   on the same ``offs`` and format -> ``expert_mlp`` with identity routing (top_k 1, weight 1):
+   the ``[M, 2I]`` gate/up output and the SwiGLU pass disappear.
+4. ``zeros_like(x).index_add_(0, order // k, y * w.reshape(-1)[order].unsqueeze(1))`` (the
+   weighted combine of rows sorted by ``order = argsort(ids.reshape(-1))``, ``w`` ``[T, k]``)
+   -> ``unpermute(y, order, w)``; and where ``y`` is an identity-routed ``expert_mlp`` of
+   ``x[order // k]``, both become one ``expert_mlp(x, w, order, offs, ...)`` whose kernels
+   gather the token rows and scatter the weighted rows themselves.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
+
+import operator
 
 _TRANSPOSE_DIMS = {(-2, -1), (-1, -2), (1, 2), (2, 1)}
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -90,6 +99,140 @@ def rewrite_grouped_mm(graph: torch.fx.Graph, policy: str = "auto") -> int:
     if count:
         graph.eliminate_dead_code()
     return count
+
+
+def fuse_moe_patterns(graph: torch.fx.Graph) -> int:
+    """Passes 3 and 4 on ``graph`` in place (run after :func:`rewrite_grouped_mm`); returns the
+    number of rewrites."""
+    count = 0
+    for node in list(graph.nodes):
+        if _is_our_grouped_mm(node):
+            count += _fuse_swiglu(graph, node)
+    if count:
+        graph.eliminate_dead_code()  # the replaced gate/up GEMMs, so that use counts are real
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target == "index_add_":
+            count += _fuse_combine(graph, node)
+    if count:
+        graph.eliminate_dead_code()
+    return count
+
+
+# ----------------------------------------------------------------------------- pass 3 and 4
+def _args(node, names):
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    return a
+
+
+_GMM_ARGS = ("x", "w", "w_scale", "w_zero", "offs", "w_format", "granularity", "group_size", "act_quant", "recipe")
+_GMM_DEFAULTS = dict(w_format="none", granularity="none", group_size=0, act_quant="none", recipe="none")
+
+
+def _gmm(node):
+    a = _args(node, _GMM_ARGS)
+    return {**_GMM_DEFAULTS, **a}
+
+
+def _is(node, op, target) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == op and (node.target == target or node.target is target)
+
+
+def _chunk_half(node, source):
+    """``node`` is ``chunk(source, 2, dim=-1)[i]``: returns i, else None."""
+    if not (_is(node, "call_function", operator.getitem) and isinstance(node.args[1], int)):
+        return None
+    ch = node.args[0]
+    if _is(ch, "call_method", "chunk") or _is(ch, "call_function", torch.chunk):
+        a = _args(ch, ("input", "chunks", "dim"))
+        if a.get("input") is source and a.get("chunks") == 2 and a.get("dim", 0) in (-1, 1):
+            return node.args[1]
+    return None
+
+
+def _fuse_swiglu(graph, g2) -> int:
+    b = _gmm(g2)
+    h = b["x"]
+    if not (_is(h, "call_function", operator.mul) or _is(h, "call_function", torch.mul)) or len(h.users) != 1:
+        return 0
+    lhs, rhs = h.args[0], h.args[1]
+    for silu, up in ((lhs, rhs), (rhs, lhs)):
+        if _is(silu, "call_function", torch.nn.functional.silu) and isinstance(up, torch.fx.Node):
+            gate = silu.args[0]
+            g1 = gate.args[0].args[0] if _is(gate, "call_function", operator.getitem) else None
+            if g1 is None or not _is_our_grouped_mm(g1):
+                continue
+            if _chunk_half(gate, g1) != 0 or _chunk_half(up, g1) != 1:
+                continue
+            a = _gmm(g1)
+            same = all(a[k] == b[k] for k in ("offs", "w_format", "granularity", "act_quant", "recipe"))
+            if not same or a["recipe"] != "none":
+                return 0
+            with graph.inserting_before(g2):
+                xs = a["x"]
+                m = graph.call_method("size", (xs, 0))
+                rows = graph.call_function(torch.arange, (m,), {"dtype": torch.int32, "device": _val(xs).device})
+                ones = graph.call_function(torch.ones, ((m, 1),), {"dtype": torch.float32,
+                                                                    "device": _val(xs).device})
+                new = graph.call_function(torch.ops.moe_ops.expert_mlp.default, (
+                    xs, ones, rows, a["offs"], a["w"], a["w_scale"], a["w_zero"], b["w"], b["w_scale"], b["w_zero"],
+                    a["w_format"], a["granularity"], a["group_size"], b["group_size"], a["act_quant"], "none"))
+            new.meta.update(g2.meta)
+            g2.replace_all_uses_with(new)
+            graph.erase_node(g2)
+            return 1
+    return 0
+
+
+def _fuse_combine(graph, node) -> int:
+    """``zeros_like(x).index_add_(0, order // k, y * w.reshape(-1)[order].unsqueeze(1)[.to()])``."""
+    a = _args(node, ("self", "dim", "index", "source"))
+    base, tok, src = a.get("self"), a.get("index"), a.get("source")
+    if a.get("dim") != 0 or not _is(base, "call_function", torch.zeros_like) or len(base.users) != 1:
+        return 0
+    if not (_is(tok, "call_function", operator.floordiv) and isinstance(tok.args[1], int)):
+        return 0
+    order, k = tok.args
+    if not (_is(src, "call_function", operator.mul) or _is(src, "call_function", torch.mul)):
+        return 0
+    for y, scale in ((src.args[0], src.args[1]), (src.args[1], src.args[0])):
+        n = scale
+        if _is(n, "call_method", "to"):
+            n = n.args[0]
+        if not (_is(n, "call_method", "unsqueeze") and n.args[1] in (1, -1)):
+            continue
+        sel = n.args[0]
+        if not (_is(sel, "call_function", operator.getitem) and sel.args[1] is order):
+            continue
+        flat = sel.args[0]
+        if not (_is(flat, "call_method", "reshape") and tuple(flat.args[1:]) in ((-1,), ((-1,),))):
+            continue
+        w = flat.args[0]
+        wv, yv, ov, bv = _val(w), _val(y), _val(order), _val(base.args[0])
+        if any(v is None for v in (wv, yv, ov, bv)) or wv.dim() != 2 or wv.shape[1] != k or yv.dim() != 2:
+            continue
+        with graph.inserting_before(node):
+            rows = graph.call_method("to", (order, torch.int32))
+            if _is_identity_expert_mlp(y, tok):  # gather and scatter fused into its kernels
+                e = list(y.args)
+                new = graph.call_function(torch.ops.moe_ops.expert_mlp.default,
+                                          (base.args[0], w, rows, *e[3:]))
+            else:
+                new = graph.call_function(torch.ops.moe_ops.unpermute.default, (y, rows, w))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return 1
+    return 0
+
+
+def _is_identity_expert_mlp(y, tok) -> bool:
+    """``y`` is pass 3's identity-routed ``expert_mlp`` of ``x[tok]`` used only here."""
+    if not _is(y, "call_function", torch.ops.moe_ops.expert_mlp.default) or len(y.users) != 1:
+        return False
+    xs = y.args[0]
+    others = [u for u in xs.users if u is not y and not _is(u, "call_method", "size")]
+    return _is(xs, "call_function", operator.getitem) and xs.args[1] is tok and not others
 
 
 def _rewrite_aten(graph, node, policy) -> int:

@@ -26,6 +26,7 @@ class MoEGraphPass(CustomGraphPass):
 
     def __call__(self, graph) -> None:
         self.rewrites += passes.rewrite_grouped_mm(graph, self.policy)
+        self.rewrites += passes.fuse_moe_patterns(graph)
         if self.then is not None:
             self.then(graph)
 

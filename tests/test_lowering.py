@@ -109,6 +109,66 @@ call_function moe_ops.grouped_mm.default""")
             self.assertEqual(gm.code, before)
 
 
+    def test_swiglu_pair_to_expert_mlp(self):
+        x, _, offs = _inputs()
+        g = torch.Generator().manual_seed(1)
+        w1 = (torch.randn(E, 2 * 16, K, generator=g) * K ** -0.5).bfloat16()
+        w2 = (torch.randn(E, K, 16, generator=g) * 0.25).bfloat16()
+
+        def f(x, a, b, o):
+            gate, up = torch._grouped_mm(x, a.transpose(-2, -1), offs=o).chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, b.transpose(-2, -1), offs=o)
+        gm = _traced(f, x, w1, w2, offs)
+        ref = _run(gm, x=x, a=w1, b=w2, o=offs)
+        lowering.rewrite_grouped_mm(gm.graph, "always")
+        self.assertEqual(lowering.fuse_moe_patterns(gm.graph), 1)
+        gm.recompile()
+        self.assertExpectedInline(_calls(gm), """\
+call_method size
+call_function torch.arange
+call_function torch.ones
+call_function moe_ops.expert_mlp.default""")
+        self.assertLess(rel_err(_run(gm, x=x, a=w1, b=w2, o=offs), ref), 1e-2)  # bf16 h rounded once less
+
+    def test_swiglu_with_h_used_elsewhere_untouched(self):
+        x, _, offs = _inputs()
+        w1, w2 = torch.randn(E, 32, K).bfloat16(), torch.randn(E, K, 16).bfloat16()
+
+        def f(x, a, b, o):
+            gate, up = torch._grouped_mm(x, a.transpose(-2, -1), offs=o).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            return torch._grouped_mm(h, b.transpose(-2, -1), offs=o), h.sum()
+        gm = _traced(f, x, w1, w2, offs)
+        lowering.rewrite_grouped_mm(gm.graph, "always")
+        self.assertEqual(lowering.fuse_moe_patterns(gm.graph), 0)
+
+    def test_weighted_index_add_to_unpermute(self):
+        g = torch.Generator().manual_seed(2)
+        T, k = 9, 2
+        ids = torch.randint(0, E, (T, k), generator=g)
+        w = torch.rand(T, k, generator=g)
+        y = torch.randn(T * k, 8, generator=g)
+
+        def f(y, i, w):
+            order = torch.argsort(i.reshape(-1), stable=True)
+            tok = order // k
+            return torch.zeros(T, 8).index_add_(0, tok, torch.tanh(y) * w.reshape(-1)[order].unsqueeze(1))
+        gm = _traced(f, y, ids, w)
+        ref = _run(gm, y=y, i=ids, w=w)
+        self.assertEqual(lowering.fuse_moe_patterns(gm.graph), 0)  # torch.zeros, not zeros_like: no match
+
+        def f2(y, x, i, w):
+            order = torch.argsort(i.reshape(-1), stable=True)
+            tok = order // k
+            return torch.zeros_like(x).index_add_(0, tok, torch.tanh(y) * w.reshape(-1)[order].unsqueeze(1))
+        x = torch.zeros(T, 8)
+        gm = _traced(f2, y, x, ids, w)
+        self.assertEqual(lowering.fuse_moe_patterns(gm.graph), 1)
+        gm.recompile()
+        self.assertIn("moe_ops.unpermute.default", _calls(gm))
+        self.assertLess(rel_err(_run(gm, y=y, x=x, i=ids, w=w), ref), 1e-6)
+
+
 class PlainMoEBlock(torch.nn.Module):
     """A MoE block as plain model code writes it: router, per-expert weights in [E, N, K],
     torch._grouped_mm for gate/up and down, SwiGLU, weighted index_add_ combine."""
@@ -134,9 +194,22 @@ class PlainMoEBlock(torch.nn.Module):
         return torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype))
 
 
+class BlockGraphTest(TestCase):
+    def test_plain_moe_block_becomes_one_expert_mlp(self):
+        """Passes 1-4 turn the whole expert path (gather, two GEMMs, SwiGLU, weighted combine)
+        into one fused expert_mlp call on the block's own routing."""
+        block = PlainMoEBlock()
+        x = torch.randn(40, 32, dtype=torch.bfloat16)
+        gm = _traced(block, x)
+        lowering.rewrite_grouped_mm(gm.graph, "always")
+        lowering.fuse_moe_patterns(gm.graph)
+        gm.recompile()
+        self.assertExpectedInline("\n".join(c for c in _calls(gm).splitlines() if "moe_ops" in c), """call_function moe_ops.expert_mlp.default""")
+
+
 def test_plain_moe_block_compiled_with_passes():
-    """No graph break; both GEMMs become our operator, forward and backward (the compiled
-    graph's extern calls are our reference's segment GEMM); numerics as eager."""
+    """No graph break; the expert path becomes our fused operator, forward and backward (the
+    compiled graph's extern calls are our reference's segment GEMM); numerics as eager."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     block = PlainMoEBlock()
@@ -151,7 +224,7 @@ def test_plain_moe_block_compiled_with_passes():
     step = torch.compile(lambda a: block(a).float().pow(2).sum(), fullgraph=True, options=opts)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         loss, code = run_and_get_code(lambda: step(x).backward() or step(x))
-    assert opts["pre_grad_custom_pass"].rewrites == 2
+    assert opts["pre_grad_custom_pass"].rewrites == 4  # 2 GEMMs, the SwiGLU pair, the combine
     assert "segment_mm" in "\n".join(code)
     x.grad = None
     block.zero_grad()
