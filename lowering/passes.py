@@ -14,9 +14,11 @@ rewritten operators bring their own autograd formulas: forward and backward both
 A node is left alone unless every fact the rewrite needs is known from its example values
 (dims, dtypes, no ``bias``/``out_dtype``); graphs without a match come out unchanged.
 ``policy`` says where pass 1 applies: ``"always"``, or ``"auto"``: devices where aten has no
-grouped GEMM kernel or a slower one (XPU, CUDA before compute capability 9.0, the CPU); on
-Hopper our bf16 kernels measured 1.04x aten's at prefill (benchmarks/results/forward_h100.md),
-too close to swap by default. Pass 2 always applies (aten has no fused form).
+grouped GEMM kernel or a slower one (XPU, CUDA before compute capability 9.0, the CPU), and
+everywhere to the two GEMMs of a gate/up -> SwiGLU -> down pair, which pass 3 then fuses. A
+lone GEMM on Hopper stays aten's: our bf16 kernel measured 1.04x aten's at prefill
+(benchmarks/results/forward_h100.md), too close to swap, while the fused layer measured 1.46x
+(moe_layer_h100.md). Pass 2 always applies (aten has no fused form).
 
 3. ``grouped_mm`` (ours, after 1) -> ``chunk(2)`` -> ``silu(gate) * up`` -> ``grouped_mm``
    on the same ``offs`` and format -> ``expert_mlp`` with identity routing (top_k 1, weight 1):
@@ -150,38 +152,70 @@ def _chunk_half(node, source):
     return None
 
 
-def _fuse_swiglu(graph, g2) -> int:
-    b = _gmm(g2)
-    h = b["x"]
-    if not (_is(h, "call_function", operator.mul) or _is(h, "call_function", torch.mul)) or len(h.users) != 1:
-        return 0
+def _swiglu_source(h, is_gmm):
+    """``g1`` when ``h`` is ``silu(g1.chunk(2)[0]) * g1.chunk(2)[1]`` with ``is_gmm(g1)``."""
+    if not (_is(h, "call_function", operator.mul) or _is(h, "call_function", torch.mul)):
+        return None
     lhs, rhs = h.args[0], h.args[1]
     for silu, up in ((lhs, rhs), (rhs, lhs)):
         if _is(silu, "call_function", torch.nn.functional.silu) and isinstance(up, torch.fx.Node):
             gate = silu.args[0]
-            g1 = gate.args[0].args[0] if _is(gate, "call_function", operator.getitem) else None
-            if g1 is None or not _is_our_grouped_mm(g1):
+            if not _is(gate, "call_function", operator.getitem):
                 continue
-            if _chunk_half(gate, g1) != 0 or _chunk_half(up, g1) != 1:
-                continue
-            a = _gmm(g1)
-            same = all(a[k] == b[k] for k in ("offs", "w_format", "granularity", "act_quant", "recipe"))
-            if not same or a["recipe"] != "none":
-                return 0
-            with graph.inserting_before(g2):
-                xs = a["x"]
-                m = graph.call_method("size", (xs, 0))
-                rows = graph.call_function(torch.arange, (m,), {"dtype": torch.int32, "device": _val(xs).device})
-                ones = graph.call_function(torch.ones, ((m, 1),), {"dtype": torch.float32,
-                                                                    "device": _val(xs).device})
-                new = graph.call_function(torch.ops.moe_ops.expert_mlp.default, (
-                    xs, ones, rows, a["offs"], a["w"], a["w_scale"], a["w_zero"], b["w"], b["w_scale"], b["w_zero"],
-                    a["w_format"], a["granularity"], a["group_size"], b["group_size"], a["act_quant"], "none"))
-            new.meta.update(g2.meta)
-            g2.replace_all_uses_with(new)
-            graph.erase_node(g2)
-            return 1
-    return 0
+            g1 = gate.args[0].args[0] if isinstance(gate.args[0], torch.fx.Node) and gate.args[0].args else None
+            if isinstance(g1, torch.fx.Node) and is_gmm(g1) and _chunk_half(gate, g1) == 0 \
+                    and _chunk_half(up, g1) == 1:
+                return g1
+    return None
+
+
+def _is_aten_gmm(node) -> bool:
+    return _is(node, "call_function", torch._grouped_mm)
+
+
+def _is_any_gmm(node) -> bool:  # the gate/up GEMM may already be rewritten when the down one is seen
+    return _is_aten_gmm(node) or _is_our_grouped_mm(node)
+
+
+def _in_swiglu_pair(node) -> bool:
+    """An aten ``_grouped_mm`` that is either GEMM of a gate/up -> SwiGLU -> down pair."""
+    x = _args(node, ("mat_a",)).get("mat_a")
+    if _swiglu_source(x, _is_any_gmm) is not None:
+        return True
+    for user in node.users:  # node -> chunk -> getitem -> silu / mul -> mul -> _grouped_mm
+        for item in user.users:
+            for op in item.users:
+                for h in ([op] if _is(op, "call_function", operator.mul) else list(op.users)):
+                    if _swiglu_source(h, _is_aten_gmm) is node and any(_is_aten_gmm(u) for u in h.users):
+                        return True
+    return False
+
+
+def _fuse_swiglu(graph, g2) -> int:
+    b = _gmm(g2)
+    h = b["x"]
+    if not isinstance(h, torch.fx.Node) or len(h.users) != 1:
+        return 0
+    g1 = _swiglu_source(h, _is_our_grouped_mm)
+    if g1 is None:
+        return 0
+    a = _gmm(g1)
+    same = all(a[k] == b[k] for k in ("offs", "w_format", "granularity", "act_quant", "recipe"))
+    if not same or a["recipe"] != "none":
+        return 0
+    with graph.inserting_before(g2):
+        xs = a["x"]
+        dev = _val(xs).device
+        m = graph.call_method("size", (xs, 0))
+        rows = graph.call_function(torch.arange, (m,), {"dtype": torch.int32, "device": dev})
+        ones = graph.call_function(torch.ones, ((m, 1),), {"dtype": torch.float32, "device": dev})
+        new = graph.call_function(torch.ops.moe_ops.expert_mlp.default, (
+            xs, ones, rows, a["offs"], a["w"], a["w_scale"], a["w_zero"], b["w"], b["w_scale"], b["w_zero"],
+            a["w_format"], a["granularity"], a["group_size"], b["group_size"], a["act_quant"], "none"))
+    new.meta.update(g2.meta)
+    g2.replace_all_uses_with(new)
+    graph.erase_node(g2)
+    return 1
 
 
 def _fuse_combine(graph, node) -> int:
@@ -247,7 +281,7 @@ def _rewrite_aten(graph, node, policy) -> int:
         return 0
     if xv.dtype not in _FLOATS or bv.dtype != xv.dtype or ov.dtype != torch.int32 or ov.dim() != 1:
         return 0
-    if not _prefer_ours(xv.device, policy):
+    if not (_prefer_ours(xv.device, policy) or _in_swiglu_pair(node)):
         return 0
     w = _untransposed(b)
     with graph.inserting_before(node):

@@ -194,6 +194,20 @@ class PlainMoEBlock(torch.nn.Module):
         return torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype))
 
 
+def test_auto_policy_where_aten_is_fast_rewrites_only_swiglu_pairs(monkeypatch):
+    """As on Hopper (``_prefer_ours`` False): a lone _grouped_mm stays aten's, the GEMMs of a
+    gate/up -> SwiGLU -> down pair are rewritten (and fused by pass 3)."""
+    from moe_ops.lowering import passes
+    monkeypatch.setattr(passes, "_prefer_ours", lambda device, policy: policy == "always")
+    x, w, offs = _inputs()
+    gm = _traced(lambda x, w, o: torch._grouped_mm(x, w.transpose(-2, -1), offs=o), x, w, offs)
+    assert lowering.rewrite_grouped_mm(gm.graph, "auto") == 0
+    block = PlainMoEBlock()
+    gm = _traced(block, torch.randn(40, 32, dtype=torch.bfloat16))
+    assert lowering.rewrite_grouped_mm(gm.graph, "auto") == 2
+    assert lowering.fuse_moe_patterns(gm.graph) == 2
+
+
 class BlockGraphTest(TestCase):
     def test_plain_moe_block_becomes_one_expert_mlp(self):
         """Passes 1-4 turn the whole expert path (gather, two GEMMs, SwiGLU, weighted combine)
