@@ -36,7 +36,8 @@ def test_reduce_overhead_decode_no_sync():
     from bench_lowering import PlainMoEBlock
     torch._dynamo.reset()
     block = PlainMoEBlock(512, 256, 16, 4, DEV)
-    step = torch.compile(block, mode="reduce-overhead", options=lowering.compile_options())
+    # mode="reduce-overhead" as options (torch.compile takes one of mode / options)
+    step = torch.compile(block, options={"triton.cudagraphs": True, **lowering.compile_options()})
     xs = [torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
     with torch.no_grad():
         for x in xs[:3]:
