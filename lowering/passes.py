@@ -180,26 +180,39 @@ def _is_any_gmm(node) -> bool:  # the gate/up GEMM may already be rewritten when
 def _in_swiglu_pair(node) -> bool:
     """An aten ``_grouped_mm`` that is either GEMM of a gate/up -> SwiGLU -> down pair."""
     x = _args(node, ("mat_a",)).get("mat_a")
-    if _swiglu_source(x, _is_any_gmm) is not None:
+    if isinstance(x, torch.fx.Node) and _swiglu_source(_skip_noop_cast(x), _is_any_gmm) is not None:
         return True
     for user in node.users:  # node -> chunk -> getitem -> silu / mul -> mul -> _grouped_mm
         for item in user.users:
             for op in item.users:
                 for h in ([op] if _is(op, "call_function", operator.mul) else list(op.users)):
-                    if _swiglu_source(h, _is_aten_gmm) is node and any(_is_aten_gmm(u) for u in h.users):
+                    downs = [v for u in h.users for v in (u, *u.users)]  # directly or after a cast
+                    if _swiglu_source(h, _is_aten_gmm) is node and any(_is_aten_gmm(v) for v in downs):
                         return True
     return False
 
 
+def _skip_noop_cast(node):
+    """The input of ``node`` when ``node`` is ``t.to(dtype)`` that keeps t's dtype (model code
+    casts defensively; transformers' grouped-mm experts do), else ``node``."""
+    if _is(node, "call_method", "to") and len(node.args) == 2 and not node.kwargs and len(node.users) == 1:
+        src, dtype = node.args
+        sv = _val(src)
+        if isinstance(dtype, torch.dtype) and sv is not None and sv.dtype == dtype:
+            return src
+    return node
+
+
 def _fuse_swiglu(graph, g2) -> int:
     b = _gmm(g2)
-    h = b["x"]
+    h = _skip_noop_cast(b["x"]) if isinstance(b["x"], torch.fx.Node) else b["x"]
     if not isinstance(h, torch.fx.Node) or len(h.users) != 1:
         return 0
     g1 = _swiglu_source(h, _is_our_grouped_mm)
     if g1 is None:
         return 0
     a = _gmm(g1)
+    a["x"] = _skip_noop_cast(a["x"]) if isinstance(a["x"], torch.fx.Node) else a["x"]
     same = all(a[k] == b[k] for k in ("offs", "w_format", "granularity", "act_quant", "recipe"))
     if not same or a["recipe"] != "none":
         return 0

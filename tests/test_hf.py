@@ -92,3 +92,21 @@ def test_block_output(kind, dtype, fmt, bound):
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="^block: expected a transformers"):
         moe_ops.from_hf(torch.nn.Linear(4, 4))
+
+
+def test_lowering_rewrites_transformers_grouped_mm_experts():
+    """transformers' own ``grouped_mm`` experts implementation (torch._grouped_mm, SwiGLU,
+    an inverse-permutation combine), compiled with moe_ops.lowering: each layer's two GEMMs
+    become ours and the SwiGLU pair one expert_mlp; logits within bf16 noise of eager."""
+    import moe_ops.lowering as lowering
+    model = _tiny("qwen3_moe", torch.bfloat16)
+    model.config._experts_implementation = "grouped_mm"
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    ref = _logits(model, ids)
+    torch._dynamo.reset()
+    opts = lowering.compile_options("always")
+    opts["fx_graph_cache"] = False
+    with torch.no_grad():
+        out = torch.compile(model, options=opts)(ids).logits.float()
+    assert opts["pre_grad_custom_pass"].rewrites == 2 * 3  # per layer: 2 GEMMs + the SwiGLU pair
+    assert rel_err(out, ref) < 1e-2
