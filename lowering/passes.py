@@ -27,7 +27,9 @@ lone GEMM on Hopper stays aten's: our bf16 kernel measured 1.04x aten's at prefi
    weighted combine of rows sorted by ``order = argsort(ids.reshape(-1))``, ``w`` ``[T, k]``)
    -> ``unpermute(y, order, w)``; and where ``y`` is an identity-routed ``expert_mlp`` of
    ``x[order // k]``, both become one ``expert_mlp(x, w, order, offs, ...)`` whose kernels
-   gather the token rows and scatter the weighted rows themselves.
+   gather the token rows and scatter the weighted rows themselves. transformers' form of the
+   combine (``inv[perm] = arange``, ``(y * w.reshape(-1)[perm].unsqueeze(-1))[inv]
+   .view(T, k, H).sum(1)``) is matched too.
 """
 from __future__ import annotations
 
@@ -115,6 +117,8 @@ def fuse_moe_patterns(graph: torch.fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op == "call_method" and node.target == "index_add_":
             count += _fuse_combine(graph, node)
+        elif node.op == "call_method" and node.target == "sum":
+            count += _fuse_slot_sum(graph, node)
     if count:
         graph.eliminate_dead_code()
     return count
@@ -258,28 +262,86 @@ def _fuse_combine(graph, node) -> int:
         wv, yv, ov, bv = _val(w), _val(y), _val(order), _val(base.args[0])
         if any(v is None for v in (wv, yv, ov, bv)) or wv.dim() != 2 or wv.shape[1] != k or yv.dim() != 2:
             continue
-        with graph.inserting_before(node):
-            rows = graph.call_method("to", (order, torch.int32))
-            if _is_identity_expert_mlp(y, tok):  # gather and scatter fused into its kernels
-                e = list(y.args)
-                new = graph.call_function(torch.ops.moe_ops.expert_mlp.default,
-                                          (base.args[0], w, rows, *e[3:]))
-            else:
-                new = graph.call_function(torch.ops.moe_ops.unpermute.default, (y, rows, w))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        _emit_combine(graph, node, y, order, k, w)
         return 1
     return 0
 
 
-def _is_identity_expert_mlp(y, tok) -> bool:
-    """``y`` is pass 3's identity-routed ``expert_mlp`` of ``x[tok]`` used only here."""
+def _fuse_slot_sum(graph, node) -> int:
+    """transformers' combine: ``inv[perm] = arange(S)``; ``(y * w.reshape(-1)[perm]
+    .unsqueeze(-1))[inv].view(T, k, H).sum(dim=1)``."""
+    if node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None) != 1:
+        return 0
+    view = node.args[0]
+    if not (_is(view, "call_method", "view") or _is(view, "call_method", "reshape")) or len(view.users) != 1:
+        return 0
+    vv = _val(view)
+    if vv is None or vv.dim() != 3:
+        return 0
+    gathered = view.args[0]
+    if not _is(gathered, "call_function", operator.getitem) or len(gathered.users) != 1:
+        return 0
+    weighted, inv = gathered.args
+    if not _is(inv, "call_function", torch.empty_like):
+        return 0
+    perm = inv.args[0]
+    setters = [u for u in inv.users if _is(u, "call_function", operator.setitem)]
+    if len(setters) != 1 or set(inv.users) != {setters[0], gathered}:
+        return 0
+    st = setters[0]
+    fill = st.args[2]
+    if st.args[1] is not perm or not _is(fill, "call_function", torch.arange):
+        return 0
+    if not (_is(weighted, "call_function", operator.mul) or _is(weighted, "call_function", torch.mul)):
+        return 0
+    k = vv.shape[1]
+    for y, scale in ((weighted.args[0], weighted.args[1]), (weighted.args[1], weighted.args[0])):
+        if not (_is(scale, "call_method", "unsqueeze") and scale.args[1] in (1, -1)):
+            continue
+        sel = scale.args[0]
+        if not (_is(sel, "call_function", operator.getitem) and sel.args[1] is perm):
+            continue
+        flat = sel.args[0]
+        if not (_is(flat, "call_method", "reshape") and tuple(flat.args[1:]) in ((-1,), ((-1,),))):
+            continue
+        w = flat.args[0]
+        wv = _val(w)
+        if wv is None or wv.dim() != 2 or wv.shape[1] != k or not isinstance(y, torch.fx.Node):
+            continue
+        _emit_combine(graph, node, y, perm, k, w)
+        graph.erase_node(st)  # the in-place inverse permutation is dead now, but impure for DCE
+        return 1
+    return 0
+
+
+def _emit_combine(graph, node, y, order, k, w):
+    """Replace ``node`` (the combined ``[T, H]`` output) by ``unpermute(y, order, w)``, or by
+    one routed ``expert_mlp`` when ``y`` is pass 3's identity-routed one of ``x[order // k]``."""
+    with graph.inserting_before(node):
+        rows = graph.call_method("to", (order, torch.int32))
+        x = _routed_source(y, order, k)
+        if x is not None:  # gather and scatter fused into its kernels
+            new = graph.call_function(torch.ops.moe_ops.expert_mlp.default, (x, w, rows, *list(y.args)[3:]))
+        else:
+            new = graph.call_function(torch.ops.moe_ops.unpermute.default, (y, rows, w))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _routed_source(y, order, k):
+    """``x`` when ``y`` is pass 3's identity-routed ``expert_mlp`` of ``x[order // k]`` used
+    only here, else None."""
     if not _is(y, "call_function", torch.ops.moe_ops.expert_mlp.default) or len(y.users) != 1:
-        return False
+        return None
     xs = y.args[0]
+    if not _is(xs, "call_function", operator.getitem):
+        return None
+    tok = xs.args[1]
+    if not (_is(tok, "call_function", operator.floordiv) and tok.args[0] is order and tok.args[1] == k):
+        return None
     others = [u for u in xs.users if u is not y and not _is(u, "call_method", "size")]
-    return _is(xs, "call_function", operator.getitem) and xs.args[1] is tok and not others
+    return None if others else xs.args[0]
 
 
 def _rewrite_aten(graph, node, policy) -> int:

@@ -96,8 +96,8 @@ def test_from_hf_rejects_other_modules():
 
 def test_lowering_rewrites_transformers_grouped_mm_experts():
     """transformers' own ``grouped_mm`` experts implementation (torch._grouped_mm, SwiGLU,
-    an inverse-permutation combine), compiled with moe_ops.lowering: each layer's two GEMMs
-    become ours and the SwiGLU pair one expert_mlp; logits within bf16 noise of eager."""
+    an inverse-permutation combine), compiled with moe_ops.lowering: each layer's expert path
+    becomes one routed expert_mlp (4 rewrites a layer); logits within bf16 noise of eager."""
     import moe_ops.lowering as lowering
     model = _tiny("qwen3_moe", torch.bfloat16)
     model.config._experts_implementation = "grouped_mm"
@@ -108,5 +108,16 @@ def test_lowering_rewrites_transformers_grouped_mm_experts():
     opts["fx_graph_cache"] = False
     with torch.no_grad():
         out = torch.compile(model, options=opts)(ids).logits.float()
-    assert opts["pre_grad_custom_pass"].rewrites == 2 * 3  # per layer: 2 GEMMs + the SwiGLU pair
+    assert opts["pre_grad_custom_pass"].rewrites == 2 * 4  # per layer: 2 GEMMs, the SwiGLU pair, the combine
     assert rel_err(out, ref) < 1e-2
+    block = _tiny("qwen3_moe", torch.bfloat16).model.layers[0].mlp
+    block.experts.config._experts_implementation = "grouped_mm"
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    with torch.no_grad():
+        torch.compile(block, backend=rec, fullgraph=True)(torch.randn(1, 5, 64, dtype=torch.bfloat16))
+    graph = rec.graphs[0].graph
+    assert lowering.rewrite_grouped_mm(graph, "always") == 2 and lowering.fuse_moe_patterns(graph) == 2
+    calls = [str(n.target) for n in graph.nodes if n.op == "call_function" and "moe_ops" in str(n.target)]
+    assert calls == ["moe_ops.expert_mlp.default"]
