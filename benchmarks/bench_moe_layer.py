@@ -157,8 +157,7 @@ def run(args):
                     row["x_vs_our_unfused"] = un[0] / ms if un else None
                 rows.append(row)
                 print(row, flush=True)
-            del x
-        del base, quantized, peer
+        base = quantized = peer = None  # free this layer's weights before the next
         torch.cuda.empty_cache()
     cols = ["layer", "T", "variant", "ms", "kernels", "act_MB", "x_vs_grouped_mm_compiled", "x_vs_our_unfused"]
     name = "moe_layer_" + env.get("device", "gpu").replace(" ", "_")

@@ -95,7 +95,7 @@ def run(args):
                 rows.append({"shape": sname, "T": T, "variant": k, "ms": ms, "TFLOPs": 2.0 * M * N * K / ms / 1e9,
                              "mm_share": 2.0 * M * N * K / ms / 1e9 / ceil["bf16_TFLOPs"]})
             rows.extend(cast_rows(sname, T, x.detach(), w.detach(), offs, ceil))
-        del x, w, dy
+        x = w = dy = None  # free before the next shape
     cols = ["shape", "T", "variant", "ms", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps", "copy_share"]
     name = "training_" + env.get("device", "gpu").replace(" ", "_")
     print(harness.write_results(name, env, ceil, rows, cols, args.out))

@@ -81,7 +81,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     element (e, n, k) sits at ``w + e*w_strides[0] + n*w_strides[1] + k*w_strides[2]`` (k in
     stored units: bytes of packed codes), scales likewise with ``s_strides``. ``fused`` holds
     the expert-MLP prologue/epilogue operands (``xrow``, ``dst``, ``rw``, ``amax`` tensors;
-    ``swiglu``, ``amax_out`` flags; ``amax_cols``): see the kernel's docstring. With
+    ``gather`` (top_k), ``swiglu``, ``amax_out``, ``amax_cols``): see the kernel's docstring. With
     ``swiglu``, N is the output width (the weights have 2N rows)."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
     bm, bn = config.block_m, config.block_n
