@@ -105,7 +105,7 @@ def run(args):
                     r["graph_x_vs_grouped_mm_bf16"] = peer_row["grouped_mm_bf16_graph_ms"] / gms
                 rows.append(r)
                 print(sname, T, lab, f"{ms:.4f} ms", {k: round(v / ms, 2) for k, v in peer_ms.items()}, flush=True)
-            del x
+            x = None  # free before the next T
     cols = ["shape", "T", "variant", "ms", "TFLOPs", "GBps", "copy_share", "mm_share", "graph_ms", "graph_copy_share",
             "graph_x_vs_grouped_mm_bf16", "x_vs_grouped_mm_bf16",
             "x_vs_scaled_grouped_mm_fp8", "x_vs_dequant_int4_grouped_mm", "x_vs_linear_loop",

@@ -38,7 +38,7 @@ def main(out_dir):
         for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD)):
             ranking = harness.sweep(makers[kind], space, f"{sname:18s} {kind}")
             res.append({"shape": sname, "kind": kind, "ranking": [(ms, str(c)) for ms, c in ranking]})
-        del x, w, dy
+        x = w = dy = None
     harness.write_json(os.path.join(out_dir, "tune_backward.json"), {"env": harness.environment(dev), "results": res})
 
 

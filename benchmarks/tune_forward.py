@@ -61,7 +61,7 @@ def tune(cases, out_path):
         ranking = harness.sweep(make, space, f"{sname:18s} T={T:5d} {lab:16s}", graph=T <= 128)
         results.append({"shape": sname, "T": T, "variant": lab,
                         "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
-        del w, wd, x
+        w = wd = x = None
     harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 

@@ -55,7 +55,7 @@ def main(args):
                     return fn
                 best = harness.sweep(make, SPACE, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
                 results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
-        del m
+        m = None
     harness.write_json(os.path.join(args.out, "tune_moe_decode.json"), results)
 
 
