@@ -12,7 +12,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402,F401
 from bench_moe_layer import FORMATS, LAYERS  # noqa: E402
 
 import moe_ops  # noqa: E402
