@@ -68,8 +68,8 @@ def segment_mm_fake(a, b, offs, layout):
 
 
 @torch.library.register_fake("moe_ops::topk_route")
-def topk_route_fake(logits, top_k, scoring="softmax", renormalize=True, bias=None):
-    checks.check_topk_route(logits, top_k, scoring, bias)
+def topk_route_fake(logits, top_k, scoring="softmax", renormalize=True, bias=None, num_groups=1, topk_groups=1):
+    checks.check_topk_route(logits, top_k, scoring, bias, num_groups, topk_groups)
     T = logits.shape[0]
     wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return [logits.new_empty(T, top_k, dtype=wdt), logits.new_empty(T, top_k, dtype=torch.int32)]

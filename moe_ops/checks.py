@@ -190,11 +190,19 @@ def check_act_quant(x: torch.Tensor, mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------- routing
-def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optional[torch.Tensor]) -> None:
+def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optional[torch.Tensor],
+                     num_groups: int = 1, topk_groups: int = 1) -> None:
     check_2d(logits, "logits")
     check_float_input(logits, "logits")
     check_choice(scoring, ("softmax", "sigmoid"), "scoring")
     E = logits.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups != 0:
+        raise ValueError(f"num_groups: must be a positive int dividing the {E} experts, got {num_groups!r}")
+    if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups: must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
+    if num_groups > 1 and top_k > topk_groups * (E // num_groups):
+        raise ValueError(f"top_k: {top_k} exceeds the {topk_groups * (E // num_groups)} experts of the "
+                         f"{topk_groups} kept groups")
     if not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k: must be an int in [1, {E}] (the number of experts), got {top_k!r}")
     if bias is not None:

@@ -27,10 +27,10 @@ class Routing(NamedTuple):
 
 
 def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
-          bias: Optional[torch.Tensor] = None) -> Routing:
+          bias: Optional[torch.Tensor] = None, num_groups: int = 1, topk_groups: int = 1) -> Routing:
     """Top-k routing of router ``logits`` ``[T, E]`` and the expert-sorted row order, on the
     device with static shapes (no host sync); differentiable in ``logits`` through the weights."""
-    weights, ids = torch.ops.moe_ops.topk_route(logits, top_k, scoring, renormalize, bias)
+    weights, ids = torch.ops.moe_ops.topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
     sorted_rows, offs = torch.ops.moe_ops.sort_rows(ids, logits.shape[1])
     return Routing(weights, ids, sorted_rows, offs)
 
@@ -126,7 +126,8 @@ class MoE(nn.Module):
     ``scoring`` ``softmax`` (Qwen3-MoE, Mixtral) or ``sigmoid`` (DeepSeek-V3), ``renormalize``
     the top-k weights, ``router_bias`` a selection-only bias buffer ``e_score_bias`` [E]
     (DeepSeek-V3's correction bias), ``routed_scaling`` multiplies the routed output,
-    ``shared_intermediate`` > 0 adds a shared SwiGLU expert. ``MoE.from_style("qwen3" |
+    ``shared_intermediate`` > 0 adds a shared SwiGLU expert, ``num_groups``/``topk_groups``
+    limit the choice to the best expert groups (DeepSeek-V3). ``MoE.from_style("qwen3" |
     "mixtral" | "deepseek_v3", ...)`` presets these. ``recipe`` applies an FP8 training recipe
     to both expert GEMMs; ``act_quant`` quantizes the activations of quantized experts (W8A8 /
     W4A8). ``fused=False`` runs the unfused composition (same math, more memory traffic).
@@ -135,12 +136,14 @@ class MoE(nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype=torch.float32,
                  recipe: Optional[str] = None, act_quant: Optional[str] = None, seed: int = 0,
                  scoring: str = "softmax", renormalize: bool = True, router_bias: bool = False,
-                 routed_scaling: float = 1.0, shared_intermediate: int = 0, fused: bool = True):
+                 routed_scaling: float = 1.0, shared_intermediate: int = 0, fused: bool = True,
+                 num_groups: int = 1, topk_groups: int = 1):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.num_experts, self.top_k, self.recipe, self.act_quant = num_experts, top_k, recipe, act_quant
         self.scoring, self.renormalize, self.routed_scaling, self.fused = scoring, renormalize, routed_scaling, fused
         self.scale_routing = routed_scaling != 1.0
+        self.num_groups, self.topk_groups = num_groups, topk_groups
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
         nn.init.normal_(self.router.weight, std=hidden ** -0.5, generator=g)
         self.register_buffer("e_score_bias", torch.zeros(num_experts, dtype=torch.float32) if router_bias else None)
@@ -157,7 +160,8 @@ class MoE(nn.Module):
         return cls(hidden, intermediate, num_experts, top_k, **{**MOE_STYLES[style], **kwargs})
 
     def route(self, x: torch.Tensor) -> Routing:
-        r = route(self.router(x), self.top_k, self.scoring, self.renormalize, self.e_score_bias)
+        r = route(self.router(x), self.top_k, self.scoring, self.renormalize, self.e_score_bias, self.num_groups,
+                  self.topk_groups)
         if self.scale_routing:  # a bool, so that dynamic=True does not trace a float comparison
             r = r._replace(weights=r.weights * self.routed_scaling)
         return r

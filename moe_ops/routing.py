@@ -38,28 +38,41 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return torch.softmax(lf, dim=-1) if scoring == "softmax" else torch.sigmoid(lf)
 
 
-def _select(logits: torch.Tensor, scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _select(logits: torch.Tensor, scores: torch.Tensor, top_k: int, bias: Optional[torch.Tensor],
+            num_groups: int = 1, topk_groups: int = 1) -> torch.Tensor:
     """int64 ``[T, top_k]``: the top-k experts of ``scores + bias``, or without a bias of the
     logits themselves (scores are monotone in them: the same choice, free of the scores'
-    rounding, so every device picks alike). Ties: the lower index."""
+    rounding, so every device picks alike). Ties: the lower index. With ``num_groups`` > 1
+    (DeepSeek-V3's group-limited routing) experts are split into ``num_groups`` equal groups,
+    each group scored by the sum of its two best selection keys, and only the experts of the
+    ``topk_groups`` best groups compete."""
     sel = logits.to(scores.dtype) if bias is None else scores + bias.to(scores.dtype)
+    if num_groups > 1:
+        T, E = sel.shape
+        grouped = sel.reshape(T, num_groups, E // num_groups)
+        group_score = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+        keep = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=sel.device).scatter_(1, keep, True)
+        sel = sel.masked_fill(~allowed.repeat_interleave(E // num_groups, dim=1), float("-inf"))
     return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
 
 
 @triton_op("moe_ops::topk_route", mutates_args=())
 def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
-               bias: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+               bias: Optional[torch.Tensor] = None, num_groups: int = 1, topk_groups: int = 1) -> List[torch.Tensor]:
     """``[weights, ids]`` of router ``logits`` ``[T, E]``: ``p = softmax(logits)`` (Qwen3-MoE,
     Mixtral) or ``sigmoid(logits)`` (DeepSeek-V3), ids = the ``top_k`` largest of ``p + bias``
     (``bias`` ``[E]`` steers selection only, as DeepSeek-V3's correction bias), weights =
     ``p[ids]``, divided by their sum when ``renormalize``. weights float32 ``[T, top_k]``
-    (float64 for float64 logits), ids int32 ``[T, top_k]``. Differentiable in ``logits``."""
-    checks.check_topk_route(logits, top_k, scoring, bias)
-    if logits.device.type in ("cuda", "xpu"):
+    (float64 for float64 logits), ids int32 ``[T, top_k]``. Differentiable in ``logits``.
+    ``num_groups``/``topk_groups``: DeepSeek-V3's group-limited selection (see ``_select``;
+    on GPUs it runs this PyTorch path, not the top-k kernel)."""
+    checks.check_topk_route(logits, top_k, scoring, bias, num_groups, topk_groups)
+    if logits.device.type in ("cuda", "xpu") and num_groups == 1:
         from .kernels import dispatch
         return dispatch.topk_route(logits, top_k, scoring, renormalize, bias)
     p = _scores(logits, scoring)
-    ids = _select(logits, p, top_k, bias)
+    ids = _select(logits, p, top_k, bias, num_groups, topk_groups)
     w = p.gather(1, ids)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
@@ -67,7 +80,7 @@ def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renor
 
 
 def _topk_route_setup(ctx, inputs, output):
-    logits, top_k, scoring, renormalize, bias = inputs
+    logits, scoring, renormalize = inputs[0], inputs[2], inputs[3]
     ctx.meta = (scoring, renormalize, logits.dtype)
     ctx.save_for_backward(logits, output[1])
 

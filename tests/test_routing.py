@@ -40,6 +40,28 @@ def test_topk_route_matches_reference(scoring, renorm, use_bias):
     torch.testing.assert_close(w.double(), rw, rtol=1e-6, atol=1e-7)
 
 
+def test_group_limited_topk_matches_reference():
+    """DeepSeek-V3: sigmoid + bias keys, groups scored by their two best keys, experts only
+    from the best topk_groups groups."""
+    g = torch.Generator().manual_seed(8)
+    T, E, G, TG, k = 21, 16, 4, 2, 3
+    logits = torch.randn(T, E, generator=g)
+    bias = torch.randn(E, generator=g) * 0.2
+    w, ids = ops.topk_route(logits, k, "sigmoid", True, bias, G, TG)
+    p = torch.sigmoid(logits.double())
+    key = p + bias.double()
+    for t in range(T):
+        gs = [sorted(key[t, i * 4:(i + 1) * 4].tolist(), reverse=True)[:2] for i in range(G)]
+        best = sorted(range(G), key=lambda i: (-sum(gs[i]), i))[:TG]
+        allowed = [e for e in range(E) if e // 4 in best]
+        want = sorted(allowed, key=lambda e: (-float(key[t, e]), e))[:k]
+        assert ids[t].tolist() == want
+        ref = p[t, want] / p[t, want].sum()
+        torch.testing.assert_close(w[t].double(), ref, rtol=1e-6, atol=1e-7)
+    logits64 = logits.double().requires_grad_()
+    torch.autograd.gradcheck(lambda l: ops.topk_route(l, k, "sigmoid", True, bias.double(), G, TG)[0], (logits64,))
+
+
 def test_topk_ties_go_to_the_lower_expert():
     logits = torch.zeros(4, 6)
     logits[:, 4] = 1.0  # one clear winner, then a five-way tie
@@ -106,6 +128,7 @@ def test_opcheck_routing_ops():
     logits = torch.randn(11, 6, generator=g, requires_grad=True)
     _check(ops.topk_route.default, (logits, 2, "softmax", True, None))
     _check(ops.topk_route.default, (logits, 3, "sigmoid", True, torch.randn(6, generator=g)))
+    _check(ops.topk_route.default, (logits, 2, "sigmoid", True, torch.randn(6, generator=g), 3, 2))
     w, ids = ops.topk_route(logits.detach(), 2, "softmax", True)
     _check(ops.sort_rows.default, (ids, 6))
     rows, offs = ops.sort_rows(ids, 6)
@@ -120,6 +143,9 @@ def test_routing_errors_name_the_argument():
     _both(ops.topk_route, [logits, 5, "softmax", True, None], ValueError, r"^top_k: must be an int in \[1, 4\]")
     _both(ops.topk_route, [logits, 2, "softmin", True, None], ValueError, r"^scoring: expected one of")
     _both(ops.topk_route, [logits, 2, "sigmoid", True, torch.zeros(3)], ValueError, r"^bias: expected shape \(4,\)")
+    _both(ops.topk_route, [logits, 2, "sigmoid", True, None, 3, 1], ValueError, r"^num_groups: must be a positive int")
+    _both(ops.topk_route, [logits, 2, "sigmoid", True, None, 2, 3], ValueError, r"^topk_groups: must be an int")
+    _both(ops.topk_route, [logits, 3, "sigmoid", True, None, 2, 1], ValueError, r"^top_k: 3 exceeds the 2 experts")
     _both(ops.sort_rows, [ids.float(), 4], ValueError, r"^topk_ids: expected dtype")
     _both(ops.permute, [torch.randn(5, 3), rows[:9], 2], ValueError, r"^sorted_rows: expected shape")
     _both(ops.permute, [torch.randn(5, 3), rows.long(), 2], ValueError, r"^sorted_rows: expected dtype")
