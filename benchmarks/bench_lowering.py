@@ -12,38 +12,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 from bench_moe_layer import LAYERS, count_kernels  # noqa: E402
+from plain_moe import PlainMoEBlock  # noqa: E402
 
 import moe_ops.lowering as lowering  # noqa: E402
-
-
-class PlainMoEBlock(torch.nn.Module):
-    """The MoE block as model code writes it with torch._grouped_mm."""
-
-    def __init__(self, H, I, E, k, device):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.k, self.E = k, E
-        self.router = torch.nn.Linear(H, E, bias=False, dtype=torch.bfloat16, device=device)
-        self.gate_up = torch.nn.Parameter((torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).bfloat16().to(device))
-        self.down = torch.nn.Parameter((torch.randn(E, H, I, generator=g) * I ** -0.5).bfloat16().to(device))
-
-    def forward(self, x):
-        w, ids = torch.topk(torch.softmax(self.router(x).float(), -1), self.k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(self.E, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        tok = order // self.k
-        gate, up = torch._grouped_mm(x[tok], self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offs)
-        return torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype))
 
 
 def run(args):

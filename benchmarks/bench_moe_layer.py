@@ -29,10 +29,10 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
+from plain_moe import PlainMoEBlock, loop_layer  # noqa: E402
 
 import moe_ops  # noqa: E402
 
@@ -40,51 +40,6 @@ LAYERS = {"qwen3": (2048, 768, 128, 8), "dsv3": (7168, 2048, 32, 8)}
 TOKENS = (4096, 1, 8, 64)
 FORMATS = {"bf16": None, "int4_g128": ("int4_asym", "group", 128, None),
            "fp8_block": ("fp8_e4m3", "block", 0, None), "int8_w8a8": ("int8_sym", "channel", 0, "int8_token")}
-
-
-class GroupedMMLayer(torch.nn.Module):
-    """The layer as torchtitan / transformers' grouped-mm experts write it with
-    ``torch._grouped_mm``; shares the weights of a :class:`moe_ops.MoE`."""
-
-    def __init__(self, moe: moe_ops.MoE):
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x):
-        m = self.moe
-        logits = m.router(x)
-        w, ids = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(m.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        tok = order // m.top_k
-        xs = x[tok]
-        gu = torch._grouped_mm(xs, m.gate_up.weight.transpose(-2, -1), offs=offs)
-        gate, up = gu.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, m.down.weight.transpose(-2, -1), offs=offs)
-        y = y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, y)
-
-
-def loop_layer(m: moe_ops.MoE, x):
-    """transformers' eager experts loop (one_hot mask, nonzero per hit expert, index_add_)."""
-    logits = m.router(x)
-    w, ids = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
-    w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
-    out = torch.zeros_like(x)
-    mask = F.one_hot(ids, m.num_experts).permute(2, 1, 0)
-    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-    wg, wd = m.gate_up.weight, m.down.weight
-    for e in hit:
-        e = e[0]
-        slot, tok = torch.where(mask[e])
-        gate, up = F.linear(x[tok], wg[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, wd[e]) * w[tok, slot, None]
-        out.index_add_(0, tok, y)
-    return out
 
 
 def act_mb(T, H, I, k, fused):
@@ -123,7 +78,8 @@ def run(args):
         base = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
         with torch.no_grad():  # skewed routing, as a trained router gives
             base.router.weight.add_(torch.randn(E, 1, device=dev, dtype=torch.bfloat16) * 0.02)
-        peer = torch.compile(GroupedMMLayer(base), dynamic=False)
+        plain = PlainMoEBlock.from_moe(base)
+        peer = torch.compile(plain, dynamic=False)
         quantized = {}
         for fname, spec in FORMATS.items():
             if spec is None:
@@ -141,7 +97,7 @@ def run(args):
                 res["grouped_mm_compiled"] = (_time(lambda: peer(x)), count_kernels(lambda: peer(x)),
                                               act_mb(T, H, I, k, False))
                 if not args.no_loop:
-                    res["loop_eager"] = (_time(lambda: loop_layer(base, x), graph=False), None, None)
+                    res["loop_eager"] = (_time(lambda: loop_layer(plain, x), graph=False), None, None)
                 for fname, m in quantized.items():
                     for fused in (True, False):
                         m.fused = fused
@@ -157,7 +113,7 @@ def run(args):
                     row["x_vs_our_unfused"] = un[0] / ms if un else None
                 rows.append(row)
                 print(row, flush=True)
-        base = quantized = peer = None  # free this layer's weights before the next
+        base = quantized = peer = plain = None  # free this layer's weights before the next
         torch.cuda.empty_cache()
     cols = ["layer", "T", "variant", "ms", "kernels", "act_MB", "x_vs_grouped_mm_compiled", "x_vs_our_unfused"]
     name = "moe_layer_" + env.get("device", "gpu").replace(" ", "_")

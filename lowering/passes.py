@@ -244,27 +244,11 @@ def _fuse_combine(graph, node) -> int:
     if not (_is(tok, "call_function", operator.floordiv) and isinstance(tok.args[1], int)):
         return 0
     order, k = tok.args
-    if not (_is(src, "call_function", operator.mul) or _is(src, "call_function", torch.mul)):
+    found = _weighted_rows(src, order, k)
+    if found is None or _val(base.args[0]) is None:
         return 0
-    for y, scale in ((src.args[0], src.args[1]), (src.args[1], src.args[0])):
-        n = scale
-        if _is(n, "call_method", "to"):
-            n = n.args[0]
-        if not (_is(n, "call_method", "unsqueeze") and n.args[1] in (1, -1)):
-            continue
-        sel = n.args[0]
-        if not (_is(sel, "call_function", operator.getitem) and sel.args[1] is order):
-            continue
-        flat = sel.args[0]
-        if not (_is(flat, "call_method", "reshape") and tuple(flat.args[1:]) in ((-1,), ((-1,),))):
-            continue
-        w = flat.args[0]
-        wv, yv, ov, bv = _val(w), _val(y), _val(order), _val(base.args[0])
-        if any(v is None for v in (wv, yv, ov, bv)) or wv.dim() != 2 or wv.shape[1] != k or yv.dim() != 2:
-            continue
-        _emit_combine(graph, node, y, order, k, w)
-        return 1
-    return 0
+    _emit_combine(graph, node, found[0], order, k, found[1])
+    return 1
 
 
 def _fuse_slot_sum(graph, node) -> int:
@@ -292,26 +276,33 @@ def _fuse_slot_sum(graph, node) -> int:
     fill = st.args[2]
     if st.args[1] is not perm or not _is(fill, "call_function", torch.arange):
         return 0
-    if not (_is(weighted, "call_function", operator.mul) or _is(weighted, "call_function", torch.mul)):
+    found = _weighted_rows(weighted, perm, vv.shape[1])
+    if found is None:
         return 0
-    k = vv.shape[1]
-    for y, scale in ((weighted.args[0], weighted.args[1]), (weighted.args[1], weighted.args[0])):
-        if not (_is(scale, "call_method", "unsqueeze") and scale.args[1] in (1, -1)):
+    _emit_combine(graph, node, found[0], perm, vv.shape[1], found[1])
+    graph.erase_node(st)  # the in-place inverse permutation is dead now, but impure for DCE
+    return 1
+
+
+def _weighted_rows(mul, order, k):
+    """``(y, w)`` when ``mul`` is ``y * w.reshape(-1)[order].unsqueeze(-1)`` (optionally cast
+    with ``.to``) with ``w`` ``[T, k]`` and ``y`` 2-D, else None."""
+    if not (_is(mul, "call_function", operator.mul) or _is(mul, "call_function", torch.mul)):
+        return None
+    for y, scale in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+        n = scale.args[0] if _is(scale, "call_method", "to") else scale
+        if not (_is(n, "call_method", "unsqueeze") and n.args[1] in (1, -1)):
             continue
-        sel = scale.args[0]
-        if not (_is(sel, "call_function", operator.getitem) and sel.args[1] is perm):
+        sel = n.args[0]
+        if not (_is(sel, "call_function", operator.getitem) and sel.args[1] is order):
             continue
         flat = sel.args[0]
         if not (_is(flat, "call_method", "reshape") and tuple(flat.args[1:]) in ((-1,), ((-1,),))):
             continue
-        w = flat.args[0]
-        wv = _val(w)
-        if wv is None or wv.dim() != 2 or wv.shape[1] != k or not isinstance(y, torch.fx.Node):
-            continue
-        _emit_combine(graph, node, y, perm, k, w)
-        graph.erase_node(st)  # the in-place inverse permutation is dead now, but impure for DCE
-        return 1
-    return 0
+        w, wv, yv = flat.args[0], _val(flat.args[0]), _val(y)
+        if wv is not None and yv is not None and wv.dim() == 2 and wv.shape[1] == k and yv.dim() == 2:
+            return y, w
+    return None
 
 
 def _emit_combine(graph, node, y, order, k, w):

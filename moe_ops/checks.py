@@ -190,11 +190,14 @@ def check_act_quant(x: torch.Tensor, mode: str) -> None:
 
 
 # ----------------------------------------------------------------------------- routing
+SCORINGS = ("softmax", "sigmoid")  # router score functions of moe_ops::topk_route
+
+
 def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optional[torch.Tensor],
                      num_groups: int = 1, topk_groups: int = 1) -> None:
     check_2d(logits, "logits")
     check_float_input(logits, "logits")
-    check_choice(scoring, ("softmax", "sigmoid"), "scoring")
+    check_choice(scoring, SCORINGS, "scoring")
     E = logits.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or E % num_groups != 0:
         raise ValueError(f"num_groups: must be a positive int dividing the {E} experts, got {num_groups!r}")

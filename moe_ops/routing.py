@@ -24,7 +24,7 @@ from torch.library import triton_op
 
 from . import checks
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = checks.SCORINGS
 COUNT_SORT_MAX_ROWS = 4096  # GPU: one-launch counting sort up to here (decode), torch.sort above
 
 

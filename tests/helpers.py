@@ -48,3 +48,20 @@ def weight_cases(fmts=None):
         for g in formats.get_format(f).granularities:
             out.append((f, g, 32 if g == "group" else 0))
     return out
+
+
+def replays_without_sync(step, eager, inputs, bound: float, warmup: int = 3) -> None:
+    """Run compiled ``step`` on ``inputs[:warmup]`` (warm-up, CUDA-graph recording), then on the
+    rest with ``torch.cuda.set_sync_debug_mode("error")``; each of those outputs within
+    ``bound`` (relative) of ``eager``'s."""
+    with torch.no_grad():
+        for x in inputs[:warmup]:
+            step(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [step(x).clone() for x in inputs[warmup:]]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for x, y in zip(inputs[warmup:], outs):
+            assert rel_err(y, eager(x)) < bound

@@ -1,6 +1,9 @@
 """The graph passes of moe_ops.lowering: each pattern on a small graph (the FX code before and
 after locked with expecttest, numerics against the unrewritten graph), graphs without a
 match left alone, and a plain-PyTorch MoE block compiled with the passes on."""
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import EagerAndRecordGraphs
@@ -9,6 +12,9 @@ from torch.testing._internal.common_utils import TestCase
 import moe_ops
 import moe_ops.lowering as lowering
 from helpers import rel_err
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from plain_moe import PlainMoEBlock  # noqa: E402  (the block as model code writes it)
 
 E, N, K, M = 4, 24, 32, 29
 
@@ -167,31 +173,6 @@ call_function moe_ops.expert_mlp.default""")
         gm.recompile()
         self.assertIn("moe_ops.unpermute.default", _calls(gm))
         self.assertLess(rel_err(_run(gm, y=y, x=x, i=ids, w=w), ref), 1e-6)
-
-
-class PlainMoEBlock(torch.nn.Module):
-    """A MoE block as plain model code writes it: router, per-expert weights in [E, N, K],
-    torch._grouped_mm for gate/up and down, SwiGLU, weighted index_add_ combine."""
-
-    def __init__(self, H=32, I=16, E=4, k=2, dtype=torch.bfloat16):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.k, self.E = k, E
-        self.router = torch.nn.Linear(H, E, bias=False, dtype=dtype)
-        self.gate_up = torch.nn.Parameter((torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype))
-        self.down = torch.nn.Parameter((torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype))
-
-    def forward(self, x):
-        w, ids = torch.topk(torch.softmax(self.router(x).float(), -1), self.k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.zeros(self.E, dtype=torch.int32).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        tok = order // self.k
-        gate, up = torch._grouped_mm(x[tok], self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offs)
-        return torch.zeros_like(x).index_add_(0, tok, y * w.reshape(-1)[order].unsqueeze(1).to(y.dtype))
 
 
 def test_auto_policy_where_aten_is_fast_rewrites_only_swiglu_pairs(monkeypatch):

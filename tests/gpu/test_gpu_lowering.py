@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moe_ops.lowering as lowering
-from helpers import rel_err
+from helpers import rel_err, replays_without_sync
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 DEV = "cuda" if torch.cuda.is_available() else None
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a C
 
 
 def test_generated_code_launches_our_kernels():
-    from bench_lowering import PlainMoEBlock
+    from plain_moe import PlainMoEBlock
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     block = PlainMoEBlock(512, 256, 16, 4, DEV)
@@ -33,20 +33,10 @@ def test_generated_code_launches_our_kernels():
 
 
 def test_reduce_overhead_decode_no_sync():
-    from bench_lowering import PlainMoEBlock
+    from plain_moe import PlainMoEBlock
     torch._dynamo.reset()
     block = PlainMoEBlock(512, 256, 16, 4, DEV)
     # mode="reduce-overhead" as options (torch.compile takes one of mode / options)
     step = torch.compile(block, options={"triton.cudagraphs": True, **lowering.compile_options()})
     xs = [torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
-    with torch.no_grad():
-        for x in xs[:3]:
-            step(x)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs = [step(x).clone() for x in xs[3:]]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        for x, y in zip(xs[3:], outs):
-            assert rel_err(y, block(x)) < 2e-2
+    replays_without_sync(step, block, xs, 2e-2)

@@ -4,10 +4,9 @@ backward against the CPU, routing determinism, and decode of the layer under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with the sync-debug mode at error."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moe_ops
-from helpers import rel_err
+from helpers import rel_err, replays_without_sync
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -109,14 +108,4 @@ def test_decode_reduce_overhead_no_sync(fmt):
                                  act_quant="int8_token" if fmt == "int8_sym" else None)
     step = torch.compile(m, mode="reduce-overhead", fullgraph=True)
     xs = [torch.randn(1, H, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
-    with torch.no_grad():
-        for x in xs[:3]:  # warm-up and recording
-            step(x)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs = [step(x).clone() for x in xs[3:]]
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        for x, y in zip(xs[3:], outs):
-            assert rel_err(y, m(x)) < 1e-2
+    replays_without_sync(step, m, xs, 1e-2)
