@@ -1,7 +1,8 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
-Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR]``. The winners inform the static
-table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning at call time).
+Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv]``. The winners
+inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
+at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 """
 from __future__ import annotations
 
@@ -43,6 +44,29 @@ FOCUS = {  # (shape, T, variant) -> configs: the cases short of their targets
 }
 
 
+def gemv_space(T: int, E: int, top_k: int, w_bits: int, K: int, group: int) -> list:
+    """CUDA-core decode tiles for ``T`` tokens (BLOCK_M around the rows per expert; BLOCK_K of
+    256 or 512 stored bytes per weight row, within a scale group), and the tensor-core decode
+    tile the table picked before them, to compare."""
+    rpe = T * top_k / E
+    bms = (1,) if rpe <= 0.5 else ((1, 2, 4) if rpe <= 2 else (2, 4))
+    per_byte = 8 // w_bits if w_bits < 8 else 1
+    elem = 2 if w_bits == 16 else 1
+    bks = sorted({min(b * per_byte // elem, group or K) for b in (256, 512)})
+    space = [C(bm, bn, bk, w, 1, group_m=1, gemv=True)
+             for bm in bms for bn in (8, 16, 32) for bk in bks for w in (2, 4)]
+    tc = {16: C(16, 32, 256, 4, 4, group_m=1), 8: C(16, 64, 256, 4, 3, group_m=1)}.get(
+        w_bits, C(16, 128, 128, 4, 3, group_m=1))
+    return space + [tc]
+
+
+GEMV_CASES = [(s, t, v) for s, ts, vs in (
+    ("qwen3_gate_up", (1, 16), ("bf16", "int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch")),
+    ("qwen3_down", (1, 16), ("bf16", "int4_asym_g128", "fp8_e4m3_ch")),
+    ("dsv3_gate_up_e32", (1, 16), ("bf16", "int4_asym_g128"))) for t in ts for v in vs]
+_BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
+
+
 def tune(cases, out_path):
     """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
     import moe_ops
@@ -62,15 +86,21 @@ def tune(cases, out_path):
         results.append({"shape": sname, "T": T, "variant": lab,
                         "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
         w = wd = x = None
-    harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
+        # after every case: a run cut off by its time limit keeps what it measured
+        harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--focus", action="store_true", help="tune only the cases short of their targets")
+    p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
     a = p.parse_args()
-    if a.focus:
+    if a.gemv:
+        tune([(s, t, v, gemv_space(t, SHAPES[s][0], SHAPES[s][1], _BITS[v], SHAPES[s][2],
+                                   128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
+             os.path.join(a.out, "tune_decode_gemv.json"))
+    elif a.focus:
         tune([(s, t, v, space) for (s, t, v), space in FOCUS.items()], os.path.join(a.out, "tune_forward_focus.json"))
     else:
         tune([(s, t, o[0], space) for s in SHAPES for t, space in ((16, DECODE), (4096, PREFILL)) for o in OURS],

@@ -19,10 +19,27 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # M tiles that walk the N tiles together (L2 reuse of weight tiles)
+    gemv: bool = False  # CUDA-core tile (weight-only decode, W contiguous along K); else tl.dot
 
     @property
     def decode(self) -> bool:
         return self.block_m <= 16
+
+
+# Weight-only decode on the CUDA cores (KernelConfig.gemv) up to this many rows per expert:
+# past it the [BLOCK_M, BLOCK_N, BLOCK_K] products cost more than the tensor-core path's
+# operand-layout conversion. From benchmarks/tune_decode.py on an H100.
+GEMV_MAX_ROWS_PER_EXPERT = 2.0
+
+
+def _gemv_config(rpe: float, K: int, scale_k_unit: int, w_bits: int) -> KernelConfig:
+    """The CUDA-core decode tile: BLOCK_K spans 256 stored bytes per weight row (16-byte
+    vectors, several in flight per thread), BLOCK_M covers the expected rows of an expert."""
+    per_byte = 8 // w_bits if w_bits < 8 else 1
+    elem_bytes = 2 if w_bits == 16 else 1
+    bk = _block_k(K, scale_k_unit, 256 * per_byte // elem_bytes)
+    bm = 1 if rpe <= 0.5 else (2 if rpe <= 1 else 4)
+    return KernelConfig(bm, 16, bk, 4, 1, group_m=1, gemv=True)
 
 
 def rows_per_expert_hint(M: int, E: int) -> float:
@@ -39,11 +56,15 @@ def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
 
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
-                          act_bits: int = 16) -> KernelConfig:
+                          act_bits: int = 16, k_contiguous: bool = True) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
-    of ``act_bits`` bits. The table comes from ``benchmarks/tune_forward.py`` on an H100."""
+    of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
+    transposed dgrad view is not). The table comes from ``benchmarks/tune_forward.py`` and
+    ``benchmarks/tune_decode.py`` on an H100."""
     rpe = rows_per_expert_hint(M, E)
+    if act_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
+        return _gemv_config(rpe, K, scale_k_unit, w_bits)
     if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
@@ -62,15 +83,15 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 
 
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
-                              act_bits: int = 16):
+                              act_bits: int = 16, k_contiguous=(True, True)):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps two
     accumulators (gate and up) live, so prefill tiles are at most 128 wide."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
-    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits)
-    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits)
-    if gate_up.decode and 4 * M <= E:
+    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous[0])
+    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous[1])
+    if gate_up.decode and not gate_up.gemv and 4 * M <= E:
         # benchmarks/tune_moe_decode.py, Qwen3-30B-A3B T=1 on an H100. Only for at most one row
         # per 4 experts: the narrow gate/up tiles re-read x once per N tile, which cost 2x at
         # DeepSeek-V3 T=64 (16 rows per expert, K 7168) and 10% at Qwen3 T=8

@@ -51,6 +51,14 @@ def quantize_act(x: torch.Tensor, mode: str):
     return q, s
 
 
+def _tile_k(config: KernelConfig, act: int, pack: int) -> int:
+    """The K tile of a launch: each tensor-core sub-dot needs K >= 16 (>= 32 for 8-bit
+    operands), decode tiles run PACK sub-dots; CUDA-core (gemv) tiles take the config's."""
+    if config.gemv:
+        return max(config.block_k, pack)
+    return max(config.block_k, (32 if act else 16) * (pack if config.decode else 1))
+
+
 def _weight_consts(spec):
     """(W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, PACK) of a format spec (None: plain)."""
     if spec is None:
@@ -87,6 +95,9 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     bm, bn = config.block_m, config.block_n
     grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+    if config.gemv and not (act == 0 and w_strides[2] == 1 and scale_tile):
+        raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
+                         f"contiguous along K and scales constant over a {bk}-column K tile")
     f = fused or {}
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
@@ -107,7 +118,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         GROUP_M=config.group_m, POST_SCALE=post_scale, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode),
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols),
+        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols), GEMV=config.gemv,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
@@ -131,10 +142,8 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     if config is None:
         config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, max(K, 1)),
-                                       act_bits=8 if act else 16)
-    pack = spec.pack if spec is not None else 1
-    # each sub-dot needs K >= 16 (>= 32 for 8-bit operands); prefill tiles unpack in registers
-    bk = max(config.block_k, (32 if act else 16) * (pack if config.decode else 1))
+                                       act_bits=8 if act else 16, k_contiguous=w.stride(2) == 1)
+    bk = _tile_k(config, act, spec.pack if spec is not None else 1)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
@@ -169,7 +178,8 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     has_scale = w_scale is not None
     if config is None:  # scales that vary faster than a 16-wide K tile are gathered per element
         tile_unit = t_unit_k if (has_scale and 16 <= t_unit_k < _HUGE) else max(N, 1)
-        config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit)
+        config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit,
+                                       k_contiguous=False)
     bk = max(config.block_k, 16)
     y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     if M == 0:
@@ -191,13 +201,16 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
 
 
-def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant):
-    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes."""
+def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
+                       k_contiguous=(True, True)):
+    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes;
+    ``k_contiguous``: whether w1's and w2's stored K strides are 1."""
     spec = None if w_format == "none" else formats.get_format(w_format)
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
     return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
-                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16)
+                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16,
+                                     k_contiguous)
 
 
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -216,10 +229,11 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
     if configs is None:
-        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant)
+        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
+                                     (w1.stride(2) == 1, w2.stride(2) == 1))
     cfgs = []
     for i, cfg in enumerate(configs):
-        bk = max(cfg.block_k, (32 if act else 16) * (pack if cfg.decode else 1))
+        bk = _tile_k(cfg, act, pack)
         if act and not (units[i][1] >= _HUGE or units[i][1] % bk == 0):
             return None
         cfgs.append((cfg, bk))

@@ -26,6 +26,13 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               (``AMAX_OUT``); codes clamp(round(x * (1/s))), which differ from the spec's
               round(x / s) by one where x / s is within an ulp of a half-integer; then as ACT 1.
 ``GROUP_M``   swizzle: GROUP_M consecutive M tiles walk the N tiles together (1: no swizzle).
+``GEMV``      (decode, weight-only, W contiguous along K) the tile is computed without tensor
+              cores, :func:`_gemv_acc`: each weight tile is loaded along K in 16-byte vectors,
+              its codes go to float32 once and are multiplied into every row of the tile
+              (``[BLOCK_M, BLOCK_N, BLOCK_K]`` broadcast, reduced along K); zero points and
+              scales apply to the ``[BLOCK_M, BLOCK_N]`` partial sums, once per K tile. No
+              conversion of the weight tile to a tensor-core operand layout (a round trip
+              through shared memory) and no padding of a few rows to the 16 an MMA needs.
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 ``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
@@ -90,7 +97,7 @@ def grouped_gemm_kernel(
     GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
-    AMAX_POW2: tl.constexpr = 1,
+    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -138,19 +145,31 @@ def grouped_gemm_kernel(
             xs_row = tl.load(xs_ptr + xrow * stride_xsm, mask=m_mask, other=0.0)
         else:
             xs_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
-                        stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
-                        stride_se, stride_sn, stride_sk,
-                        W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                        ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                        UNPACK_JOIN, x_ptr.dtype.element_ty)
+        if GEMV:
+            out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+                            stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                            W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PACK)
+        else:
+            out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
+                            stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                            stride_se, stride_sn, stride_sk,
+                            W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
+                            ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                            UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU:
-            up = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn + N, n_mask, K,
-                           stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
-                           stride_se, stride_sn, stride_sk,
-                           W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                           ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                           UNPACK_JOIN, x_ptr.dtype.element_ty)
+            if GEMV:
+                up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
+                               stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                               W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
+                               BLOCK_M, BLOCK_N, BLOCK_K, PACK)
+            else:
+                up = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn + N, n_mask,
+                               K, stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                               stride_se, stride_sn, stride_sk,
+                               W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
+                               ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
+                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
         if SCATTER:
@@ -327,3 +346,74 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         else:
             out = acc
     return out
+
+
+@triton.jit
+def _gemv_weight_tile(w_base, w_rows, rb, n_mask, k_stored, W_KIND: tl.constexpr):
+    """``[BLOCK_N, SUB]`` stored weight values at stored columns ``rb`` (zeros past the end)."""
+    w_mask = n_mask[:, None] & (rb < k_stored)[None, :]
+    if W_KIND == 1:
+        return tl.load(w_base + w_rows[:, None] + rb[None, :], mask=w_mask, other=0)
+    return tl.load(w_base + w_rows[:, None] + rb[None, :], mask=w_mask, other=0.0)
+
+
+@triton.jit
+def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+              stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+              W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
+              UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr):
+    """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores
+    (weight-only formats; W's stored columns contiguous, ``stride_wk == 1``; scales constant
+    over a K tile). Per K tile, with codes q (the stored values, 0..2^bits-1 or signed int8,
+    or float) and the tile's zero z and scale s per output column::
+
+        acc += s * (sum_k x_k q_k - z * sum_k x_k)
+
+    the weight tile goes to float32 once per program, whatever the number of rows."""
+    e64 = expert.to(tl.int64)
+    w_base = w_ptr + e64 * stride_we
+    s_base = ws_ptr + e64 * stride_se
+    z_base = wz_ptr + e64 * stride_se
+    w_rows = rn.to(tl.int64) * stride_wn
+    s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
+    SUB: tl.constexpr = BLOCK_K // PACK  # stored columns (bytes of packed codes) per K tile
+    CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
+    HAS_ZERO: tl.constexpr = ZERO_MODE > 0
+    K_SCALES: tl.constexpr = UNIT_K < 1 << 30  # scales vary along K (one per K tile)
+    rs = tl.arange(0, SUB)
+    k_stored = (K + PACK - 1) // PACK
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the weight stream is double-buffered in registers: tile k+1 is in flight while tile k
+    # is multiplied (a plain loop would wait a full memory latency per K tile)
+    raw_next = _gemv_weight_tile(w_base, w_rows, rs, n_mask, k_stored, W_KIND)
+    for k0 in range(0, K, BLOCK_K):
+        raw = raw_next
+        raw_next = _gemv_weight_tile(w_base, w_rows, (k0 + BLOCK_K) // PACK + rs, n_mask, k_stored, W_KIND)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            kk = k0 + rs * PACK + j
+            xa = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+                         mask=m_mask[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            if PACK == 1:
+                q = raw.to(tl.float32)
+            else:
+                q = ((raw >> (j * W_BITS)) & CODE_MASK).to(tl.float32)
+            part += tl.sum(xa[:, None, :] * q[None, :, :], 2)
+            if HAS_ZERO:
+                xsum += tl.sum(xa, 1)
+        if HAS_ZERO:
+            if ZERO_MODE == 2:
+                z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0).to(tl.float32)
+            else:
+                z = tl.full((BLOCK_N,), IMPLICIT_ZERO, tl.float32)
+            part -= xsum[:, None] * z[None, :]
+        if HAS_SCALE and K_SCALES:
+            s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    if HAS_SCALE and not K_SCALES:
+        acc = acc * tl.load(s_base + s_rows, mask=n_mask, other=0.0)[None, :]
+    return acc

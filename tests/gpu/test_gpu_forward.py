@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_ops
+from moe_ops.lowering.kernel_choice import choose_forward_config
 from helpers import GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, weight_cases
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
@@ -26,7 +27,8 @@ def _case(seed, M, E, N, K, tail=5):
     return x, w, offs
 
 
-SHAPES = {"prefill": (2000, 8, 384, 512), "decode": (48, 16, 384, 512)}
+# (M, E, N, K); "gemv": about one row per expert, served by the CUDA-core decode tile
+SHAPES = {"prefill": (2000, 8, 384, 512), "decode": (48, 16, 384, 512), "gemv": (20, 16, 300, 512)}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -40,6 +42,8 @@ def test_forward_formats(fmt, gran, gs, shape):
     else:
         wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
         args = wq.op_args()
+    bits = 16 if fmt == "none" else moe_ops.formats.get_format(fmt).bits
+    assert choose_forward_config(M, N, K, E, bits, gs or K).gemv == (shape == "gemv")
     _poison(M, N, torch.bfloat16)
     y = moe_ops.grouped_mm(x.to(DEV), wq.to(DEV), offs.to(DEV))
     ref = oracle_grouped_mm(x, args, offs)

@@ -12,6 +12,8 @@ from helpers import ragged_offs, rel_err, weight_cases
 
 E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multiple of 32 (group size)
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
+# the CUDA-core decode tile (weight-only): 2-row tiles, so experts span several M tiles
+GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
 
 
 def _data(seed, dtype, k=K):
@@ -31,7 +33,7 @@ def _run(x, args, offs, act, cfg):
     return y
 
 
-@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("cfg", list(CONFIGS) + ["gemv"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt,gran,gs", [("none", "none", 0)] + weight_cases())
 def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
@@ -40,7 +42,7 @@ def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
         args = (w.to(dtype), None, None, "none", "none", 0)
     else:
         args = moe_ops.quantize_weight(w.to(dtype), fmt, gran, gs).op_args()
-    y = _run(x, args, offs, "none", CONFIGS[cfg])
+    y = _run(x, args, offs, "none", GEMV if cfg == "gemv" else CONFIGS[cfg])
     ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
     # Triton's interpreter casts float32 -> bfloat16 by truncation (measured: half the values
     # differ from round-to-nearest), which doubles bf16's rounding error here; fp16 rounds.
@@ -76,6 +78,21 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
     ref = reference.segment_mm(xh, moe_ops.dequantize_weight(moe_ops.QuantizedWeight(
         args[0], args[1], args[2], fmt, gran, gs, (E, N, K), torch.float32), torch.float64), offs, "nt")
     assert rel_err(y, ref) < 1e-3
+
+
+def test_gemv_tile_refuses_what_it_cannot_serve():
+    """The CUDA-core tile reads weights along K in vectors and scales once per K tile: a
+    transposed weight view, quantized activations, or a K tile wider than the scale group are
+    refused with the reason, not computed wrongly."""
+    x, w, offs = _data(10, torch.float16)
+    out = torch.empty(M, N, dtype=torch.float16)
+    wt = w.half().transpose(1, 2).contiguous().transpose(1, 2)  # logical [E, N, K], K stride N
+    q = moe_ops.quantize_weight(w.half(), "int8_sym", "group", 32).op_args()
+    for args, act, cfg in (((wt, None, None, "none", "none", 0), "none", GEMV),
+                           (q, "int8_token", GEMV),
+                           (q, "none", KernelConfig(2, 16, 64, 4, 1, group_m=1, gemv=True))):
+        with pytest.raises(ValueError, match="gemv"):
+            dispatch.grouped_mm(x, *args[:3], offs, *args[3:], act, "none", config=cfg, out=out)
 
 
 def test_unserved_combination_falls_back_to_reference():
