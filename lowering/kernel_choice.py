@@ -26,33 +26,20 @@ class KernelConfig:
         return self.block_m <= 16
 
 
-# Weight-only decode on the CUDA cores (KernelConfig.gemv) up to this many rows per expert:
-# past it the [BLOCK_M, BLOCK_N, BLOCK_K] products cost more than the tensor-core path's
-# operand-layout conversion. From benchmarks/tune_decode.py on an H100.
-GEMV_MAX_ROWS_PER_EXPERT = 2.0
+# 16-bit weights at decode on the CUDA cores (KernelConfig.gemv) up to this many rows per
+# expert. benchmarks/tune_forward.py --gemv on an H100 (results/tune_decode_gemv_h100.json):
+# at Qwen3-30B-A3B T=1 the gemv tile took 29.5 us against 34.3 (gate_up) and 20.4 against
+# 29.1 (down), DeepSeek-V3 T=1 159 against 163; at one row per expert (T=16) and for 8/4-bit
+# weights (1.5-10x slower: each code costs more on the CUDA cores than the tensor-core
+# path's dequantize + MMA) the tensor-core tile wins.
+GEMV_MAX_ROWS_PER_EXPERT = 0.5
 
 
-def _gemv_config(rpe: float, K: int, scale_k_unit: int, w_bits: int) -> KernelConfig:
-    """The CUDA-core decode tile: BLOCK_K spans 256 stored bytes per weight row (16-byte
-    vectors, several in flight per thread), BLOCK_M covers the expected rows of an expert."""
-    per_byte = 8 // w_bits if w_bits < 8 else 1
-    elem_bytes = 2 if w_bits == 16 else 1
-    bk = _block_k(K, scale_k_unit, 256 * per_byte // elem_bytes)
-    bm = 1 if rpe <= 0.5 else (2 if rpe <= 1 else 4)
-    return KernelConfig(bm, 16, bk, 4, 1, group_m=1, gemv=True)
-
-
-def rows_per_expert_hint(M: int, E: int) -> float:
-    return M / max(E, 1)
-
-
-def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
-    """Largest power of two <= pref dividing the scale unit along K (so a K tile never straddles
-    two scale units), at least 16."""
-    bk = pref
-    while bk > 16 and scale_k_unit % bk != 0:
-        bk //= 2
-    return bk
+def _gemv_config(K: int) -> KernelConfig:
+    """The CUDA-core decode tile for 16-bit weights, one row per M tile (measured best)."""
+    if K >= 2048:
+        return KernelConfig(1, 16, 256, 2, 1, group_m=1, gemv=True)
+    return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
@@ -63,8 +50,8 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     transposed dgrad view is not). The table comes from ``benchmarks/tune_forward.py`` and
     ``benchmarks/tune_decode.py`` on an H100."""
     rpe = rows_per_expert_hint(M, E)
-    if act_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
-        return _gemv_config(rpe, K, scale_k_unit, w_bits)
+    if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
+        return _gemv_config(K)
     if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
