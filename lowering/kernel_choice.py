@@ -42,6 +42,19 @@ def _gemv_config(K: int) -> KernelConfig:
     return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
+def rows_per_expert_hint(M: int, E: int) -> float:
+    return M / max(E, 1)
+
+
+def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
+    """Largest power of two <= pref dividing the scale unit along K (so a K tile never straddles
+    two scale units), at least 16."""
+    bk = pref
+    while bk > 16 and scale_k_unit % bk != 0:
+        bk //= 2
+    return bk
+
+
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
                           act_bits: int = 16, k_contiguous: bool = True) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``

@@ -98,11 +98,6 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     if config.gemv and not (act == 0 and w_strides[2] == 1 and scale_tile):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
                          f"contiguous along K and scales constant over a {bk}-column K tile")
-    # packed int4/int2 codes under 16-bit x: the bias trick (see _gemm_acc), scale per K tile
-    int_bias = 0
-    if (act == 0 and w_kind == 1 and bits < 8 and scale_tile and ws is not w and not config.gemv
-            and xq.dtype in (torch.bfloat16, torch.float16)):
-        int_bias, post_scale = (128 if xq.dtype == torch.bfloat16 else 1024), False
     f = fused or {}
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
@@ -124,7 +119,6 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
         AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols), GEMV=config.gemv,
-        INT_BIAS=int_bias,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y

@@ -97,7 +97,7 @@ def grouped_gemm_kernel(
     GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
-    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, INT_BIAS: tl.constexpr = 0,
+    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -156,7 +156,7 @@ def grouped_gemm_kernel(
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                            UNPACK_JOIN, x_ptr.dtype.element_ty, INT_BIAS)
+                            UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU:
             if GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
@@ -169,7 +169,7 @@ def grouped_gemm_kernel(
                                stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
-                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty, INT_BIAS)
+                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
         if SCATTER:
@@ -220,15 +220,9 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr,
-              INT_BIAS: tl.constexpr = 0):
+              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
-    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3).
-
-    ``INT_BIAS`` (ACT 0, packed int4/int2 codes, scales constant over a K tile): 128 for bf16
-    x, 1024 for fp16. A code q becomes the 16-bit float ``INT_BIAS + q`` by OR-ing q into the
-    bits of INT_BIAS (exact: q < 2^7 fits the mantissa), with no int-to-float conversion or
-    per-element scale; per K tile ``acc += s * (dot(x, INT_BIAS + q) - (INT_BIAS + z) * sum(x))``."""
+    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
     e64 = expert.to(tl.int64)
     w_base = w_ptr + e64 * stride_we
     s_base = ws_ptr + e64 * stride_se
@@ -244,8 +238,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
-    FAST_INT: tl.constexpr = INT_BIAS > 0
-    BIAS_BITS: tl.constexpr = 0x4300 if INT_BIAS == 128 else 0x6400  # bf16 128.0 / fp16 1024.0
     if ACT == 3:  # codes round(x * (1 / s)): one multiply per element instead of a division
         inv_scale = tl.where(xs_row > 0, tl.math.div_rn(tl.full(xs_row.shape, 1.0, tl.float32), xs_row), 0.0)
     if IS_INT:
@@ -262,9 +254,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
         if IS_INT:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        if FAST_INT:
-            tp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in tl.static_range(NSUB):
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
@@ -281,7 +270,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     code = _unpack_join(byte, W_BITS, BLOCK_K, BLOCK_N)
                 else:
                     code = (byte >> (j * W_BITS)) & CODE_MASK
-                if (ZERO_MODE == 1) and (not FAST_INT):
+                if ZERO_MODE == 1:
                     code = code - IMPLICIT_ZERO
             else:
                 raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask,
@@ -294,14 +283,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                         z = tl.load(z_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk,
                                     mask=bmask, other=0).to(tl.int32)
 
-            if FAST_INT:
-                b = (code | BIAS_BITS).to(tl.int16).to(X_DTYPE, bitcast=True)
-                if UPCAST_DOT:
-                    tp = tl.dot(a.to(tl.float32), b.to(tl.float32), tp, input_precision="ieee")
-                else:
-                    tp = tl.dot(a, b, tp)
-                xsum += tl.sum(a.to(tl.float32), 1)
-            elif ACT == 0:
+            if ACT == 0:
                 if W_KIND == 0:
                     b = raw
                 elif W_KIND == 1:
@@ -337,12 +319,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     acc += pf * xs[:, None] * s
                 else:
                     acc += pf
-        if FAST_INT:
-            if ZERO_MODE == 2:
-                zb = z.to(tl.float32) + INT_BIAS
-            else:
-                zb = INT_BIAS + IMPLICIT_ZERO
-            acc += (tp - xsum[:, None] * zb) * s
         if IS_INT:
             acc_i += part
             if UNIT_K < 1 << 30:
