@@ -27,12 +27,15 @@ class KernelConfig:
 
 
 # 16-bit weights at decode on the CUDA cores (KernelConfig.gemv) up to this many rows per
-# expert. benchmarks/tune_forward.py --gemv on an H100 (results/tune_decode_gemv_h100.json):
-# at Qwen3-30B-A3B T=1 the gemv tile took 29.5 us against 34.3 (gate_up) and 20.4 against
-# 29.1 (down), DeepSeek-V3 T=1 159 against 163; at one row per expert (T=16) and for 8/4-bit
-# weights (1.5-10x slower: each code costs more on the CUDA cores than the tensor-core
-# path's dequantize + MMA) the tensor-core tile wins.
-GEMV_MAX_ROWS_PER_EXPERT = 0.5
+# expert, in the plain grouped GEMM. benchmarks/tune_forward.py --gemv on an H100
+# (results/tune_decode_gemv_h100.json): at Qwen3-30B-A3B T=1 (1/16 row per expert) the gemv
+# tile took 29.5 us against 34.3 (gate_up) and 20.4 against 29.1 (down); DeepSeek-V3 T=1 (1/4
+# row per expert) 159 against 163. At one row per expert (T=16) it was 2.2x slower, and at
+# half a row (Qwen3 T=8) the layer lost 28% (results/moe_layer_h100.md); for 8/4-bit weights
+# it was 1.5-10x slower (each code costs more on the CUDA cores than the tensor-core path's
+# dequantize + MMA). The fused expert MLP keeps its tuned tensor-core decode tiles (its gemv
+# variant measured 67 us against 53 for the bf16 Qwen3 layer at T=1).
+GEMV_MAX_ROWS_PER_EXPERT = 0.125
 
 
 def _gemv_config(K: int) -> KernelConfig:
@@ -83,15 +86,16 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 
 
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
-                              act_bits: int = 16, k_contiguous=(True, True)):
+                              act_bits: int = 16):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps two
     accumulators (gate and up) live, so prefill tiles are at most 128 wide."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
-    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous[0])
-    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous[1])
-    if gate_up.decode and not gate_up.gemv and 4 * M <= E:
+    # tensor-core tiles only (k_contiguous=False rules the gemv tile out): see GEMV_MAX_ROWS_PER_EXPERT
+    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=False)
+    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=False)
+    if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_decode.py, Qwen3-30B-A3B T=1 on an H100. Only for at most one row
         # per 4 experts: the narrow gate/up tiles re-read x once per N tile, which cost 2x at
         # DeepSeek-V3 T=64 (16 rows per expert, K 7168) and 10% at Qwen3 T=8

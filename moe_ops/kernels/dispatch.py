@@ -201,16 +201,13 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
 
 
-def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
-                       k_contiguous=(True, True)):
-    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes;
-    ``k_contiguous``: whether w1's and w2's stored K strides are 1."""
+def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant):
+    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes."""
     spec = None if w_format == "none" else formats.get_format(w_format)
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
     return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
-                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16,
-                                     k_contiguous)
+                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16)
 
 
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -229,8 +226,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
     if configs is None:
-        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
-                                     (w1.stride(2) == 1, w2.stride(2) == 1))
+        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant)
     cfgs = []
     for i, cfg in enumerate(configs):
         bk = _tile_k(cfg, act, pack)
