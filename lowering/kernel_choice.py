@@ -31,7 +31,7 @@ class KernelConfig:
 # (results/tune_decode_gemv_h100.json): at Qwen3-30B-A3B T=1 (1/16 row per expert) the gemv
 # tile took 29.5 us against 34.3 (gate_up) and 20.4 against 29.1 (down); DeepSeek-V3 T=1 (1/4
 # row per expert) 159 against 163. At one row per expert (T=16) it was 2.2x slower, and at
-# half a row (Qwen3 T=8) the layer lost 28% (results/moe_layer_h100.md); for 8/4-bit weights
+# half a row (Qwen3 T=8) the layer lost 28% (results/moe_layer_h100_gemv_in_fused_mlp_rejected.json); for 8/4-bit weights
 # it was 1.5-10x slower (each code costs more on the CUDA cores than the tensor-core path's
 # dequantize + MMA). The fused expert MLP keeps its tuned tensor-core decode tiles (its gemv
 # variant measured 67 us against 53 for the bf16 Qwen3 layer at T=1).
@@ -63,8 +63,8 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
-    transposed dgrad view is not). The table comes from ``benchmarks/tune_forward.py`` and
-    ``benchmarks/tune_decode.py`` on an H100."""
+    transposed dgrad view is not). The table comes from ``benchmarks/tune_forward.py`` (and its
+    ``--gemv`` sweep) on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
         return _gemv_config(K)
