@@ -8,12 +8,14 @@ packed int4/int2 weights); the operator then runs the reference path. Training r
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import triton
 from torch.library import wrap_triton
 
 from moe_ops import formats
+from moe_ops.lowering import autotune
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
 
 from .act_quant import quantize_rows_kernel
@@ -83,44 +85,96 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
+def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int) -> dict:
+    """The kernel's tile constexprs for one config (K tile ``bk``)."""
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
+                UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
+                SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0)
+
+
+def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:
+    """``[(config, bk)]`` of the configs a launch can run: quantized activations need the
+    weight scale constant over a K tile; the gemv tile also 16-bit x and K-contiguous weights."""
+    out = []
+    for cfg in configs:
+        bk = _tile_k(cfg, act, pack)
+        scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+        if (act and not scale_tile) or (cfg.gemv and not (act == 0 and k_contiguous and scale_tile)):
+            continue
+        out.append((cfg, bk))
+    return out
+
+
+# the key of the opt-in tuner (moe_ops.lowering.autotune): weight shape and format, never M
+_TUNE_KEY = ["N", "K", "E", "W_KIND", "W_BITS", "ZERO_MODE", "UNIT_N", "UNIT_K", "ACT", "GATHER", "SWIGLU",
+             "SCATTER", "HAS_SCALE"]
+_TUNERS: dict = {}
+
+
+def _interpret_bench(fn, quantiles=None, **_):
+    """Host-clock timing for Triton's autotuner under the interpreter (no device events)."""
+    t0 = time.perf_counter()
+    fn()
+    t = time.perf_counter() - t0
+    return [t, t, t] if quantiles else t
+
+
+def _tuned_kernel(tiles: tuple):
+    """The ``triton.autotune`` wrapper of :func:`grouped_gemm_kernel` over ``tiles`` (``(meta
+    items, num_warps, num_stages)`` per candidate), one object per distinct candidate list."""
+    kern = _TUNERS.get(tiles)
+    if kern is None:
+        configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in tiles]
+        extra = {"do_bench": _interpret_bench} if _INTERPRET else {}
+        kern = _TUNERS[tiles] = triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(grouped_gemm_kernel)
+    return kern
+
+
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
-            int8_offset, post_scale, config: KernelConfig, bk: int, fused: dict = None):
+            int8_offset, post_scale, config: KernelConfig, bk: int, fused: dict = None, candidates=None):
     """One launch of :func:`grouped_gemm_kernel` over logical weights ``[E, N, K]`` whose
     element (e, n, k) sits at ``w + e*w_strides[0] + n*w_strides[1] + k*w_strides[2]`` (k in
     stored units: bytes of packed codes), scales likewise with ``s_strides``. ``fused`` holds
     the expert-MLP prologue/epilogue operands (``xrow``, ``dst``, ``rw``, ``amax`` tensors;
     ``gather`` (top_k), ``swiglu``, ``amax_out``, ``amax_cols``): see the kernel's docstring. With
-    ``swiglu``, N is the output width (the weights have 2N rows)."""
+    ``swiglu``, N is the output width (the weights have 2N rows). ``candidates``: feasible
+    ``[(config, bk)]`` for the opt-in tuner (:mod:`moe_ops.lowering.autotune`); with two or more,
+    the launch is a ``triton.autotune`` kernel over them instead of ``config``."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
-    bm, bn = config.block_m, config.block_n
-    grid = ((triton.cdiv(M, bm) + E + 1) * triton.cdiv(N, bn),)
-    scale_tile = unit_k >= _HUGE or unit_k % bk == 0
-    if config.gemv and not (act == 0 and w_strides[2] == 1 and scale_tile):
+    if config.gemv and not _feasible([config], act, pack, unit_k, w_strides[2] == 1):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
                          f"contiguous along K and scales constant over a {bk}-column K tile")
     f = fused or {}
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
-    wrap_triton(grouped_gemm_kernel)[grid](
-        xq, xs, w, ws, wz, y, offs,
-        offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
-        xs if amax is None else amax,
-        M, N, K,
-        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
-        w_strides[0], w_strides[1], w_strides[2],
-        s_strides[0], s_strides[1], s_strides[2],
-        y.stride(0), y.stride(1),
+    args = (xq, xs, w, ws, wz, y, offs,
+            offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
+            xs if amax is None else amax,
+            M, N, K,
+            xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
+            w_strides[0], w_strides[1], w_strides[2],
+            s_strides[0], s_strides[1], s_strides[2],
+            y.stride(0), y.stride(1))
+    consts = dict(
         E=E, E_POW2=triton.next_power_of_2(E),
         W_KIND=w_kind, W_BITS=bits, ZERO_MODE=zero_mode, IMPLICIT_ZERO=implicit_zero,
-        UNIT_N=unit_n, UNIT_K=unit_k, SCALE_TILE=scale_tile, HAS_SCALE=ws is not w,
+        UNIT_N=unit_n, UNIT_K=unit_k, HAS_SCALE=ws is not w,
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=int8_offset,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32,
-        GROUP_M=config.group_m, POST_SCALE=post_scale, PACK=pack, UNPACK_JOIN=(pack > 1 and not config.decode),
+        UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32, POST_SCALE=post_scale, PACK=pack,
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols), GEMV=config.gemv,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols))
+    if candidates is not None and len(candidates) > 1:
+        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack).items()), c.num_warps, c.num_stages)
+                      for c, b in candidates)
+
+        def grid(meta):
+            return ((triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
+        wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
+        return y
+    grid = ((triton.cdiv(M, config.block_m) + E + 1) * triton.cdiv(N, config.block_n),)
+    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack),
+                                           num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 
@@ -140,10 +194,16 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act = _ACT_CODE[act_quant]
     w_bits = 16 if spec is None else spec.bits
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
+    pack = spec.pack if spec is not None else 1
+    candidates = None
     if config is None:
-        config = choose_forward_config(M, N, K, E, w_bits, min(unit_k, act_unit_k, max(K, 1)),
-                                       act_bits=8 if act else 16, k_contiguous=w.stride(2) == 1)
-    bk = _tile_k(config, act, spec.pack if spec is not None else 1)
+        tile_unit = min(unit_k, act_unit_k, max(K, 1))
+        config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
+                                       k_contiguous=w.stride(2) == 1)
+        if autotune.enabled():
+            candidates = _feasible(autotune.forward_candidates(config, K, tile_unit), act, pack, unit_k,
+                                   w.stride(2) == 1)
+    bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
@@ -156,7 +216,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
     return _launch(xq, xs, w, (w.stride(0), w.stride(1), w.stride(2)), ws, wz, s_strides, y, offs, M, N, K, E,
                    spec, unit_n, unit_k, act, act_unit_k, act == 1 and w_format == "int8_asym",
-                   act == 0 and has_scale and unit_k >= _HUGE, config, bk)
+                   act == 0 and has_scale and unit_k >= _HUGE, config, bk, candidates=candidates)
 
 
 def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe,
@@ -225,8 +285,14 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     act = _ACT_CODE[act_quant]
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
+    tuned = [None, None]  # feasible candidates per launch for the opt-in tuner
     if configs is None:
         configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant)
+        if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
+            for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
+                unit = min(units[i][1], act_unit_k, max(red, 1))
+                tuned[i] = _feasible(autotune.forward_candidates(configs[i], red, unit, cap), act, pack,
+                                     units[i][1], w.stride(2) == 1)
     cfgs = []
     for i, cfg in enumerate(configs):
         bk = _tile_k(cfg, act, pack)
@@ -249,7 +315,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                 *units[0], act, act_unit_k, act == 1 and w_format == "int8_asym",
                 act == 0 and w1_scale is not None and units[0][1] >= _HUGE, cfgs[0][0], cfgs[0][1],
                 fused=dict(xrow=rows, swiglu=True, amax_out=int8, amax=amax, amax_cols=amax_cols,
-                           gather=top_k))
+                           gather=top_k), candidates=None if int8 else tuned[0])  # amax_cols: fixed tile
         # down: h quantized in the loads (int8 at decode sizes) or by the act-quant kernel (fp8;
         # int8 at prefill sizes); routing weight and the token-major store in the epilogue
         if int8:
@@ -263,7 +329,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         _launch(hq, hs, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), ws, wz, st, out_rows, offs, M, H, I, E,
                 spec, *units[1], act2, act_unit_k, act2 in (1, 3) and w_format == "int8_asym",
                 act2 == 0 and w2_scale is not None and units[1][1] >= _HUGE, cfgs[1][0], cfgs[1][1],
-                fused=dict(dst=rows, rw=rw, amax=amax, amax_cols=amax_cols))
+                fused=dict(dst=rows, rw=rw, amax=amax, amax_cols=amax_cols), candidates=tuned[1])
     elif M:
         out_rows.zero_()
     return out_rows.view(T, top_k, H).sum(dim=1)

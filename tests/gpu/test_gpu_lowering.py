@@ -40,3 +40,26 @@ def test_reduce_overhead_decode_no_sync():
     step = torch.compile(block, options={"triton.cudagraphs": True, **lowering.compile_options()})
     xs = [torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
     replays_without_sync(step, block, xs, 2e-2)
+
+
+def test_max_autotune_offers_our_tiles_to_inductor():
+    """Under max_autotune the compiled graph launches a triton.autotune kernel with our
+    candidate tiles (Inductor's user-kernel autotuner times them on the first run)."""
+    import moe_ops
+    from helpers import oracle_grouped_mm, ragged_offs
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 512, generator=g).bfloat16()
+    w = (torch.randn(8, 384, 512, generator=g) * 0.05).bfloat16()
+    offs = ragged_offs(3000, 8, g, empty=(2,), tail=7)
+    fn = torch.compile(lambda a, b, o: torch.ops.moe_ops.grouped_mm(a, b, None, None, o, "none", "none", 0,
+                                                                     "none", "none"),
+                       options={"max_autotune": True, "fx_graph_cache": False})
+    out, code = run_and_get_code(fn, x.to(DEV), w.to(DEV), offs.to(DEV))
+    src = "\n".join(code)
+    # Inductor's user_autotune(configs=[{'kwargs': {'BLOCK_M': .., 'BLOCK_N': .., ...}}, ...]): one
+    # entry per candidate tile (a single static launch names BLOCK_N once, in its constants)
+    assert "grouped_gemm_kernel" in src and src.count("'BLOCK_N':") >= 4
+    assert rel_err(out.cpu(), oracle_grouped_mm(x, (w, None, None, "none", "none", 0), offs)) < 1e-2
+    assert torch.all(out[int(offs[-1]):] == 0)

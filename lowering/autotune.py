@@ -1,0 +1,55 @@
+"""Opt-in tile tuning of the grouped GEMM launches: a small candidate list around the static
+choice of :mod:`moe_ops.lowering.kernel_choice`, timed once per key, never per call.
+
+When it is on:
+
+* under ``torch.compile(mode="max-autotune")`` (Inductor's ``max_autotune`` flag, set while the
+  graph is traced): the launch that Inductor sees is a ``triton.autotune`` kernel carrying the
+  candidates, so Inductor's own user-kernel autotuner benchmarks them on the first run of the
+  compiled graph and keeps the winner;
+* in eager mode with ``MOE_OPS_AUTOTUNE=1``: Triton's autotuner times the candidates on the
+  first call of each key and reuses the winner (the first call pays for it; without the
+  variable, eager calls take the static choice and no call is slow).
+
+The tuning key is the weight shape and format (``N``, ``K``, ``E``, the format constexprs) and
+the decode/prefill bucket (each bucket has its own candidate list, hence its own tuner), never
+the row counts, which are data. Candidates only vary tiles; every one computes the same
+function, and each launch writes every output element, so timing runs need no restore.
+"""
+from __future__ import annotations
+
+import os
+
+from .kernel_choice import KernelConfig, _block_k
+
+
+def enabled() -> bool:
+    """True under ``MOE_OPS_AUTOTUNE=1`` or while Inductor compiles with ``max_autotune``."""
+    if os.environ.get("MOE_OPS_AUTOTUNE", "0") == "1":
+        return True
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:  # pragma: no cover - Inductor ships with torch
+        return False
+    return bool(inductor_config.max_autotune)
+
+
+def forward_candidates(default: KernelConfig, K: int, scale_k_unit: int, max_block_n: int = 256) -> list:
+    """Tile configs to time against ``default`` (first in the list) for a reduction of ``K``
+    with scales constant over ``scale_k_unit`` columns; tiles at most ``max_block_n`` wide (the
+    SwiGLU launch keeps two accumulators). The CUDA-core (gemv) tile is offered only where
+    the static choice made it (weight-only, K-contiguous weights)."""
+    C = KernelConfig
+    if default.decode:
+        out = [C(16, bn, _block_k(K, scale_k_unit, bk), w, s, group_m=1)
+               for bn in (32, 64, 128) for bk in (128, 256) for w, s in ((4, 3), (2, 4))]
+    else:
+        out = [C(bm, bn, _block_k(K, scale_k_unit, bk), w, s)
+               for bm, bn, bk, w, s in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                        (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))]
+    seen, cands = set(), []
+    for c in [default] + out:
+        if c.block_n <= max_block_n and c not in seen:
+            seen.add(c)
+            cands.append(c)
+    return cands

@@ -1,0 +1,85 @@
+"""The opt-in tile tuner (moe_ops.lowering.autotune) in Triton's interpreter: off by default,
+on under MOE_OPS_AUTOTUNE=1 or Inductor's max_autotune; candidates around the static choice;
+tuned launches compute the same function; the tuning key holds the weight shape and format,
+never the row count."""
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import reference
+from moe_ops.kernels import dispatch
+from moe_ops.lowering import autotune
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
+from helpers import ragged_offs, rel_err
+
+E, N, K = 4, 40, 256
+
+
+def test_enabled_by_env_or_max_autotune(monkeypatch):
+    monkeypatch.delenv("MOE_OPS_AUTOTUNE", raising=False)
+    assert not autotune.enabled()
+    with torch._inductor.config.patch(max_autotune=True):
+        assert autotune.enabled()
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    assert autotune.enabled()
+
+
+@pytest.mark.parametrize("M,unit,cap", [(8, 128, 256), (40, 256, 256), (4000, 128, 128), (4000, 32, 256)])
+def test_candidates_stay_in_the_bucket(M, unit, cap):
+    default = choose_forward_config(M, N, K, E, 4, unit)
+    cands = autotune.forward_candidates(default, K, unit, cap)
+    assert cands[0] == default and len(set(cands)) == len(cands) > 1
+    assert all(c.decode == default.decode for c in cands)
+    assert all(c.block_n <= cap or c == default for c in cands)
+    assert all(unit % c.block_k == 0 or c.block_k == 16 for c in cands)  # a K tile never straddles scales
+
+
+def test_off_by_default_no_tuner(monkeypatch):
+    monkeypatch.delenv("MOE_OPS_AUTOTUNE", raising=False)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(20, K, generator=g).half(), torch.randn(E, N, K, generator=g).half()
+    before = len(dispatch._TUNERS)
+    dispatch.grouped_mm(x, w, None, None, ragged_offs(20, E, g), "none", "none", 0, "none", "none")
+    assert len(dispatch._TUNERS) == before
+
+
+def test_tuned_forward_matches_reference_and_keys_on_format_not_rows(monkeypatch):
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    monkeypatch.setattr(dispatch, "_TUNERS", {})
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(E, N, K, generator=g).half()
+    for fmt, gran, M in (("int4_asym", "group", 40), ("int4_asym", "group", 44), ("int8_sym", "channel", 40)):
+        x = torch.randn(M, K, generator=g).half()
+        offs = ragged_offs(M, E, g, empty=(1,), tail=3)
+        args = moe_ops.quantize_weight(w, fmt, gran, 128).op_args()
+        y = dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+        ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+        assert rel_err(y, ref) < 1e-3 and torch.all(y[int(offs[-1]):] == 0)
+    # 40 and 44 rows (one decode bucket) share one tuning; the int8 weights get their own
+    assert dispatch._TUNERS and sum(len(t.cache) for t in dispatch._TUNERS.values()) == 2
+
+
+def test_tuned_expert_mlp_matches_composition(monkeypatch):
+    from moe_ops import expert_mlp as em
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    g = torch.Generator().manual_seed(3)
+    T, H, I, top_k = 9, 128, 64, 2
+    logits = torch.randn(T, E, generator=g)
+    tw, ids = torch.ops.moe_ops.topk_route(logits, top_k, "softmax", True)
+    rows, offs = torch.ops.moe_ops.sort_rows(ids, E)
+    x = torch.randn(T, H, generator=g).half()
+    w1 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).half()
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).half()
+    args = (x, tw, rows, offs, w1, None, None, w2, None, None, "none", "none", 0, 0, "none", "none")
+    out = dispatch.expert_mlp(*args)
+    assert rel_err(out, em.composed(*args)) < 2e-3
+
+
+def test_explicit_config_is_never_tuned(monkeypatch):
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(20, K, generator=g).half(), torch.randn(E, N, K, generator=g).half()
+    before = len(dispatch._TUNERS)
+    dispatch.grouped_mm(x, w, None, None, ragged_offs(20, E, g), "none", "none", 0, "none", "none",
+                        config=KernelConfig(16, 16, 32, 4, 1))
+    assert len(dispatch._TUNERS) == before
