@@ -5,7 +5,8 @@
 :func:`enable` / :func:`enabled` / :func:`compile_options` (:mod:`moe_ops.lowering.switch`).
 :mod:`moe_ops.lowering.kernel_choice` picks the kernel shape (decode or prefill) and its tile
 configuration from static shapes only, so under ``torch.compile`` the choice happens once,
-at trace time.
+at trace time; :mod:`moe_ops.lowering.autotune` times a few candidates around it where asked
+(``max-autotune``, ``MOE_OPS_AUTOTUNE=1``).
 """
 from .kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config  # noqa: F401
 from .passes import fuse_moe_patterns, rewrite_grouped_mm  # noqa: F401
