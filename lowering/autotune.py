@@ -10,6 +10,8 @@ When it is on:
 * in eager mode with ``MOE_OPS_AUTOTUNE=1``: Triton's autotuner times the candidates on the
   first call of each key and reuses the winner (the first call pays for it; without the
   variable, eager calls take the static choice and no call is slow).
+  That first call times launches, so it must not run inside a CUDA-graph capture (run one
+  call before capturing; compiled graphs warm up before they record).
 
 The tuning key is the weight shape and format (``N``, ``K``, ``E``, the format constexprs) and
 the decode/prefill bucket (each bucket has its own candidate list, hence its own tuner), never
