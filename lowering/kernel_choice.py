@@ -29,12 +29,13 @@ class KernelConfig:
 # 16-bit weights at decode on the CUDA cores (KernelConfig.gemv) up to this many rows per
 # expert, in the plain grouped GEMM. benchmarks/tune_forward.py --gemv on an H100
 # (results/tune_decode_gemv_h100.json): at Qwen3-30B-A3B T=1 (1/16 row per expert) the gemv
-# tile took 29.5 us against 34.3 (gate_up) and 20.4 against 29.1 (down); DeepSeek-V3 T=1 (1/4
-# row per expert) 159 against 163. At one row per expert (T=16) it was 2.2x slower, and at
-# half a row (Qwen3 T=8) the layer lost 28% (results/moe_layer_h100_gemv_in_fused_mlp_rejected.json); for 8/4-bit weights
-# it was 1.5-10x slower (each code costs more on the CUDA cores than the tensor-core path's
-# dequantize + MMA). The fused expert MLP keeps its tuned tensor-core decode tiles (its gemv
-# variant measured 67 us against 53 for the bf16 Qwen3 layer at T=1).
+# tile took 29.5 us against 34.3 (gate_up) and 20.4 against 29.1 (down); DeepSeek-V3 T=1
+# (1/4 row per expert) 159 against 163. At one row per expert (T=16) it was 2-4x slower, and
+# at half a row (Qwen3 T=8) the layer lost 28%
+# (results/moe_layer_h100_gemv_in_fused_mlp_rejected.json); for 8/4-bit weights it was
+# 1.5-3x slower at T=1 and up to 18x at T=16 (each code costs more on the CUDA cores than
+# the tensor-core path's dequantize + MMA). The fused expert MLP keeps its tuned tensor-core
+# decode tiles (its gemv variant measured 67 us against 53 for the bf16 Qwen3 layer at T=1).
 GEMV_MAX_ROWS_PER_EXPERT = 0.125
 
 
