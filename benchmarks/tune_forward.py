@@ -17,7 +17,7 @@ import harness  # noqa: E402
 from bench_forward import OURS, SHAPES  # noqa: E402
 
 from moe_ops.kernels import dispatch  # noqa: E402
-from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config  # noqa: E402
 
 C = KernelConfig
 PREFILL = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 128, 64, 4, 4),
@@ -44,10 +44,10 @@ FOCUS = {  # (shape, T, variant) -> configs: the cases short of their targets
 }
 
 
-def gemv_space(T: int, E: int, top_k: int, w_bits: int, K: int, group: int) -> list:
+def gemv_space(T: int, E: int, top_k: int, K: int, N: int, w_bits: int, group: int) -> list:
     """CUDA-core decode tiles for ``T`` tokens (BLOCK_M around the rows per expert; BLOCK_K of
-    256 or 512 stored bytes per weight row, within a scale group), and the tensor-core decode
-    tile the table picked before them, to compare."""
+    256 or 512 stored bytes per weight row, within a scale group), and the table's tensor-core
+    decode tile, to compare."""
     rpe = T * top_k / E
     bms = (1,) if rpe <= 0.5 else ((1, 2, 4) if rpe <= 2 else (2, 4))
     per_byte = 8 // w_bits if w_bits < 8 else 1
@@ -55,9 +55,7 @@ def gemv_space(T: int, E: int, top_k: int, w_bits: int, K: int, group: int) -> l
     bks = sorted({min(b * per_byte // elem, group or K) for b in (256, 512)})
     space = [C(bm, bn, bk, w, 1, group_m=1, gemv=True)
              for bm in bms for bn in (8, 16, 32) for bk in bks for w in (2, 4)]
-    tc = {16: C(16, 32, 256, 4, 4, group_m=1), 8: C(16, 64, 256, 4, 3, group_m=1)}.get(
-        w_bits, C(16, 128, 128, 4, 3, group_m=1))
-    return space + [tc]
+    return space + [choose_forward_config(T * top_k, N, K, E, w_bits, group or K, k_contiguous=False)]
 
 
 GEMV_CASES = [(s, t, v) for s, ts, vs in (
@@ -97,8 +95,7 @@ if __name__ == "__main__":
     p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
     a = p.parse_args()
     if a.gemv:
-        tune([(s, t, v, gemv_space(t, SHAPES[s][0], SHAPES[s][1], _BITS[v], SHAPES[s][2],
-                                   128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
+        tune([(s, t, v, gemv_space(t, *SHAPES[s], _BITS[v], 128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
              os.path.join(a.out, "tune_decode_gemv.json"))
     elif a.focus:
         tune([(s, t, v, space) for (s, t, v), space in FOCUS.items()], os.path.join(a.out, "tune_forward_focus.json"))

@@ -202,6 +202,16 @@ def _unpack_join(byte, W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we, stride_wn, stride_se, stride_sn,
+                     UNIT_N: tl.constexpr):
+    """Expert ``expert``'s weight / scale / zero base pointers and the int64 row offsets of the
+    output columns ``rn`` in W and in its scales (scale row ``rn // UNIT_N``)."""
+    e64 = expert.to(tl.int64)
+    return (w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wz_ptr + e64 * stride_se,
+            rn.to(tl.int64) * stride_wn, (rn // UNIT_N).to(tl.int64) * stride_sn)
+
+
+@triton.jit
 def _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K: tl.constexpr, ZERO_MODE: tl.constexpr):
     """``[1, BLOCK_N]`` scale (and int32 zero) of the scale unit holding column ``k0``."""
     s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[None, :]
@@ -223,12 +233,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
     ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
-    e64 = expert.to(tl.int64)
-    w_base = w_ptr + e64 * stride_we
-    s_base = ws_ptr + e64 * stride_se
-    z_base = wz_ptr + e64 * stride_se
-    w_rows = rn.to(tl.int64) * stride_wn
-    s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
+    w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
+                                                              stride_wn, stride_se, stride_sn, UNIT_N)
     # packed codes: a K tile is PACK sub-dots of SUB columns each; sub-dot j takes columns
     # k0 + PACK*i + j, i.e. bits [j*W_BITS, (j+1)*W_BITS) of the tile's SUB bytes per row of W
     SUB: tl.constexpr = BLOCK_K // PACK
@@ -371,12 +377,8 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
         acc += s * (sum_k x_k q_k - z * sum_k x_k)
 
     the weight tile goes to float32 once per program, whatever the number of rows."""
-    e64 = expert.to(tl.int64)
-    w_base = w_ptr + e64 * stride_we
-    s_base = ws_ptr + e64 * stride_se
-    z_base = wz_ptr + e64 * stride_se
-    w_rows = rn.to(tl.int64) * stride_wn
-    s_rows = (rn // UNIT_N).to(tl.int64) * stride_sn
+    w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
+                                                              stride_wn, stride_se, stride_sn, UNIT_N)
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns (bytes of packed codes) per K tile
     CODE_MASK: tl.constexpr = (1 << W_BITS) - 1
     HAS_ZERO: tl.constexpr = ZERO_MODE > 0
