@@ -1,8 +1,10 @@
 """Forward + dgrad + wgrad of one grouped GEMM: ours against ``torch._grouped_mm`` (bf16).
 
 Usage (GPU): ``python benchmarks/bench_training.py [--out DIR]``. Ratios are peer_ms / our_ms.
-The fp8 recipes run the reference emulation on the GPU until their Triton kernels land; they
-are timed so that the table says where they stand.
+Rows: the whole forward+backward per recipe; each operator alone (``fwd``/``dgrad``/``wgrad``
+bf16, and per recipe with its casts inside; ``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on
+pre-quantized operands) against the matmul ceilings; each quantization cast against the copy
+ceiling (bytes read + written).
 """
 from __future__ import annotations
 
@@ -23,17 +25,16 @@ SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 204
 
 def cast_rows(sname, T, x, w, offs, ceil):
     """The recipes' quantization kernels alone: bytes read + written over the copy ceiling."""
-    from moe_ops import recipes
     from moe_ops.kernels.dispatch import quantize_act
-    from moe_ops.kernels.token_block_quant import token_block_quant
-    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    from moe_ops.kernels.token_block_quant import padded_blocks, token_block_quant
     M, K = x.shape
     E, N, _ = w.shape
-    _, nb = recipes.token_blocks(offs, M, recipes.BLOCK)
-    casts = {  # name: (fn, bytes read + written)
+    nb = padded_blocks(M, E)
+    casts = {  # name: (fn, bytes read + written; the token-block layout's zero padding not counted)
         "cast_x_fp8_1x128": (lambda: quantize_act(x, "fp8_1x128"), M * K * 3 + M * (K // 128) * 4),
         "cast_x_fp8_token": (lambda: quantize_act(x, "fp8_token"), M * K * 3 + M * 4),
-        "cast_x_token_blocks_128": (lambda: token_block_quant(x, offs, recipes.BLOCK, nb), M * K * 3 + nb * K * 4),
+        "cast_x_token_blocks_128": (lambda: token_block_quant(x, offs, False), M * K * 3 + nb * K * 4),
+        "cast_x_token_blocks_expert": (lambda: token_block_quant(x, offs, True), M * K * 3 + E * K * 4),
         "cast_w_fp8_block": (lambda: fp8_weight_quant(w, "block"), E * N * K * 3),
         "cast_w_fp8_block_transposed": (lambda: fp8_weight_quant(w, "block", transpose=True), E * N * K * 3),
         "cast_w_fp8_channel": (lambda: fp8_weight_quant(w, "channel"), E * N * K * 3),
@@ -48,6 +49,15 @@ def cast_rows(sname, T, x, w, offs, ceil):
                     "copy_share": gbps / ceil["copy_GBps"]})
         print(out[-1], flush=True)
     return out
+
+
+def _wgrad_gemm(dy, x, offs, per_expert):
+    """The fp8 wgrad GEMM alone, on operands quantized once beforehand."""
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8
+    from moe_ops.kernels.token_block_quant import token_block_quant
+    qdy, sdy = token_block_quant(dy, offs, per_expert)
+    qx, sx = token_block_quant(x, offs, per_expert)
+    return lambda: launch_wgrad_fp8(qdy, qx, sdy, sx, offs, per_expert, dy.dtype)
 
 
 def run(args):
@@ -90,10 +100,18 @@ def run(args):
                 "peer_dgrad": lambda: torch._grouped_mm(dy, w, offs=offs),
                 "peer_wgrad": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
             }
+            for recipe in ("fp8_rowwise", "fp8_blockwise"):
+                parts.update({
+                    f"fwd_{recipe}": lambda r=recipe: torch.ops.moe_ops.grouped_mm(x, w, None, None, offs, recipe=r),
+                    f"dgrad_{recipe}": lambda r=recipe: torch.ops.moe_ops.grouped_mm_dgrad(dy, w, None, None, offs,
+                                                                                          recipe=r),
+                    f"wgrad_{recipe}": lambda r=recipe: torch.ops.moe_ops.grouped_mm_wgrad(dy, x, offs, r)})
+                parts[f"wgrad_gemm_{recipe}"] = _wgrad_gemm(dy, x, offs, recipe == "fp8_rowwise")
             for k, fn in parts.items():
                 ms = harness.bench_ms(fn)
+                ceiling = ceil["bf16_TFLOPs"] if k.endswith(("fwd", "dgrad", "wgrad")) else ceil["fp8_TFLOPs"]
                 rows.append({"shape": sname, "T": T, "variant": k, "ms": ms, "TFLOPs": 2.0 * M * N * K / ms / 1e9,
-                             "mm_share": 2.0 * M * N * K / ms / 1e9 / ceil["bf16_TFLOPs"]})
+                             "mm_share": 2.0 * M * N * K / ms / 1e9 / ceiling})
             rows.extend(cast_rows(sname, T, x.detach(), w.detach(), offs, ceil))
         x = w = dy = None  # free before the next shape
     cols = ["shape", "T", "variant", "ms", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps", "copy_share"]

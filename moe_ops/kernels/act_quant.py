@@ -1,7 +1,8 @@
 """Triton dynamic activation quantization, writing the layout the grouped GEMM reads.
 
-``quantize_rows_kernel``: one program per row; symmetric quantization of x ``[M, K]`` over
-blocks of ``UNIT`` columns (``UNIT >= K``: per row) to int8 (``TO_INT8``: round half to even,
+``quantize_rows_kernel``: one program per ``BLOCK_R`` rows (and, for ``UNIT < K``, per
+``BLOCK_C`` columns, a power-of-two multiple of the power-of-two ``UNIT``); symmetric
+quantization of x ``[M, K]`` (K contiguous) over blocks of ``UNIT`` columns (``PER_ROW``: one per row) to int8 (``TO_INT8``: round half to even,
 clamp to +-127) or float8 e4m3 (clamp to +-448); scales float32 ``[M, ceil(K/UNIT)]`` =
 absmax / qmax (0 for an all-zero unit, whose codes are 0). Same math as
 :func:`moe_ops.activations.quantize_blocks_lastdim`.
@@ -19,29 +20,44 @@ def _round_half_even(v):
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
-                         UNIT: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr, TO_INT8: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK)
-    for u0 in range(0, K, UNIT):
-        # absmax over the unit [u0, u0 + UNIT)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c0 in range(u0, u0 + UNIT, BLOCK):
-            c = c0 + cols
-            v = tl.load(x_row + c, mask=(c < K) & (c < u0 + UNIT), other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.math.div_rn(tl.max(amax, 0), QMAX)
+def _codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constexpr):
+    v = tl.math.div_rn(v, safe)
+    if TO_INT8:
+        return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
+    return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(dtype)
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                         UNIT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, QMAX: tl.constexpr, TO_INT8: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+    if PER_ROW:  # one unit per row: absmax pass, then quantize pass (the rows stay in L1/L2)
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, K, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            v = tl.load(x_rows + c[None, :], mask=r_mask[:, None] & (c < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
+        scale = tl.math.div_rn(amax, QMAX)
+        tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
+        safe = tl.where(scale > 0, scale, 1.0)[:, None]
+        for c0 in range(0, K, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = r_mask[:, None] & (c < K)[None, :]
+            v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
+    else:  # BLOCK_C = G units of UNIT columns, in one pass
+        G: tl.constexpr = BLOCK_C // UNIT
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = r_mask[:, None] & (c < K)[None, :]
+        v = tl.reshape(tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32), (BLOCK_R, G, UNIT))
+        scale = tl.math.div_rn(tl.max(tl.abs(v), 2), QMAX)  # [BLOCK_R, G]
+        u = tl.program_id(1) * G + tl.arange(0, G)
+        tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sm + u[None, :], scale,
+                 mask=r_mask[:, None] & (u * UNIT < K)[None, :])
         safe = tl.where(scale > 0, scale, 1.0)
-        tl.store(s_ptr + row * stride_sm + u0 // UNIT, scale)
-        for c0 in range(u0, u0 + UNIT, BLOCK):
-            c = c0 + cols
-            m = (c < K) & (c < u0 + UNIT)
-            v = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
-            v = tl.math.div_rn(v, safe)
-            if TO_INT8:
-                qv = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
-            else:
-                qv = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(q_ptr.dtype.element_ty)
-            tl.store(q_row + c, qv, mask=m)
+        qv = tl.reshape(_codes(v, safe[:, :, None], QMAX, TO_INT8, q_ptr.dtype.element_ty), (BLOCK_R, BLOCK_C))
+        tl.store(q_rows + c[None, :], qv, mask=m)

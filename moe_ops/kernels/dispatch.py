@@ -37,19 +37,25 @@ def _scale_unit(granularity: str, group_size: int):
     }.get(granularity, (1, _HUGE))
 
 
-def quantize_act(x: torch.Tensor, mode: str):
-    """Triton activation quantization: ``(q, scale)`` as :func:`moe_ops.activations.quantize_act`."""
+def quantize_act(x: torch.Tensor, mode: str, config=None):
+    """Triton activation quantization: ``(q, scale)`` as :func:`moe_ops.activations.quantize_act`.
+    ``config``: ``(BLOCK_R, BLOCK_C, num_warps)`` (BLOCK_C a power of two, a multiple of 128 for
+    ``fp8_1x128``)."""
     M, K = x.shape
     unit = formats.BLOCK if mode == "fp8_1x128" else max(K, 1)
     to_int8 = mode == "int8_token"
     q = torch.empty(M, K, dtype=torch.int8 if to_int8 else torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, -(-K // unit), dtype=torch.float32, device=x.device)
     if M and K:
-        xc = x.contiguous()
-        block = min(1024, triton.next_power_of_2(unit))
-        wrap_triton(quantize_rows_kernel)[(M,)](
-            xc, q, s, K, xc.stride(0), q.stride(0), s.stride(0),
-            UNIT=unit, BLOCK=block, QMAX=127.0 if to_int8 else 448.0, TO_INT8=to_int8)
+        xc = x if x.stride(1) == 1 else x.contiguous()
+        per_row = unit >= K
+        block_c = min(2048, triton.next_power_of_2(K)) if per_row else max(unit, min(512, triton.next_power_of_2(K)))
+        block_r, block_c, warps = config or (max(1, 4096 // block_c), block_c, 4)
+        grid = (triton.cdiv(M, block_r), 1 if per_row else triton.cdiv(K, block_c))
+        wrap_triton(quantize_rows_kernel)[grid](
+            xc, q, s, M, K, xc.stride(0), q.stride(0), s.stride(0), UNIT=unit, PER_ROW=per_row,
+            BLOCK_R=block_r, BLOCK_C=block_c, QMAX=127.0 if to_int8 else 448.0, TO_INT8=to_int8,
+            num_warps=warps)
     return q, s
 
 
@@ -256,7 +262,7 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
     fp8 operands (:mod:`.recipe_gemms`)."""
     if recipe != "none":
         from . import recipe_gemms
-        return recipe_gemms.wgrad(dy, x, offs, recipe, out_dtype or dy.dtype, _INTERPRET)
+        return recipe_gemms.wgrad(dy, x, offs, recipe, out_dtype or dy.dtype)
     from .grouped_wgrad import launch_wgrad
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
 

@@ -61,14 +61,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(expert, first row of the tile, end row of the expert, number of used tiles)."""
+def _expert_tiles(offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert (``[E_POW2]``, zeros past E): first row, end row, number of BLOCK_M tiles."""
     idx = tl.arange(0, E_POW2)
     valid = idx < E
     ends = tl.load(offs_ptr + idx, mask=valid, other=0)
     prev = tl.load(offs_ptr + idx - 1, mask=valid & (idx > 0), other=0)
     sizes = tl.maximum(ends - prev, 0)
     ntiles = tl.where(valid, (sizes + BLOCK_M - 1) // BLOCK_M, 0)
+    return idx, prev, ends, ntiles
+
+
+@triton.jit
+def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first row of the tile, end row of the expert, number of used tiles, end row of
+    the last expert). Tiles are numbered expert by expert, ``cdiv(rows, BLOCK_M)`` each, every
+    tile starting ``BLOCK_M * j`` rows after its expert's first row."""
+    idx, prev, ends, ntiles = _expert_tiles(offs_ptr, E, E_POW2, BLOCK_M)
     cum = tl.cumsum(ntiles, 0)
     expert = tl.sum((cum <= tile).to(tl.int32), 0)
     total = tl.sum(ntiles, 0)
@@ -77,8 +86,19 @@ def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK
     start = tl.sum(tl.where(sel, prev, 0), 0)
     end = tl.sum(tl.where(sel, ends, 0), 0)
     row0 = start + (tile - first_tile) * BLOCK_M
-    last_end = tl.max(tl.where(valid, ends, 0), 0)
+    last_end = tl.max(tl.where(idx < E, ends, 0), 0)
     return expert, row0, end, total, last_end
+
+
+@triton.jit
+def _tiles_of_expert(offs_ptr, expert, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(first row, end row, index of the first tile, number of tiles) of ``expert``, tiles
+    numbered as in :func:`_expert_of_tile`."""
+    idx, prev, ends, ntiles = _expert_tiles(offs_ptr, E, E_POW2, BLOCK_M)
+    sel = idx == expert
+    first_tile = tl.sum(tl.where(idx < expert, ntiles, 0), 0)
+    return (tl.sum(tl.where(sel, prev, 0), 0), tl.sum(tl.where(sel, ends, 0), 0), first_tile,
+            tl.sum(tl.where(sel, ntiles, 0), 0))
 
 
 @triton.jit

@@ -5,6 +5,13 @@ tile of expert e, reads the expert's row range ``[offs[e-1], offs[e])`` on the d
 reduces over it in BLOCK_M chunks. Deterministic (one program per output tile, fixed order, no
 atomics); an expert with no rows writes exact zeros. fp32 accumulation; output in
 ``out_dtype``. Rows at or past ``offs[-1]`` are read by nobody.
+
+Two kernels: ``grouped_wgrad_kernel`` on 16/32-bit dy ``[M, N]`` and x ``[M, K]``;
+``grouped_wgrad_fp8_kernel`` on the FP8 recipes' operands in the padded token-block layout of
+:mod:`.token_block_quant` (``[N, P]`` and ``[K, P]`` float8, token dim contiguous, every block
+128-column aligned and zero padded), looping over the expert's blocks: per-block scales are
+applied to each block's partial product (``fp8_blockwise``), per-expert scales once at the end
+(``fp8_rowwise``).
 """
 from __future__ import annotations
 
@@ -13,13 +20,15 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .grouped_gemm import _tiles_of_expert
+from .token_block_quant import BLOCK
+
 
 @triton.jit
-def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr, blk_ptr, N, K,
+def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, N, K,
                          stride_dym, stride_dyn, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
-                         stride_sdy, stride_sx,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr, FP8: tl.constexpr):
+                         UPCAST_DOT: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -40,38 +49,92 @@ def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr, blk_p
                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         b = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if FP8:
-            # fp8 operands scaled per (token block, column): chunks never straddle a block
-            blk = tl.load(blk_ptr + m0)
-            sdy = tl.load(sdy_ptr + blk * stride_sdy + rn, mask=n_mask, other=0.0)
-            sx = tl.load(sx_ptr + blk * stride_sx + rk, mask=k_mask, other=0.0)
-            part = tl.dot(tl.trans(a), b, out_dtype=tl.float32)
-            acc += part * sdy[:, None] * sx[None, :]
-        elif UPCAST_DOT:
+        if UPCAST_DOT:
             acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a), b, acc)
-    out = dw_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[:, None] * stride_wn + rk.to(tl.int64)[None, :] * stride_wk
+    _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stride_wk)
+
+
+@triton.jit
+def _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stride_wk):
+    out = (dw_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[:, None] * stride_wn
+           + rk.to(tl.int64)[None, :] * stride_wk)
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
+@triton.jit
+def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr, N, K,
+                             stride_dyn, stride_xk, stride_we, stride_wn, stride_wk, stride_sdy, stride_sx,
+                             E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_EXPERT: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    _start, _end, first, count = _tiles_of_expert(offs_ptr, e, E, E_POW2, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    k_mask = rk < K
+    dy_rows = qdy_ptr + rn.to(tl.int64)[:, None] * stride_dyn
+    x_rows = qx_ptr + rk.to(tl.int64)[:, None] * stride_xk
+    ri = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(0, count):
+        blk = first + j
+        col = blk * BLOCK_M + ri  # a whole, aligned, zero-padded token block
+        a = tl.load(dy_rows + col[None, :], mask=n_mask[:, None], other=0.0)
+        b = tl.load(x_rows + col[None, :], mask=k_mask[:, None], other=0.0)
+        if PER_EXPERT:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+        else:
+            sdy = tl.load(sdy_ptr + blk.to(tl.int64) * stride_sdy + rn, mask=n_mask, other=0.0)
+            sx = tl.load(sx_ptr + blk.to(tl.int64) * stride_sx + rk, mask=k_mask, other=0.0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * sdy[:, None] * sx[None, :]
+    if PER_EXPERT:
+        sdy = tl.load(sdy_ptr + e.to(tl.int64) * stride_sdy + rn, mask=n_mask, other=0.0)
+        sx = tl.load(sx_ptr + e.to(tl.int64) * stride_sx + rk, mask=k_mask, other=0.0)
+        acc = acc * sdy[:, None] * sx[None, :]
+    _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stride_wk)
+
+
 def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, config=None,
-                 interpret: bool = False, fp8_scales=None) -> torch.Tensor:
-    """``[E, N, K]`` in ``out_dtype``. ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``.
-    ``fp8_scales``: ``(s_dy [NB, N], s_x [NB, K], blk [M])`` when dy and x are float8."""
+                 interpret: bool = False) -> torch.Tensor:
+    """``[E, N, K]`` in ``out_dtype`` from 16/32-bit dy ``[M, N]``, x ``[M, K]``. ``config``:
+    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
     M, N = dy.shape
     K = x.shape[1]
     E = offs.shape[0]
     dw = torch.empty(E, N, K, dtype=out_dtype, device=dy.device)
     if E == 0 or N == 0 or K == 0:
         return dw
-    bm, bn, bk, warps, stages = config or ((128, 128, 128, 8, 3) if fp8_scales is not None else (64, 128, 128, 8, 3))
-    sdy, sx, blk = fp8_scales if fp8_scales is not None else (dy, x, offs)
+    bm, bn, bk, warps, stages = config or (64, 128, 128, 8, 3)
     grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
     wrap_triton(grouped_wgrad_kernel)[grid](
-        dy, x, dw, offs, sdy, sx, blk, N, K, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        dy, x, dw, offs, N, K, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
-        sdy.stride(0) if fp8_scales is not None else 0, sx.stride(0) if fp8_scales is not None else 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interpret or dy.dtype == torch.float32,
-        FP8=fp8_scales is not None, num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages)
+    return dw
+
+
+def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor, sx: torch.Tensor,
+                     offs: torch.Tensor, per_expert: bool, out_dtype: torch.dtype, config=None) -> torch.Tensor:
+    """``[E, N, K]`` in ``out_dtype`` from the padded token-block operands of
+    :func:`.token_block_quant.token_block_quant`: ``qdy_t`` ``[N, P]``, ``qx_t`` ``[K, P]``
+    float8 and their scales (``[E, .]`` if ``per_expert`` else per block). ``config``:
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``; the reduction chunk is one token block."""
+    N, K, E = qdy_t.shape[0], qx_t.shape[0], offs.shape[0]
+    dw = torch.empty(E, N, K, dtype=out_dtype, device=qdy_t.device)
+    if E == 0 or N == 0 or K == 0:
+        return dw
+    bn, bk, warps, stages = config or (128, 128, 8, 4)
+    grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
+    wrap_triton(grouped_wgrad_fp8_kernel)[grid](
+        qdy_t, qx_t, dw, offs, sdy, sx, N, K, qdy_t.stride(0), qx_t.stride(0),
+        dw.stride(0), dw.stride(1), dw.stride(2), sdy.stride(0), sx.stride(0),
+        E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
+        num_warps=warps, num_stages=stages)
     return dw

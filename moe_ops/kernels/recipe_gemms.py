@@ -13,12 +13,10 @@ kernels (fp32 accumulation, scales applied per K tile where they vary along K):
 
 The numbers equal the reference emulation up to float32 summation order. The wgrad operands
 are quantized by a Triton kernel that writes the layout the wgrad kernel reads
-(:mod:`.token_block_quant`); weight-side quantization is a Triton kernel too (:mod:`.weight_quant`),
+(:mod:`.token_block_quant`: token dim contiguous, 128-row blocks aligned and zero padded); weight-side quantization is a Triton kernel too (:mod:`.weight_quant`),
 which writes W^T's codes and scales directly for the dgrad GEMM.
 """
 from __future__ import annotations
-
-from moe_ops import recipes
 
 _E4M3 = "fp8_e4m3"
 
@@ -44,12 +42,10 @@ def dgrad(dy, w, offs, recipe):
     return grouped_mm(dy, data, scale, None, offs, _E4M3, gran, 0, act, "none")
 
 
-def wgrad(dy, x, offs, recipe, out_dtype, interpret: bool):
-    from .grouped_wgrad import launch_wgrad
+def wgrad(dy, x, offs, recipe, out_dtype):
+    from .grouped_wgrad import launch_wgrad_fp8
     from .token_block_quant import token_block_quant
-    block = 0 if recipe == "fp8_rowwise" else recipes.BLOCK
-    blk, num_blocks = recipes.token_blocks(offs, dy.shape[0], block)
-    qdy, sdy = token_block_quant(dy, offs, block, num_blocks)
-    qx, sx = token_block_quant(x, offs, block, num_blocks)
-    config = (128, 128, 128, 8, 3) if block else None
-    return launch_wgrad(qdy, qx, offs, out_dtype, config, interpret, fp8_scales=(sdy, sx, blk))
+    per_expert = recipe == "fp8_rowwise"
+    qdy, sdy = token_block_quant(dy, offs, per_expert)
+    qx, sx = token_block_quant(x, offs, per_expert)
+    return launch_wgrad_fp8(qdy, qx, sdy, sx, offs, per_expert, out_dtype)

@@ -1,11 +1,22 @@
 """Triton quantization of the FP8 recipes' wgrad operands, in the layout the wgrad kernel reads.
 
-``t`` ``[M, C]`` (rows sorted by expert) to float8 e4m3 ``q`` ``[M, C]`` and float32 scales
-``[num_blocks, C]`` per (token block, column), s = absmax / 448 over the block's rows, as
-:func:`moe_ops.recipes.quantize_token_blocks` (same block numbering: expert by expert, blocks of
-``BLOCK_M`` rows from each expert's first row; or one block per expert). One program per
-(block, column tile): two passes over the block's rows (absmax, then quantize). Rows at or
-past ``offs[-1]`` are left unwritten (no GEMM reads them); so are unused blocks' scales.
+Input ``t`` ``[M, C]`` (rows sorted by expert, 16/32-bit). Output: float8 e4m3 codes ``q_t``
+``[C, P]`` (token dim contiguous: the wgrad GEMM's reduction dim, which fp8 tensor-core
+operands want contiguous) in the *padded token-block layout*, and float32 scales.
+
+Padded token-block layout: rows are cut into blocks of ``BLOCK`` (128) rows from each expert's
+first row (an expert's last block may be short; blocks never cross an expert boundary),
+numbered expert by expert as :func:`moe_ops.recipes.token_blocks` numbers them. Block ``b``
+occupies columns ``[b * BLOCK, (b + 1) * BLOCK)`` of ``q_t``; a short block's missing rows are
+zero codes. So every block starts 128-column aligned and the wgrad GEMM reads whole blocks,
+unmasked. ``P = (cdiv(M, BLOCK) + E) * BLOCK`` bounds the used blocks; columns of unused blocks
+and rows at or past ``offs[-1]`` are never written nor read.
+
+Scales (s = absmax / 448 over the unit's rows, per column; an all-zero unit gets s = 0, codes 0):
+``per_expert=False`` (``fp8_blockwise``) ``[cdiv(M, BLOCK) + E, C]`` per (block, column),
+one program per (block, column tile); ``per_expert=True`` (``fp8_rowwise``) ``[E, C]`` per
+(expert, column) over all of the expert's rows, one program per (expert, column tile), two
+passes over the expert's rows. Same math as :func:`moe_ops.recipes.quantize_token_blocks`.
 """
 from __future__ import annotations
 
@@ -14,59 +25,92 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .grouped_gemm import _expert_of_tile
+from moe_ops import formats
+
+from .grouped_gemm import _expert_of_tile, _tiles_of_expert
+
+BLOCK = formats.BLOCK
 
 
 @triton.jit
-def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qm, stride_qc, stride_sb,
+def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl.constexpr):
+    """Codes of the ``[BLOCK_M, BLOCK_C]`` tile ``v`` (zeros in missing rows) to block ``blk``."""
+    qv = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), safe[None, :]), -448.0), 448.0)
+    ri = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    ptr = q_ptr + cols.to(tl.int64)[None, :] * stride_qc + ri[:, None]
+    tl.store(ptr, qv.to(q_ptr.dtype.element_ty), mask=c_mask[None, :])
+
+
+@triton.jit
+def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr):
-    blk = tl.program_id(0)
+    pid = tl.program_id(0)
     pid_c = tl.program_id(1)
-    if PER_EXPERT:
-        end = tl.load(offs_ptr + blk)
-        start = tl.load(offs_ptr + blk - 1, mask=blk > 0, other=0)
-    else:
-        expert, start, row_end, total, last_end = _expert_of_tile(offs_ptr, blk, E, E_POW2, BLOCK_M)
-        end = tl.minimum(start + BLOCK_M, row_end)
-        end = tl.where(blk < total, end, start)  # spare programs: no rows
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
-    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        msk = (rm < end)[:, None] & c_mask[None, :]
-        v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :], mask=msk, other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
-    scale = tl.math.div_rn(amax, 448.0)
-    if end > start:
-        tl.store(s_ptr + blk.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-    safe = tl.where(scale > 0, scale, 1.0)
-    for m0 in range(start, end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        msk = (rm < end)[:, None] & c_mask[None, :]
-        v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :], mask=msk, other=0.0)
-        qv = tl.math.div_rn(v.to(tl.float32), safe[None, :])
-        qv = tl.minimum(tl.maximum(qv, -448.0), 448.0)
-        tl.store(q_ptr + rm.to(tl.int64)[:, None] * stride_qm + cols.to(tl.int64)[None, :] * stride_qc,
-                 qv.to(q_ptr.dtype.element_ty), mask=msk)
+    ri = tl.arange(0, BLOCK_M)
+    if PER_EXPERT:  # program pid = expert
+        start, end, first, count = _tiles_of_expert(offs_ptr, pid, E, E_POW2, BLOCK_M)
+        amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in range(0, count):
+            rm = start + j * BLOCK_M + ri
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
+        scale = tl.math.div_rn(amax, 448.0)
+        tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+        safe = tl.where(scale > 0, scale, 1.0)
+        for j in range(0, count):
+            rm = start + j * BLOCK_M + ri
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M)
+    else:  # program pid = token block
+        _e, row0, end, total, _last = _expert_of_tile(offs_ptr, pid, E, E_POW2, BLOCK_M)
+        if pid < total:
+            rm = row0 + ri
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            scale = tl.math.div_rn(tl.max(tl.abs(v.to(tl.float32)), 0), 448.0)
+            tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+            _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M)
 
 
-def token_block_quant(t: torch.Tensor, offs: torch.Tensor, block: int, num_blocks: int):
-    """``(q [M, C] float8_e4m3fn, scale [num_blocks, C] float32)``; ``block <= 0``: per expert.
-    ``q`` is stored column-major (a ``[C, M]`` buffer, returned as its ``[M, C]`` view): the
-    token dim is the wgrad GEMM's reduction dim, and fp8 tensor-core operands want it
-    contiguous."""
+def padded_blocks(M: int, E: int) -> int:
+    """Static upper bound on the token blocks of ``M`` rows over ``E`` experts."""
+    return -(-M // BLOCK) + E
+
+
+def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, config=None):
+    """``(q_t [C, P] float8_e4m3fn, scale float32)`` of ``t`` ``[M, C]`` in the padded
+    token-block layout (module docstring); scale ``[E, C]`` if ``per_expert`` else
+    ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps)``."""
     M, C = t.shape
     E = offs.shape[0]
-    tc = t.contiguous()
-    q = torch.empty(C, M, dtype=torch.float8_e4m3fn, device=t.device).t()
-    s = torch.empty(num_blocks, C, dtype=torch.float32, device=t.device)
-    if M == 0 or C == 0:
-        return q, s
-    bm, bc = (block, 64) if block > 0 else (64, 64)
-    grid = (num_blocks - 1 if block > 0 else E, triton.cdiv(C, bc))
+    nb = padded_blocks(M, E)
+    q = torch.empty(C, nb * BLOCK, dtype=torch.float8_e4m3fn, device=t.device)
+    s = torch.empty(E if per_expert else nb, C, dtype=torch.float32, device=t.device)
+    if M == 0 or C == 0 or E == 0:
+        return q, s.zero_()
+    tc = t if t.stride(1) == 1 else t.contiguous()
+    bc, warps = config or (64, 8)
+    grid = (E if per_expert else nb, triton.cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
-        tc, q, s, offs, C, tc.stride(0), q.stride(0), q.stride(1), s.stride(0),
-        E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_C=bc, PER_EXPERT=block <= 0)
+        tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
+        E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, num_warps=warps)
     return q, s
+
+
+def padded_columns(offs: torch.Tensor, M: int) -> torch.Tensor:
+    """Column of ``q_t`` holding each row ``[M]`` int64 (``-1`` for rows at or past ``offs[-1]``):
+    the layout's definition, for tests and debugging."""
+    from moe_ops import recipes
+    blk, _ = recipes.token_blocks(offs, M, BLOCK)
+    rows = torch.arange(M, device=offs.device)
+    offs64 = offs.to(torch.int64)
+    starts = torch.cat([offs64.new_zeros(1), offs64[:-1]])
+    eid = torch.searchsorted(offs64, rows, right=True)
+    inside = eid < offs.shape[0]
+    pos = (rows - starts[eid.clamp(max=offs.shape[0] - 1)]) % BLOCK
+    return torch.where(inside, blk * BLOCK + pos, torch.full_like(rows, -1))

@@ -54,17 +54,21 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
 
 
-def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False):
+def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
-    (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed)."""
+    (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
+    ``config``: ``(BLOCK_N, BLOCK_K, num_warps)`` for ``channel`` (rows of one scale each,
+    reduced columns per step); ``block`` tiles are 128 x 128."""
     E = w.shape[0]
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
     if granularity == "channel":
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
-        grid, bn, bk, per_row = (E, triton.cdiv(R, 32), 1), 32, 128, True
+        # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
+        bn, bk, warps = config or ((128, 64, 8) if transpose else (8, 512, 4))
+        grid, per_row = (E, triton.cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
     else:
@@ -80,8 +84,9 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False)
             q_strides = (q.stride(0), q.stride(1), q.stride(2))
             s_strides = (s.stride(0), s.stride(1), s.stride(2))
         grid, bn, bk, per_row = (E, nb, kb), 128, 128, False
+        warps = (config or (128, 128, 8))[2]
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
-            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row)
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, num_warps=warps)
     return q, s

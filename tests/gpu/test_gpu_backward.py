@@ -82,16 +82,25 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
-@pytest.mark.parametrize("block", [0, 128])
-def test_token_block_quant_bit_exact(block):
-    from moe_ops.kernels.token_block_quant import token_block_quant
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_token_block_quant_bit_exact(per_expert):
+    """Codes and scales of the padded token-block layout equal the reference quantization bit
+    for bit; the padding of every used block is zero codes."""
+    from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns, token_block_quant
     x, dy, _, offs = _case(5)
-    q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, block)
-    q, s = token_block_quant(x.to(DEV), offs.to(DEV), block, s_ref.shape[0])
+    q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, 0 if per_expert else 128)
+    # poison the allocator's next block of the codes' size (0x7F: a NaN code)
+    torch.full((x.shape[1], padded_blocks(x.shape[0], E) * 128), 0x7F, dtype=torch.uint8, device=DEV)
+    q, s = token_block_quant(x.to(DEV), offs.to(DEV), per_expert)
     end = int(offs[-1])
     used = torch.unique(blk[:end])
     assert torch.equal(s.cpu()[used], s_ref[used])
-    assert torch.equal(q.cpu()[:end].view(torch.uint8), q_ref[:end].view(torch.uint8))
+    col = padded_columns(offs, x.shape[0])[:end]
+    q8 = q.cpu().view(torch.uint8)
+    assert torch.equal(q8[:, col].t(), q_ref[:end].view(torch.uint8))
+    block_cols = (used.unsqueeze(1) * 128 + torch.arange(128)).flatten()
+    pad = block_cols[~torch.isin(block_cols, col)]
+    assert torch.all(q8[:, pad] == 0)
 
 
 @pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])

@@ -80,10 +80,11 @@ def test_fp8_activations(mode, fmt, gran):
     assert rel_err(y, ref) < 2e-2
 
 
+@pytest.mark.parametrize("shape", [(300, 1000), (37, 5000)])
 @pytest.mark.parametrize("mode", ["int8_token", "fp8_token", "fp8_1x128"])
-def test_act_quant_kernel_bit_exact(mode):
+def test_act_quant_kernel_bit_exact(mode, shape):
     from moe_ops.kernels import dispatch
-    x = torch.randn(300, 1000, dtype=torch.bfloat16) * 3
+    x = torch.randn(*shape, dtype=torch.bfloat16) * 3
     qr, sr = moe_ops.activations.quantize_act(x, mode)
     for qk, sk in (dispatch.quantize_act(x.to(DEV), mode), moe_ops.quantize_act(x.to(DEV), mode)):
         assert torch.equal(sk.cpu(), sr)

@@ -103,8 +103,11 @@ def test_unserved_combination_falls_back_to_reference():
     assert dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none") is None
 
 
-def test_act_quant_kernel_int8_exact_and_scales():
-    x = torch.randn(37, 300) * 5
+@pytest.mark.parametrize("shape", [(37, 300), (5, 2100)])
+def test_act_quant_kernel_int8_exact_and_scales(shape):
+    """Rows not a multiple of the row block, K not a multiple of 128 or of the column block,
+    per-row units wider than one column block (2100), an all-zero row."""
+    x = torch.randn(*shape) * 5
     x[3] = 0
     for mode in ("int8_token", "fp8_token", "fp8_1x128"):
         qk, sk = dispatch.quantize_act(x, mode)
@@ -184,6 +187,21 @@ def test_recipe_forward_and_dgrad(recipe):
         assert torch.all(out[int(offs[-1]):] == 0)
 
 
+def _padded_reference(t, offs, per_expert):
+    """The reference quantization (:func:`moe_ops.recipes.quantize_token_blocks`) laid out as
+    the padded token-block layout: ``(q_t [C, P], scale, used scale rows)``."""
+    from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns
+    M, C = t.shape
+    E = offs.shape[0]
+    q, s, blk = moe_ops.recipes.quantize_token_blocks(t, offs, 0 if per_expert else 128)
+    col = padded_columns(offs, M)
+    inside = col >= 0
+    q_t = torch.zeros(C, padded_blocks(M, E) * 128, dtype=q.dtype)
+    q_t.view(torch.uint8)[:, col[inside]] = q[inside].view(torch.uint8).t()
+    used = torch.unique(blk[inside])
+    return q_t, s[:E] if per_expert else s[: padded_blocks(M, E)], used
+
+
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
 def test_recipe_wgrad_fp8_kernel(recipe):
     """fp8 wgrad with per-(token block, column) scales: experts of 300 and 140 rows (several
@@ -192,21 +210,27 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     x = torch.randn(460, 64, generator=g)
     dy = torch.randn(460, 48, generator=g)
     offs = torch.tensor([300, 300, 440], dtype=torch.int32)
-    from moe_ops.kernels.grouped_wgrad import launch_wgrad
-    from moe_ops.kernels.token_block_quant import token_block_quant
-    block = 0 if recipe == "fp8_rowwise" else 128
-    qdy, sdy, blk = moe_ops.recipes.quantize_token_blocks(dy, offs, block)
-    qx, sx, _ = moe_ops.recipes.quantize_token_blocks(x, offs, block)
-    # the GEMM on the reference-quantized operands
-    dw = launch_wgrad(qdy, qx, offs, torch.float32, (128, 32, 32, 4, 1), True, fp8_scales=(sdy, sx, blk))
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8
+    from moe_ops.kernels.token_block_quant import padded_columns, token_block_quant
+    per_expert = recipe == "fp8_rowwise"
+    qdy, sdy, used = _padded_reference(dy, offs, per_expert)
+    qx, sx, _ = _padded_reference(x, offs, per_expert)
+    # the GEMM on the reference-quantized operands: N, K not multiples of the tile
+    dw = launch_wgrad_fp8(qdy, qx, sdy, sx, offs, per_expert, torch.float32, (32, 32, 4, 1))
     ref = reference.grouped_mm_wgrad(dy, x, offs, recipe)
     assert torch.all(dw[1] == 0)
     assert rel_err(dw, ref) < 1e-6
-    # the quantization kernel: the same scales for every used block (Triton's interpreter rounds
-    # float32 -> float8 differently from the hardware; the GPU tests compare the codes bit for bit)
-    qk, sk = token_block_quant(dy, offs, block, sdy.shape[0])
-    used = torch.unique(blk[: int(offs[-1])])
-    assert torch.equal(sk[used], sdy[used])
+    # the quantization kernel: the same scales for every used unit and the padded rows' codes
+    # zero (Triton's interpreter rounds float32 -> float8 differently from the hardware; the
+    # GPU tests compare the codes bit for bit)
+    qk, sk = token_block_quant(dy, offs, per_expert)
+    assert qk.shape == qdy.shape and sk.shape == sdy.shape
+    assert torch.equal(sk, sdy) if per_expert else torch.equal(sk[used], sdy[used])
+    written = torch.zeros(qk.shape[1], dtype=torch.bool)
+    written[padded_columns(offs, 460).clamp(min=0)] = True
+    block_cols = (used.unsqueeze(1) * 128 + torch.arange(128)).flatten()
+    pad = block_cols[~written[block_cols]]
+    assert pad.numel() > 0 and torch.all(qk[:, pad].float() == 0)
     # and the whole recipe wgrad through the operator's Triton path stays within fp8 error
     full = dispatch.grouped_mm_wgrad(dy, x, offs, recipe)
     assert rel_err(full, ref) < 0.1

@@ -1,0 +1,97 @@
+"""Sweep the FP8 training recipes' kernels: the fp8 wgrad GEMM and the quantization casts.
+
+Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR]``; prints each ranking (wgrad:
+TFLOP/s over the fp8 matmul ceiling; casts: bytes read + written over the copy ceiling) and
+writes ``tune_recipes.json``. The defaults in the kernels' launchers come from these rankings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from bench_training import SHAPES  # noqa: E402
+
+from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8  # noqa: E402
+from moe_ops.kernels.token_block_quant import token_block_quant  # noqa: E402
+from moe_ops.kernels.weight_quant import fp8_weight_quant  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig as C  # noqa: E402
+
+FWD = [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(128, 256, 128, 8, 3), C(64, 128, 128, 4, 4),
+       C(128, 128, 128, 4, 4), C(256, 128, 128, 8, 3), C(128, 128, 64, 8, 4), C(128, 256, 64, 8, 4)]
+WGRAD = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+         (64, 128, 4, 4), (128, 64, 4, 4)]
+ACT_ROW = [(2, 2048, 4), (4, 2048, 8), (1, 2048, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 8)]
+ACT_1X128 = [(8, 512, 4), (16, 512, 8), (4, 1024, 4), (32, 128, 4), (16, 256, 4), (8, 1024, 8)]
+TOKEN_BLOCKS = [(64, 8), (64, 4), (128, 8), (32, 4), (256, 16)]
+W_CHANNEL = [(8, 512, 4), (16, 512, 8), (4, 1024, 4), (32, 128, 4), (8, 1024, 8)]
+W_CHANNEL_T = [(128, 64, 8), (128, 32, 4), (256, 32, 8), (64, 64, 4), (128, 128, 8)]
+W_BLOCK = [(128, 128, 8), (128, 128, 4), (128, 128, 16)]
+
+
+def main(out_dir):
+    dev = torch.device("cuda")
+    env, ceil = harness.environment(dev), harness.ceilings(dev)
+    T, res = 4096, []
+
+    def record(sname, kind, ranking, unit, total):
+        best = ranking[0][0] if ranking else float("nan")
+        share = total / best / (ceil["fp8_TFLOPs"] * 1e9 if unit == "flop" else ceil["copy_GBps"] * 1e6)
+        print(f"== {sname} {kind}: best {best:.4f} ms, {share:.2f} of the ceiling", flush=True)
+        res.append({"shape": sname, "kind": kind, "best_share": share,
+                    "ranking": [(ms, str(c)) for ms, c in ranking]})
+
+    for sname, (E, top_k, K, N) in SHAPES.items():
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
+        M = T * top_k
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+        for recipe, act, gran in (("blockwise", "fp8_1x128", "block"), ("rowwise", "fp8_token", "channel")):
+            data, scale = fp8_weight_quant(w, gran)
+            rk = harness.sweep(lambda c, a=(data, scale, act, gran): (
+                lambda: dispatch.grouped_mm(x, a[0], a[1], None, offs, "fp8_e4m3", a[3], 0, a[2], "none", config=c)),
+                FWD, f"{sname} fwd_{recipe}")
+            record(sname, f"fwd_{recipe}_incl_x_cast", rk, "flop", 2.0 * M * N * K)
+            data = scale = None
+        for per_expert in (False, True):
+            qdy, sdy = token_block_quant(dy, offs, per_expert)
+            qx, sx = token_block_quant(x, offs, per_expert)
+            kind = "wgrad_fp8_" + ("rowwise" if per_expert else "blockwise")
+            rk = harness.sweep(lambda c, p=per_expert, a=(qdy, qx, sdy, sx): (
+                lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c)), WGRAD, f"{sname} {kind}")
+            record(sname, kind, rk, "flop", 2.0 * M * N * K)
+        if sname == "qwen3_gate_up":  # the casts are bandwidth-bound: one shape says enough
+            act_bytes = M * K * 3
+            sweeps = {
+                "cast_x_fp8_token": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_token", c)), ACT_ROW, act_bytes),
+                "cast_x_fp8_1x128": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_1x128", c)), ACT_1X128,
+                                     act_bytes),
+                "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)), TOKEN_BLOCKS,
+                                            act_bytes),
+                "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
+                                               TOKEN_BLOCKS, act_bytes),
+                "cast_w_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", False, c)), W_CHANNEL,
+                                       E * N * K * 3),
+                "cast_wT_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", True, c)), W_CHANNEL_T,
+                                        E * N * K * 3),
+                "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c)), W_BLOCK,
+                                     E * N * K * 3),
+                "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c)), W_BLOCK,
+                                                E * N * K * 3),
+            }
+            for kind, (make, space, nbytes) in sweeps.items():
+                record(sname, kind, harness.sweep(make, space, f"{sname} {kind}"), "byte", nbytes)
+        x = dy = w = qdy = qx = None
+    harness.write_json(os.path.join(out_dir, "tune_recipes.json"), {"env": env, "ceilings": ceil, "results": res})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    main(p.parse_args().out)
