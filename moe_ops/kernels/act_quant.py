@@ -1,8 +1,9 @@
 """Triton dynamic activation quantization, writing the layout the grouped GEMM reads.
 
-``quantize_rows_kernel``: one program per ``BLOCK_R`` rows (and, for ``UNIT < K``, per
-``BLOCK_C`` columns, a power-of-two multiple of the power-of-two ``UNIT``); symmetric
-quantization of x ``[M, K]`` (K contiguous) over blocks of ``UNIT`` columns (``PER_ROW``: one per row) to int8 (``TO_INT8``: round half to even,
+``quantize_rows_kernel``: symmetric quantization of x ``[M, K]`` (K contiguous) over blocks of
+``UNIT`` columns (a power of two), or per row (``PER_ROW``). Grid: ``cdiv(M, BLOCK_R)`` row
+blocks, times ``cdiv(K, UNIT)`` units unless ``PER_ROW``. A per-row program holds its rows in
+registers when ``BLOCK_C >= K`` (one read), else reads them twice in ``BLOCK_C`` chunks to int8 (``TO_INT8``: round half to even,
 clamp to +-127) or float8 e4m3 (clamp to +-448); scales float32 ``[M, ceil(K/UNIT)]`` =
 absmax / qmax (0 for an all-zero unit, whose codes are 0). Same math as
 :func:`moe_ops.activations.quantize_blocks_lastdim`.
@@ -35,29 +36,35 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
     r_mask = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
-    if PER_ROW:  # one unit per row: absmax pass, then quantize pass (the rows stay in L1/L2)
-        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for c0 in range(0, K, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            v = tl.load(x_rows + c[None, :], mask=r_mask[:, None] & (c < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
-        scale = tl.math.div_rn(amax, QMAX)
-        tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
-        safe = tl.where(scale > 0, scale, 1.0)[:, None]
-        for c0 in range(0, K, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
+    if PER_ROW:  # one unit per row
+        if BLOCK_C >= K:  # the whole row in registers: one pass
+            c = tl.arange(0, BLOCK_C)
             m = r_mask[:, None] & (c < K)[None, :]
             v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
+            tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
+            safe = tl.where(scale > 0, scale, 1.0)[:, None]
             tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
-    else:  # BLOCK_C = G units of UNIT columns, in one pass
-        G: tl.constexpr = BLOCK_C // UNIT
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        else:  # absmax pass, then quantize pass (the rows stay in L2)
+            amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for c0 in range(0, K, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                v = tl.load(x_rows + c[None, :], mask=r_mask[:, None] & (c < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
+            scale = tl.math.div_rn(amax, QMAX)
+            tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
+            safe = tl.where(scale > 0, scale, 1.0)[:, None]
+            for c0 in range(0, K, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                m = r_mask[:, None] & (c < K)[None, :]
+                v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
+                tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
+    else:  # program (row block, unit): a [BLOCK_R, UNIT] tile, one pass
+        u = tl.program_id(1)
+        c = u * UNIT + tl.arange(0, UNIT)
         m = r_mask[:, None] & (c < K)[None, :]
-        v = tl.reshape(tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32), (BLOCK_R, G, UNIT))
-        scale = tl.math.div_rn(tl.max(tl.abs(v), 2), QMAX)  # [BLOCK_R, G]
-        u = tl.program_id(1) * G + tl.arange(0, G)
-        tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sm + u[None, :], scale,
-                 mask=r_mask[:, None] & (u * UNIT < K)[None, :])
-        safe = tl.where(scale > 0, scale, 1.0)
-        qv = tl.reshape(_codes(v, safe[:, :, None], QMAX, TO_INT8, q_ptr.dtype.element_ty), (BLOCK_R, BLOCK_C))
-        tl.store(q_rows + c[None, :], qv, mask=m)
+        v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
+        tl.store(s_ptr + rows.to(tl.int64) * stride_sm + u, scale, mask=r_mask)
+        safe = tl.where(scale > 0, scale, 1.0)[:, None]
+        tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)

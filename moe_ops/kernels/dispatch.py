@@ -39,8 +39,7 @@ def _scale_unit(granularity: str, group_size: int):
 
 def quantize_act(x: torch.Tensor, mode: str, config=None):
     """Triton activation quantization: ``(q, scale)`` as :func:`moe_ops.activations.quantize_act`.
-    ``config``: ``(BLOCK_R, BLOCK_C, num_warps)`` (BLOCK_C a power of two, a multiple of 128 for
-    ``fp8_1x128``)."""
+    ``config``: ``(BLOCK_R, BLOCK_C, num_warps)``; BLOCK_C (a power of two) matters per row only."""
     M, K = x.shape
     unit = formats.BLOCK if mode == "fp8_1x128" else max(K, 1)
     to_int8 = mode == "int8_token"
@@ -49,13 +48,17 @@ def quantize_act(x: torch.Tensor, mode: str, config=None):
     if M and K:
         xc = x if x.stride(1) == 1 else x.contiguous()
         per_row = unit >= K
-        block_c = min(2048, triton.next_power_of_2(K)) if per_row else max(unit, min(512, triton.next_power_of_2(K)))
-        block_r, block_c, warps = config or (max(1, 4096 // block_c), block_c, 4)
-        grid = (triton.cdiv(M, block_r), 1 if per_row else triton.cdiv(K, block_c))
+        if per_row:  # rows in registers up to 8192 columns
+            block_c = min(8192, triton.next_power_of_2(K))
+            default = (max(1, 8192 // block_c), block_c, 8)
+        else:
+            default = (32, unit, 4)
+        block_r, block_c, warps = config or default
+        grid = (triton.cdiv(M, block_r), 1 if per_row else triton.cdiv(K, unit))
         wrap_triton(quantize_rows_kernel)[grid](
-            xc, q, s, M, K, xc.stride(0), q.stride(0), s.stride(0), UNIT=unit, PER_ROW=per_row,
-            BLOCK_R=block_r, BLOCK_C=block_c, QMAX=127.0 if to_int8 else 448.0, TO_INT8=to_int8,
-            num_warps=warps)
+            xc, q, s, M, K, xc.stride(0), q.stride(0), s.stride(0), UNIT=unit if not per_row else 1,
+            PER_ROW=per_row, BLOCK_R=block_r, BLOCK_C=block_c, QMAX=127.0 if to_int8 else 448.0,
+            TO_INT8=to_int8, num_warps=warps)
     return q, s
 
 

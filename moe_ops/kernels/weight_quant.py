@@ -67,7 +67,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
         # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
-        bn, bk, warps = config or ((128, 64, 8) if transpose else (8, 512, 4))
+        bn, bk, warps = config or ((64, 64, 4) if transpose else (8, 1024, 8))  # tune_recipes.py, H100
         grid, per_row = (E, triton.cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
@@ -84,7 +84,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             q_strides = (q.stride(0), q.stride(1), q.stride(2))
             s_strides = (s.stride(0), s.stride(1), s.stride(2))
         grid, bn, bk, per_row = (E, nb, kb), 128, 128, False
-        warps = (config or (128, 128, 8))[2]
+        warps = (config or (128, 128, 16))[2]
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,

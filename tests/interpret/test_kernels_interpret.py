@@ -116,6 +116,9 @@ def test_act_quant_kernel_int8_exact_and_scales(shape):
         if mode == "int8_token":
             assert torch.equal(qk, qr)
         assert torch.all(qk[3].float() == 0)
+        if mode != "fp8_1x128":  # per row in two passes over 1024-column chunks
+            qk2, sk2 = dispatch.quantize_act(x, mode, (2, 1024, 4))
+            assert torch.equal(sk2, sr) and torch.equal(qk2.view(torch.uint8), qk.view(torch.uint8))
 
 
 def test_all_rows_on_one_expert_and_m_smaller_than_tile():
