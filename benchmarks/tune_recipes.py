@@ -1,6 +1,6 @@
 """Sweep the FP8 training recipes' kernels: the fp8 wgrad GEMM and the quantization casts.
 
-Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR]``; prints each ranking (wgrad:
+Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR] [--only SUBSTRING]``; prints each ranking (wgrad:
 TFLOP/s over the fp8 matmul ceiling; casts: bytes read + written over the copy ceiling) and
 writes ``tune_recipes.json``. The defaults in the kernels' launchers come from these rankings.
 Every config is timed as CUDA-graph replays: an eager launch of these ops costs the host about
@@ -31,12 +31,12 @@ WGRAD = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3),
 ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8)]  # BLOCK_C < K: two passes
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
 TOKEN_BLOCKS = [(32, 4), (64, 8), (64, 4), (32, 2), (16, 2)]
-W_CHANNEL = [(8, 1024, 8), (4, 1024, 4), (8, 2048, 8), (16, 512, 8)]
-W_CHANNEL_T = [(64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 32, 4)]
+W_CHANNEL = [(8, 2048, 8), (16, 2048, 16), (4, 2048, 4), (8, 1024, 8)]  # BLOCK_K >= K (2048): one read
+W_CHANNEL_T = [(8, 2048, 8), (16, 2048, 16), (4, 2048, 4), (64, 64, 4)]  # BLOCK_K >= N (1536): one read
 W_BLOCK = [(128, 128, 16), (128, 128, 8)]
 
 
-def main(out_dir):
+def main(out_dir, only=""):
     dev = torch.device("cuda")
     env, ceil = harness.environment(dev), harness.ceilings(dev)
     T, res = 4096, []
@@ -55,6 +55,8 @@ def main(out_dir):
         dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
         w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
         for recipe, act, gran in (("blockwise", "fp8_1x128", "block"), ("rowwise", "fp8_token", "channel")):
+            if only not in f"fwd_{recipe}":
+                continue
             data, scale = fp8_weight_quant(w, gran)
             rk = harness.sweep(lambda c, a=(data, scale, act, gran): (
                 lambda: dispatch.grouped_mm(x, a[0], a[1], None, offs, "fp8_e4m3", a[3], 0, a[2], "none", config=c)),
@@ -65,6 +67,8 @@ def main(out_dir):
             qdy, sdy = token_block_quant(dy, offs, per_expert)
             qx, sx = token_block_quant(x, offs, per_expert)
             kind = "wgrad_fp8_" + ("rowwise" if per_expert else "blockwise")
+            if only not in kind:
+                continue
             rk = harness.sweep(lambda c, p=per_expert, a=(qdy, qx, sdy, sx): (
                 lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c)), WGRAD, f"{sname} {kind}", graph=True)
             record(sname, kind, rk, "flop", 2.0 * M * N * K)
@@ -88,6 +92,8 @@ def main(out_dir):
                                                 E * N * K * 3),
             }
             for kind, (make, space, nbytes) in sweeps.items():
+                if only not in kind:
+                    continue
                 record(sname, kind, harness.sweep(make, space, f"{sname} {kind}", graph=True), "byte", nbytes)
         x = dy = w = qdy = qx = None
     harness.write_json(os.path.join(out_dir, "tune_recipes.json"), {"env": env, "ceilings": ceil, "results": res})
@@ -96,4 +102,6 @@ def main(out_dir):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    main(p.parse_args().out)
+    p.add_argument("--only", default="", help="sweep only the kinds containing this substring")
+    a = p.parse_args()
+    main(a.out, a.only)
