@@ -3,8 +3,7 @@
 Same math as :func:`moe_ops.formats.quantize` (``fp8_e4m3``; s = absmax / 448 per unit,
 data = float8(clamp(w / s, -448, 448)), an all-zero unit gets s = 0 and zero codes), for two
 units: ``block`` (128 x 128 tiles, one program a tile) and ``channel`` (one scale per output
-row over all of K, one program per BLOCK_N rows: ``ONE_PASS`` (``BLOCK_K >= K``) holds the rows
-in registers and reads them once, otherwise two passes over K in BLOCK_K chunks). Input and outputs are
+row over all of K, one program per BLOCK_N rows, two passes over K). Input and outputs are
 addressed through strides, so the kernel can read W ``[E, N, K]`` as its transpose and write
 the transposed codes and scales directly (the layout the dgrad GEMM reads).
 """
@@ -20,8 +19,7 @@ from torch.library import wrap_triton
 def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
                             stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                             stride_se, stride_sn, stride_sk,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
-                            ONE_PASS: tl.constexpr = False):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -29,16 +27,7 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
     q_base = q_ptr + e * stride_qe + rn.to(tl.int64)[:, None] * stride_qn
-    if ONE_PASS:  # PER_ROW with whole rows in registers
-        rk = tl.arange(0, BLOCK_K)
-        m = n_mask[:, None] & (rk < K)[None, :]
-        v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.abs(v), 1), 448.0)
-        tl.store(s_ptr + e * stride_se + rn.to(tl.int64) * stride_sn, scale, mask=n_mask)
-        safe = tl.where(scale > 0, scale, 1.0)[:, None]
-        qv = tl.minimum(tl.maximum(tl.math.div_rn(v, safe), -448.0), 448.0)
-        tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
-    elif PER_ROW:
+    if PER_ROW:
         amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -70,22 +59,15 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
     (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
     ``config``: ``(BLOCK_N, BLOCK_K, num_warps)`` for ``channel`` (rows of one scale each,
-    reduced columns per step: ``BLOCK_K`` at least the reduced length reads each row once);
-    ``block`` tiles are 128 x 128."""
+    reduced columns per step); ``block`` tiles are 128 x 128."""
     E = w.shape[0]
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
     if granularity == "channel":
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
-        # whole rows in registers (16K float32 a program) where they fit: one read of W;
-        # else two passes (tune_recipes.py on an H100: (64, 64, 4) for W^T, (8, 1024, 8) for W)
-        c_pow2 = triton.next_power_of_2(max(C, 1))
-        if c_pow2 <= 16384:
-            default = (max(1, 16384 // c_pow2), c_pow2, 8)
-        else:
-            default = (64, 64, 4) if transpose else (8, 1024, 8)
-        bn, bk, warps = config or default
+        # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
+        bn, bk, warps = config or ((64, 64, 4) if transpose else (8, 1024, 8))  # tune_recipes.py, H100
         grid, per_row = (E, triton.cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
@@ -106,5 +88,5 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
-            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, ONE_PASS=per_row and bk >= C, num_warps=warps)
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, num_warps=warps)
     return q, s

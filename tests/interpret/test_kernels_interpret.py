@@ -251,6 +251,3 @@ def test_fp8_weight_quant_scales(gran, transpose):
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert q.shape == d_ref.shape and q.dtype == d_ref.dtype
     assert torch.equal(s, s_ref)
-    if gran == "channel":  # the default reads whole rows once; a two-pass config gives the same bits
-        q2, s2 = fp8_weight_quant(w, gran, transpose, (16, 64, 4))
-        assert torch.equal(s2, s) and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
