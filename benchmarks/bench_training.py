@@ -116,7 +116,8 @@ def run(args):
                              "mm_share": 2.0 * M * N * K / ms / 1e9 / ceiling})
             rows.extend(cast_rows(sname, T, x.detach(), w.detach(), offs, ceil))
         x = w = dy = None  # free before the next shape
-    cols = ["shape", "T", "variant", "ms", "ms_graph", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps", "copy_share"]
+    cols = ["shape", "T", "variant", "ms", "ms_graph", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps",
+            "copy_share"]
     name = "training_" + env.get("device", "gpu").replace(" ", "_")
     print(harness.write_results(name, env, ceil, rows, cols, args.out))
 

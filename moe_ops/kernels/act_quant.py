@@ -1,12 +1,14 @@
 """Triton dynamic activation quantization, writing the layout the grouped GEMM reads.
 
 ``quantize_rows_kernel``: symmetric quantization of x ``[M, K]`` (K contiguous) over blocks of
-``UNIT`` columns (a power of two), or per row (``PER_ROW``). Grid: ``cdiv(M, BLOCK_R)`` row
-blocks, times ``cdiv(K, UNIT)`` units unless ``PER_ROW``. A per-row program holds its rows in
-registers when ``BLOCK_C >= K`` (one read), else reads them twice in ``BLOCK_C`` chunks to int8 (``TO_INT8``: round half to even,
-clamp to +-127) or float8 e4m3 (clamp to +-448); scales float32 ``[M, ceil(K/UNIT)]`` =
-absmax / qmax (0 for an all-zero unit, whose codes are 0). Same math as
+``UNIT`` columns (a power of two), or per row (``PER_ROW``), to int8 (``TO_INT8``: round half
+to even, clamp to +-127) or float8 e4m3 (clamp to +-448); scales float32 ``[M, ceil(K/UNIT)]``
+(``[M, 1]`` per row) = absmax / qmax (0 for an all-zero unit, whose codes are 0). Same math as
 :func:`moe_ops.activations.quantize_blocks_lastdim`.
+
+Grid: ``cdiv(M, BLOCK_R)`` row blocks, times ``cdiv(K, UNIT)`` units unless ``PER_ROW``; a unit
+program quantizes one ``[BLOCK_R, UNIT]`` tile in one read. A per-row program holds its rows
+in registers when ``BLOCK_C >= K`` (one read), else reads them twice in ``BLOCK_C`` chunks.
 """
 from __future__ import annotations
 

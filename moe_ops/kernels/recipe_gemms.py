@@ -7,14 +7,14 @@ kernels (fp32 accumulation, scales applied per K tile where they vary along K):
   W ``block`` (128x128).
 * dgrad    the same on ``(dy, W^T)``: rowwise W is scaled along N per (e, k); blockwise reuses
   W's 128x128 tiles, transposed (block quantization commutes with transposition).
-* wgrad    dy and x in float8 with scales per (token block, column): one block per expert
-  (rowwise) or 128-row blocks from each expert's first row (blockwise); the wgrad kernel's
-  ``FP8`` mode.
+* wgrad    dy and x in float8 with scales per (expert, column) (rowwise) or per (128-row
+  block from each expert's first row, column) (blockwise), read by ``grouped_wgrad_fp8_kernel``.
 
 The numbers equal the reference emulation up to float32 summation order. The wgrad operands
 are quantized by a Triton kernel that writes the layout the wgrad kernel reads
-(:mod:`.token_block_quant`: token dim contiguous, 128-row blocks aligned and zero padded); weight-side quantization is a Triton kernel too (:mod:`.weight_quant`),
-which writes W^T's codes and scales directly for the dgrad GEMM.
+(:mod:`.token_block_quant`: token dim contiguous, 128-row blocks aligned and zero padded);
+weight-side quantization is a Triton kernel too (:mod:`.weight_quant`), which writes W^T's
+codes and scales directly for the dgrad GEMM.
 """
 from __future__ import annotations
 
