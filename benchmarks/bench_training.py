@@ -69,11 +69,8 @@ def run(args):
     rows = []
     T = 4096
     for sname, (E, top_k, K, N) in SHAPES.items():
-        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
+        offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev, requires_grad=True)
         M = T * top_k
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
-        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
         flops = 3 * 2.0 * M * N * K
 
         def peer():

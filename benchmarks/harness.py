@@ -18,6 +18,18 @@ def skewed_offs(T: int, E: int, top_k: int, device, seed: int = 0) -> torch.Tens
     return torch.cumsum(counts, 0).to(torch.int32).to(device)
 
 
+def training_operands(E: int, top_k: int, K: int, N: int, T: int, device, requires_grad: bool = False):
+    """``(offs, x [M, K], w [E, N, K], dy [M, N])`` of one grouped GEMM, M = T * top_k: skewed
+    routing (seed 1), bf16 activations and weights (w ~ 0.02 N(0, 1)); x and w require grad if
+    ``requires_grad``."""
+    offs = skewed_offs(T, E, top_k, device, seed=1)
+    M = T * top_k
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16).requires_grad_(requires_grad)
+    w = (torch.randn(E, N, K, device=device) * 0.02).to(torch.bfloat16).requires_grad_(requires_grad)
+    dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
+    return offs, x, w, dy
+
+
 def bench_ms(fn, rep_ms: int = 100, warmup_ms: int = 25) -> float:
     """Median ms of ``fn`` (triton.testing.do_bench, device events)."""
     import triton.testing

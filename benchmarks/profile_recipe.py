@@ -20,10 +20,7 @@ import moe_ops  # noqa: E402
 def main(recipe: str, out: str):
     dev = torch.device("cuda")
     E, top_k, K, N, T = 128, 8, 2048, 1536, 4096
-    offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
-    x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(T * top_k, N, device=dev, dtype=torch.bfloat16)
+    offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev, requires_grad=True)
 
     def step():
         y = moe_ops.grouped_mm(x, w, offs, recipe=recipe)

@@ -27,11 +27,7 @@ def main(out_dir):
     dev = torch.device("cuda")
     T, res = 4096, []
     for sname, (E, top_k, K, N) in SHAPES.items():
-        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
-        M = T * top_k
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
-        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev)
         makers = {"dgrad": lambda cfg: (lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0,
                                                                           "none", config=cfg)),
                   "wgrad": lambda cfg: (lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg))}

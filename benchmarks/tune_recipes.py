@@ -49,11 +49,8 @@ def main(out_dir, only=""):
                     "ranking": [(ms, str(c)) for ms, c in ranking]})
 
     for sname, (E, top_k, K, N) in SHAPES.items():
-        offs = harness.skewed_offs(T, E, top_k, dev, seed=1)
+        offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev)
         M = T * top_k
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
-        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
         for recipe, act, gran in (("blockwise", "fp8_1x128", "block"), ("rowwise", "fp8_token", "channel")):
             if only not in f"fwd_{recipe}":
                 continue
