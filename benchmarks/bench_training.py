@@ -1,7 +1,8 @@
 """Forward + dgrad + wgrad of one grouped GEMM: ours against ``torch._grouped_mm`` (bf16).
 
 Usage (GPU): ``python benchmarks/bench_training.py [--out DIR]``. Ratios are peer_ms / our_ms.
-Rows: the whole forward+backward per recipe; each operator alone (``fwd``/``dgrad``/``wgrad``
+Rows: the whole forward+backward per recipe (eager, and as CUDA-graph replays: ``ms_graph``,
+the kernels without the host's per-op cost, as a compiled ``reduce-overhead`` step runs); each operator alone (``fwd``/``dgrad``/``wgrad``
 bf16, and per recipe with its casts inside; ``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on
 pre-quantized operands) against the matmul ceilings; each quantization cast against the copy
 ceiling (bytes read + written).
@@ -78,17 +79,20 @@ def run(args):
             return torch.autograd.grad(y, (x, w), dy)
 
         peer_ms = harness.bench_ms(peer)
+        peer_graph = harness.bench_graph_ms(peer, reps=5)
         rows.append({"shape": sname, "T": T, "variant": "grouped_mm_bf16_fwd_bwd", "ms": peer_ms,
-                     "TFLOPs": flops / peer_ms / 1e9})
+                     "ms_graph": peer_graph, "TFLOPs": flops / peer_ms / 1e9})
         for recipe in (None, "fp8_rowwise", "fp8_blockwise"):
             def ours(recipe=recipe):
                 y = moe_ops.grouped_mm(x, w, offs, recipe=recipe)
                 return torch.autograd.grad(y, (x, w), dy)
             ours()
             ms = harness.bench_ms(ours)
+            ms_graph = harness.bench_graph_ms(ours, reps=5)  # the step's kernels without the host
             rows.append({"shape": sname, "T": T, "variant": f"ours_{recipe or 'bf16'}_fwd_bwd", "ms": ms,
-                         "TFLOPs": flops / ms / 1e9, "mm_share": flops / ms / 1e9 / ceil["bf16_TFLOPs"],
-                         "x_vs_grouped_mm_bf16": peer_ms / ms})
+                         "ms_graph": ms_graph, "TFLOPs": flops / ms / 1e9,
+                         "mm_share": flops / ms / 1e9 / ceil["bf16_TFLOPs"], "x_vs_grouped_mm_bf16": peer_ms / ms,
+                         "graph_x_vs_grouped_mm_bf16": peer_graph / ms_graph})
             print(rows[-1], flush=True)
         with torch.no_grad():
             parts = {
@@ -113,8 +117,8 @@ def run(args):
                              "mm_share": 2.0 * M * N * K / ms / 1e9 / ceiling})
             rows.extend(cast_rows(sname, T, x.detach(), w.detach(), offs, ceil))
         x = w = dy = None  # free before the next shape
-    cols = ["shape", "T", "variant", "ms", "ms_graph", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16", "GBps",
-            "copy_share"]
+    cols = ["shape", "T", "variant", "ms", "ms_graph", "TFLOPs", "mm_share", "x_vs_grouped_mm_bf16",
+            "graph_x_vs_grouped_mm_bf16", "GBps", "copy_share"]
     name = "training_" + env.get("device", "gpu").replace(" ", "_")
     print(harness.write_results(name, env, ceil, rows, cols, args.out))
 

@@ -60,6 +60,21 @@ def main(out_dir, only=""):
                 FWD, f"{sname} fwd_{recipe}", graph=True)
             record(sname, f"fwd_{recipe}_incl_x_cast", rk, "flop", 2.0 * M * N * K)
             data = scale = None
+        if only in "dgrad_blockwise_layout":  # W^T's codes (written transposed) or W's codes read transposed
+            qt, st = fp8_weight_quant(w, "block", transpose=True)
+            q, s = fp8_weight_quant(w, "block")
+            layouts = {"wT_codes": (qt, st), "w_codes_transposed_view": (q.transpose(1, 2), s.transpose(1, 2))}
+            outs = {}
+            for lay, (data, scale) in layouts.items():
+                rk = harness.sweep(lambda c, a=(data, scale): (
+                    lambda: dispatch.grouped_mm(dy, a[0], a[1], None, offs, "fp8_e4m3", "block", 0, "fp8_1x128",
+                                                "none", config=c)), FWD, f"{sname} dgrad_blockwise {lay}", graph=True)
+                record(sname, f"dgrad_blockwise_layout_{lay}_incl_dy_cast", rk, "flop", 2.0 * M * N * K)
+                outs[lay] = dispatch.grouped_mm(dy, data, scale, None, offs, "fp8_e4m3", "block", 0, "fp8_1x128",
+                                                "none", config=FWD[0]).float()
+            diff = (outs["wT_codes"] - outs["w_codes_transposed_view"]).abs().max().item()
+            print(f"== {sname} dgrad_blockwise layouts: max |difference| {diff}", flush=True)
+            qt = st = q = s = outs = None
         for per_expert in (False, True):
             qdy, sdy = token_block_quant(dy, offs, per_expert)
             qx, sx = token_block_quant(x, offs, per_expert)
