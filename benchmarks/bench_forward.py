@@ -48,7 +48,7 @@ def run(args):
     ceil = harness.ceilings(dev)
     print("env", env, "\nceilings", ceil, flush=True)
     rows = []
-    Ts = [16, 4096] if args.quick else [1, 16, 128, 1024, 4096]
+    Ts = [16, 4096] if args.quick else (args.tokens or [1, 16, 128, 1024, 4096])
     for sname, (E, top_k, K, N) in SHAPES.items():
         g = torch.Generator().manual_seed(0)
         w = (torch.randn(E, N, K, generator=g) * 0.02).to(torch.bfloat16).to(dev)
@@ -119,4 +119,5 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--tokens", type=int, nargs="*", help="token counts T (default 1 16 128 1024 4096)")
     run(p.parse_args())

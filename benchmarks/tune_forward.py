@@ -1,9 +1,8 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
-Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv | --int-bias]``. The winners
+Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv]``. The winners
 inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
-at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile;
-``--int-bias``: int4 decode tiles with and without ``KernelConfig.int_bias``.
+at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 """
 from __future__ import annotations
 
@@ -66,21 +65,6 @@ GEMV_CASES = [(s, t, v) for s, ts, vs in (
 _BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
 
 
-def int_bias_space(T: int, E: int, top_k: int, K: int, N: int) -> list:
-    """The table's int4 g128 decode tile with and without ``int_bias``, and narrower/deeper
-    variants of each."""
-    base = choose_forward_config(T * top_k, N, K, E, 4, 128)
-    out = []
-    for bn, warps, stages in ((base.block_n, base.num_warps, base.num_stages), (64, 4, 4), (128, 4, 4), (256, 8, 3)):
-        for flag in (True, False):
-            out.append(C(base.block_m, bn, base.block_k, warps, stages, group_m=1, int_bias=flag))
-    return list(dict.fromkeys(out))
-
-
-INT_BIAS_CASES = [(s, t, "int4_asym_g128") for s in ("qwen3_gate_up", "qwen3_down", "dsv3_gate_up_e32", "mixtral_gate_up")
-                  for t in (1, 16)]
-
-
 def tune(cases, out_path):
     """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
     import moe_ops
@@ -109,12 +93,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--focus", action="store_true", help="tune only the cases short of their targets")
     p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
-    p.add_argument("--int-bias", action="store_true", help="int4 decode tiles with and without int_bias")
     a = p.parse_args()
-    if a.int_bias:
-        tune([(s, t, v, int_bias_space(t, *SHAPES[s])) for s, t, v in INT_BIAS_CASES],
-             os.path.join(a.out, "tune_int_bias.json"))
-    elif a.gemv:
+    if a.gemv:
         tune([(s, t, v, gemv_space(t, *SHAPES[s], _BITS[v], 128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
              os.path.join(a.out, "tune_decode_gemv.json"))
     elif a.focus:

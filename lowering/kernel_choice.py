@@ -20,10 +20,6 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8  # M tiles that walk the N tiles together (L2 reuse of weight tiles)
     gemv: bool = False  # CUDA-core tile (weight-only decode, W contiguous along K); else tl.dot
-    # packed int4/int2 codes under 16-bit x: codes to 16-bit floats by OR-ing them into a bias's
-    # bits, zero point and scale on each K tile's partial sums (grouped_gemm_kernel INT_BIAS);
-    # applies where it can (decode tiles, scales constant over a K tile), ignored elsewhere
-    int_bias: bool = False
 
     @property
     def decode(self) -> bool:
@@ -41,9 +37,6 @@ class KernelConfig:
 # the tensor-core path's dequantize + MMA). The fused expert MLP keeps its tuned tensor-core
 # decode tiles (its gemv variant measured 67 us against 53 for the bf16 Qwen3 layer at T=1).
 GEMV_MAX_ROWS_PER_EXPERT = 0.125
-
-# KernelConfig.int_bias on the decode tiles of packed int4/int2 weights
-INT_BIAS_DECODE = True
 
 
 def _gemv_config(K: int) -> KernelConfig:
@@ -81,7 +74,12 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 256), 4, 3, group_m=1)
-        return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, int_bias=INT_BIAS_DECODE)
+        # int4/int2, graph-timed on an H100 (results/tune_int4_decode_h100.json): at most half a
+        # row per expert (T=1) 64-wide tiles, 4 stages: Mixtral 0.151 -> 0.121 ms, Qwen3-30B-A3B
+        # gate_up 34 -> 28 us, DeepSeek-V3 E=32 0.160 -> 0.146 ms; at T=16 the 128-wide tile
+        if rpe <= 0.5:
+            return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
+        return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
     if rpe <= 64:
         return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles

@@ -94,17 +94,6 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
-def int_bias_of(config: KernelConfig, bk: int, act: int, spec, has_scale: bool, unit_k: int, x_dtype) -> int:
-    """The kernel's ``INT_BIAS`` for a launch: 128 (bf16 x) or 1024 (fp16 x) where
-    ``config.int_bias`` asks for it and it applies (a tensor-core decode tile, packed int4/int2
-    codes with scales constant over the ``bk``-column K tile, unquantized 16-bit x), else 0."""
-    if not (config.int_bias and config.decode and not config.gemv and act == 0 and has_scale):
-        return 0
-    if spec is None or spec.kind != "int" or spec.pack == 1 or not (unit_k >= _HUGE or unit_k % bk == 0):
-        return 0
-    return {torch.bfloat16: 128, torch.float16: 1024}.get(x_dtype, 0)
-
-
 def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int) -> dict:
     """The kernel's tile constexprs for one config (K tile ``bk``)."""
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
@@ -164,10 +153,6 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     if config.gemv and not _feasible([config], act, pack, unit_k, w_strides[2] == 1):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
                          f"contiguous along K and scales constant over a {bk}-column K tile")
-    tuned = candidates is not None and len(candidates) > 1
-    int_bias = 0 if tuned else int_bias_of(config, bk, act, spec, ws is not w, unit_k, xq.dtype)
-    if int_bias:
-        post_scale = False  # the scale applies per K tile
     f = fused or {}
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
@@ -187,8 +172,8 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32, POST_SCALE=post_scale, PACK=pack,
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols), INT_BIAS=int_bias)
-    if tuned:
+        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols))
+    if candidates is not None and len(candidates) > 1:
         tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack).items()), c.num_warps, c.num_stages)
                       for c, b in candidates)
 

@@ -25,11 +25,6 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               partials) / 127, the partials written by the gate/up GEMM's epilogue
               (``AMAX_OUT``); codes clamp(round(x * (1/s))), which differ from the spec's
               round(x / s) by one where x / s is within an ulp of a half-integer; then as ACT 1.
-``INT_BIAS``  (decode tiles, packed int4/int2 codes under 16-bit x, scales constant over a K
-              tile) 128 (bf16) or 1024 (fp16): codes become 16-bit floats ``INT_BIAS + q`` by OR-ing
-              them into the bias's bits (no int-to-float conversion, no per-element zero or
-              scale); the zero point and scale apply to the K tile's partial sums
-              (:func:`_gemm_acc`). 0: off.
 ``GROUP_M``   swizzle: GROUP_M consecutive M tiles walk the N tiles together (1: no swizzle).
 ``GEMV``      (decode, weight-only, W contiguous along K) the tile is computed without tensor
               cores, :func:`_gemv_acc`: each weight tile is loaded along K in 16-byte vectors,
@@ -122,7 +117,7 @@ def grouped_gemm_kernel(
     GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
-    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, INT_BIAS: tl.constexpr = 0,
+    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -181,7 +176,7 @@ def grouped_gemm_kernel(
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                            UNPACK_JOIN, x_ptr.dtype.element_ty, INT_BIAS)
+                            UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU:
             if GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
@@ -194,7 +189,7 @@ def grouped_gemm_kernel(
                                stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
-                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty, INT_BIAS)
+                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
         if SCATTER:
@@ -255,17 +250,9 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr,
-              INT_BIAS: tl.constexpr = 0):
+              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
-    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3).
-
-    ``INT_BIAS`` (decode tiles: ACT 0, packed int4/int2 codes, scale and zero constant over a K
-    tile): 128 for bf16 x, 1024 for fp16. A code q becomes the 16-bit float ``INT_BIAS + q`` by
-    OR-ing q into the bits of INT_BIAS (exact), with no int-to-float conversion and no
-    per-element zero or scale; per K tile ``acc += s * (dot(x, INT_BIAS + q) - (INT_BIAS + z) *
-    sum(x))``. (Prefill tiles keep the per-element path: there the fresh per-tile accumulator
-    would make each K step wait for its MMA.)"""
+    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     # packed codes: a K tile is PACK sub-dots of SUB columns each; sub-dot j takes columns
@@ -277,8 +264,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
-    FAST_INT: tl.constexpr = INT_BIAS > 0
-    BIAS_BITS: tl.constexpr = 0x4300 if INT_BIAS == 128 else 0x6400  # bf16 128.0 / fp16 1024.0
     if ACT == 3:  # codes round(x * (1 / s)): one multiply per element instead of a division
         inv_scale = tl.where(xs_row > 0, tl.math.div_rn(tl.full(xs_row.shape, 1.0, tl.float32), xs_row), 0.0)
     if IS_INT:
@@ -295,9 +280,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
         if IS_INT:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        if FAST_INT:
-            tp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in tl.static_range(NSUB):
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
@@ -314,7 +296,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     code = _unpack_join(byte, W_BITS, BLOCK_K, BLOCK_N)
                 else:
                     code = (byte >> (j * W_BITS)) & CODE_MASK
-                if (ZERO_MODE == 1) and (not FAST_INT):
+                if ZERO_MODE == 1:
                     code = code - IMPLICIT_ZERO
             else:
                 raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask,
@@ -327,14 +309,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                         z = tl.load(z_base + s_rows[None, :] + (kk // UNIT_K).to(tl.int64)[:, None] * stride_sk,
                                     mask=bmask, other=0).to(tl.int32)
 
-            if FAST_INT:
-                b = (code | BIAS_BITS).to(tl.int16).to(X_DTYPE, bitcast=True)
-                if UPCAST_DOT:  # (the interpreter's dot misreads bitcast 16-bit operands)
-                    tp = tl.dot(a.to(tl.float32), b.to(tl.float32), tp, input_precision="ieee")
-                else:
-                    tp = tl.dot(a, b, tp)
-                xsum += tl.sum(a.to(tl.float32), 1)
-            elif ACT == 0:
+            if ACT == 0:
                 if W_KIND == 0:
                     b = raw
                 elif W_KIND == 1:
@@ -370,12 +345,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     acc += pf * xs[:, None] * s
                 else:
                     acc += pf
-        if FAST_INT:
-            if ZERO_MODE == 2:
-                zb = z.to(tl.float32) + INT_BIAS
-            else:
-                zb = INT_BIAS + IMPLICIT_ZERO
-            acc += (tp - xsum[:, None] * zb) * s
         if IS_INT:
             acc_i += part
             if UNIT_K < 1 << 30:

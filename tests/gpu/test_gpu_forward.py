@@ -52,30 +52,6 @@ def test_forward_formats(fmt, gran, gs, shape):
     assert torch.all(y[int(offs[-1]):] == 0)
 
 
-@pytest.mark.parametrize("int_bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fmt,gran", [("int4_asym", "group"), ("int4_sym", "channel"), ("int2_asym", "group"),
-                                      ("int2_sym", "group")])
-def test_decode_int_bias(fmt, gran, dtype, int_bias):
-    """The int4/int2 decode tile with and without ``int_bias`` (16-bit codes by OR-ing into a
-    float bias, zero and scale on the K tile's partial sums), group 128, at a Qwen3-like shape."""
-    from moe_ops.kernels import dispatch
-    from moe_ops.lowering.kernel_choice import KernelConfig
-    M, E, N, K = 96, 32, 768, 2048
-    x, w, offs = _case(hash((fmt, gran, "bias")) % 10000, M, E, N, K)
-    qw = moe_ops.quantize_weight(w.to(dtype), fmt, gran, 128)
-    args = qw.op_args()
-    cfg = KernelConfig(16, 128, 128, 4, 3, group_m=1, int_bias=int_bias)
-    unit = 128 if gran == "group" else 1 << 30
-    assert dispatch.int_bias_of(cfg, 128, 0, moe_ops.formats.get_format(fmt), True, unit, dtype) == (
-        (128 if dtype == torch.bfloat16 else 1024) if int_bias else 0)
-    d = [t.to(DEV) if torch.is_tensor(t) else t for t in args]
-    _poison(M, N, dtype)
-    y = dispatch.grouped_mm(x.to(dtype).to(DEV), *d[:3], offs.to(DEV), *d[3:], "none", "none", config=cfg)
-    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
-    assert rel_err(y.cpu(), oracle_grouped_mm(x.to(dtype), args, offs)) < GPU_BOUND_BF16
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f.startswith("int")]))
 def test_int8_token_bit_exact(fmt, gran, gs, shape):

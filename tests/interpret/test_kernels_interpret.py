@@ -80,44 +80,6 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
     assert rel_err(y, ref) < 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt,gran,gs", weight_cases(["int4_sym", "int4_asym", "int2_sym", "int2_asym"]))
-def test_forward_int_bias_decode_tile(fmt, gran, gs, dtype):
-    """Decode tiles with ``int_bias`` (codes OR-ed into a 16-bit float bias, zero and scale on
-    each K tile's partial sums) against the reference and against the same tile without it;
-    64-column K tiles inside groups of 64 (the scale is constant over a K tile)."""
-    x, w, offs = _data(hash((fmt, gran, "bias")) % 997, dtype, k=256)
-    args = moe_ops.quantize_weight(w.to(dtype), fmt, gran, 64).op_args()
-    spec = moe_ops.formats.get_format(fmt)
-    unit_k = 64 if gran == "group" else 1 << 30
-    ys = []
-    for flag in (True, False):
-        cfg = KernelConfig(16, 16, 64, 4, 1, group_m=1, int_bias=flag)
-        assert dispatch.int_bias_of(cfg, 64, 0, spec, True, unit_k, dtype) == (
-            (128 if dtype == torch.bfloat16 else 1024) if flag else 0)
-        out = torch.full((M, N), float("nan"), dtype=dtype)
-        ys.append(dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none", config=cfg, out=out))
-        assert not torch.isnan(ys[-1]).any() and torch.all(ys[-1][int(offs[-1]):] == 0)
-    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
-    bound = 1e-3 if dtype == torch.float16 else 1.6e-2  # interpreter bf16 casts truncate (see above)
-    assert rel_err(ys[0], ref) < bound
-    assert rel_err(ys[0], ys[1]) < bound
-
-
-def test_int_bias_applies_only_where_it_can():
-    """Prefill tiles, quantized activations, 8-bit codes, fp32 x and scales that vary inside
-    the K tile keep the per-element dequantization."""
-    dec = KernelConfig(16, 16, 64, 4, 1, group_m=1, int_bias=True)
-    int4, int8 = moe_ops.formats.get_format("int4_asym"), moe_ops.formats.get_format("int8_asym")
-    bf16 = torch.bfloat16
-    assert dispatch.int_bias_of(dec, 64, 0, int4, True, 128, bf16) == 128
-    assert dispatch.int_bias_of(KernelConfig(64, 16, 64, 4, 1, int_bias=True), 64, 0, int4, True, 128, bf16) == 0
-    assert dispatch.int_bias_of(dec, 64, 1, int4, True, 128, bf16) == 0
-    assert dispatch.int_bias_of(dec, 64, 0, int8, True, 128, bf16) == 0
-    assert dispatch.int_bias_of(dec, 64, 0, int4, True, 128, torch.float32) == 0
-    assert dispatch.int_bias_of(dec, 64, 0, int4, True, 32, bf16) == 0
-
-
 def test_gemv_tile_refuses_what_it_cannot_serve():
     """The CUDA-core tile reads weights along K in vectors and scales once per K tile: a
     transposed weight view, quantized activations, or a K tile wider than the scale group are
