@@ -19,8 +19,9 @@ from moe_ops.lowering import autotune
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
 
 from .act_quant import quantize_rows_kernel
-from .routing_kernels import count_sort_kernel, topk_kernel
 from .grouped_gemm import grouped_gemm_kernel
+from .host_math import cdiv, next_power_of_2
+from .routing_kernels import count_sort_kernel, topk_kernel
 
 _HUGE = 1 << 30
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -49,12 +50,12 @@ def quantize_act(x: torch.Tensor, mode: str, config=None):
         xc = x if x.stride(1) == 1 else x.contiguous()
         per_row = unit >= K
         if per_row:  # rows in registers up to 8192 columns
-            block_c = min(8192, triton.next_power_of_2(K))
+            block_c = min(8192, next_power_of_2(K))
             default = (max(1, 8192 // block_c), block_c, 8)
         else:
             default = (32, unit, 4)
         block_r, block_c, warps = config or default
-        grid = (triton.cdiv(M, block_r), 1 if per_row else triton.cdiv(K, unit))
+        grid = (cdiv(M, block_r), 1 if per_row else cdiv(K, unit))
         wrap_triton(quantize_rows_kernel)[grid](
             xc, q, s, M, K, xc.stride(0), q.stride(0), s.stride(0), UNIT=unit if not per_row else 1,
             PER_ROW=per_row, BLOCK_R=block_r, BLOCK_C=block_c, QMAX=127.0 if to_int8 else 448.0,
@@ -165,23 +166,23 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
             s_strides[0], s_strides[1], s_strides[2],
             y.stride(0), y.stride(1))
     consts = dict(
-        E=E, E_POW2=triton.next_power_of_2(E),
+        E=E, E_POW2=next_power_of_2(E),
         W_KIND=w_kind, W_BITS=bits, ZERO_MODE=zero_mode, IMPLICIT_ZERO=implicit_zero,
         UNIT_N=unit_n, UNIT_K=unit_k, HAS_SCALE=ws is not w,
         ACT=act, ACT_UNIT_K=act_unit_k, INT8_OFFSET=int8_offset,
         UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32, POST_SCALE=post_scale, PACK=pack,
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=triton.next_power_of_2(amax_cols))
+        AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols))
     if candidates is not None and len(candidates) > 1:
         tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack).items()), c.num_warps, c.num_stages)
                       for c, b in candidates)
 
         def grid(meta):
-            return ((triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return ((cdiv(M, meta["BLOCK_M"]) + E + 1) * cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
-    grid = ((triton.cdiv(M, config.block_m) + E + 1) * triton.cdiv(N, config.block_n),)
+    grid = ((cdiv(M, config.block_m) + E + 1) * cdiv(N, config.block_n),)
     wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y
@@ -317,7 +318,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         # int8: requantize h while the down GEMM loads it (decode tiles), or with the act-quant
         # kernel (prefill tiles, where each h tile would be requantized once per N tile)
         int8 = act_quant == "int8_token" and cfgs[1][0].decode
-        amax_cols = triton.cdiv(I, cfgs[0][0].block_n)
+        amax_cols = cdiv(I, cfgs[0][0].block_n)
         amax = torch.empty(M, amax_cols, dtype=torch.float32, device=x.device) if int8 else None
         ws, wz, st = _scale_operands(w1, w1_scale, w1_zero, granularity, transposed=False)
         _launch(xq, xs, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), ws, wz, st, h, offs, M, I, H, E, spec,
@@ -350,10 +351,10 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=logits.device)
     if T:
-        e_pow2 = triton.next_power_of_2(E)
-        block_t = max(1, min(64, 4096 // e_pow2, triton.next_power_of_2(T)))
+        e_pow2 = next_power_of_2(E)
+        block_t = max(1, min(64, 4096 // e_pow2, next_power_of_2(T)))
         lc = logits if logits.stride(1) == 1 else logits.contiguous()
-        wrap_triton(topk_kernel)[(triton.cdiv(T, block_t),)](
+        wrap_triton(topk_kernel)[(cdiv(T, block_t),)](
             lc, lc if bias is None else bias, w, ids, T, E, lc.stride(0), w.stride(0), ids.stride(0),
             TOP_K=top_k, E_POW2=e_pow2, BLOCK_T=block_t, SOFTMAX=scoring == "softmax", RENORM=renormalize,
             HAS_BIAS=bias is not None)
@@ -369,7 +370,7 @@ def count_sort(topk_ids, num_experts):
     if ids.dtype != torch.int32:
         ids = ids.clamp(-1, num_experts).to(torch.int32)  # out-of-range ids stay out of range
     ids = ids.contiguous()
-    e_pow2 = triton.next_power_of_2(num_experts)
-    block_r = max(16, min(triton.next_power_of_2(max(M, 1)), 8192 // e_pow2))
+    e_pow2 = next_power_of_2(num_experts)
+    block_r = max(16, min(next_power_of_2(max(M, 1)), 8192 // e_pow2))
     wrap_triton(count_sort_kernel)[(1,)](ids, rows, offs, M, num_experts, E_POW2=e_pow2, BLOCK_R=block_r)
     return [rows, offs]

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .grouped_gemm import _tiles_of_expert
+from .host_math import cdiv, next_power_of_2
 from .token_block_quant import BLOCK
 
 
@@ -111,7 +112,7 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
     if E == 0 or N == 0 or K == 0:
         return dw
     bm, bn, bk, warps, stages = config or (64, 128, 128, 8, 3)
-    grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
+    grid = (cdiv(N, bn) * cdiv(K, bk), E)
     wrap_triton(grouped_wgrad_kernel)[grid](
         dy, x, dw, offs, N, K, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
@@ -132,10 +133,10 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
         return dw
     # tune_recipes.py on an H100: per-block scales favour two CTAs an SM (smaller smem stages)
     bn, bk, warps, stages = config or ((128, 128, 8, 3) if per_expert else (128, 64, 4, 4))
-    grid = (triton.cdiv(N, bn) * triton.cdiv(K, bk), E)
+    grid = (cdiv(N, bn) * cdiv(K, bk), E)
     wrap_triton(grouped_wgrad_fp8_kernel)[grid](
         qdy_t, qx_t, dw, offs, sdy, sx, N, K, qdy_t.stride(0), qx_t.stride(0),
         dw.stride(0), dw.stride(1), dw.stride(2), sdy.stride(0), sx.stride(0),
-        E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
+        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
         num_warps=warps, num_stages=stages)
     return dw

@@ -27,6 +27,7 @@ from torch.library import wrap_triton
 
 from moe_ops import formats
 
+from .host_math import cdiv, next_power_of_2
 from .grouped_gemm import _expert_of_tile, _tiles_of_expert
 
 BLOCK = formats.BLOCK
@@ -97,10 +98,10 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # tune_recipes.py on an H100, CUDA-graph timed (Qwen3 gate_up x, 32768 x 2048): every
     # config within 10%; (32, 4): 0.15 ms per block, 0.27 ms per expert (two reads)
     bc, warps = config or (32, 4)
-    grid = (E if per_expert else nb, triton.cdiv(C, bc))
+    grid = (E if per_expert else nb, cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
-        E=E, E_POW2=triton.next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, num_warps=warps)
+        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, num_warps=warps)
     return q, s
 
 

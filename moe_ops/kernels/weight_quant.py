@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .host_math import cdiv
+
 
 @triton.jit
 def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
@@ -68,11 +70,11 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
         # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
         bn, bk, warps = config or ((64, 64, 4) if transpose else (8, 1024, 8))  # tune_recipes.py, H100
-        grid, per_row = (E, triton.cdiv(R, bn), 1), True
+        grid, per_row = (E, cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
     else:
-        nb, kb = triton.cdiv(R, 128), triton.cdiv(C, 128)
+        nb, kb = cdiv(R, 128), cdiv(C, 128)
         if transpose:  # write W^T's codes [E, K, N] and scales [E, kb, nb] directly
             q = torch.empty(E, C, R, dtype=torch.float8_e4m3fn, device=w.device)
             s = torch.empty(E, kb, nb, dtype=torch.float32, device=w.device)
