@@ -1,0 +1,114 @@
+"""SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
+
+Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3``.
+Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
+``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
+16-divisible pointers and row strides), and prints, for each loop of the kernel, its
+instruction count per thread and iteration and the most frequent opcodes. With the K tile's
+weight elements per thread, that gives instructions per weight element: the number that
+bounds a dequantizing decode tile that is not memory-bound (see benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moe_ops import formats
+from moe_ops.kernels.grouped_gemm import grouped_gemm_kernel
+
+_HUGE = 1 << 30
+_DIV16 = {"M", "N", "K", "stride_xm", "stride_xsm", "stride_we", "stride_wn", "stride_se", "stride_sn", "stride_ym"}
+_UNIT = {"stride_xk": 1, "stride_xsk": 1, "stride_wk": 1, "stride_sk": 1, "stride_yn": 1}
+_W_PTR = {"int": "*u8", "float": "*bf16"}
+
+
+def constexprs(fmt: str, group: int, tile) -> dict:
+    """The forward launch's constexprs for a weight-only ``fmt`` under bf16 x (see dispatch)."""
+    bm, bn, bk = tile[:3]
+    spec = None if fmt == "bf16" else formats.get_format(fmt)
+    w_kind = 0 if spec is None else (1 if spec.kind == "int" else 2)
+    pack = 1 if spec is None else spec.pack
+    unit_k = group if group else _HUGE
+    c = dict(E=8, E_POW2=8, W_KIND=w_kind, W_BITS=16 if spec is None else spec.bits,
+             ZERO_MODE=0 if spec is None else (2 if spec.has_zero else (1 if spec.implicit_zero else 0)),
+             IMPLICIT_ZERO=0 if spec is None else spec.implicit_zero, UNIT_N=1, UNIT_K=unit_k,
+             SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0, HAS_SCALE=spec is not None, ACT=0, ACT_UNIT_K=_HUGE,
+             INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
+             POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
+             GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
+             GEMV=False)
+    c.update(_UNIT)
+    return c
+
+
+def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int) -> str:
+    names = list(inspect.signature(grouped_gemm_kernel.fn).parameters)
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+            continue
+        sig[n] = (w_ptr if n == "w_ptr" else "*u8" if n == "wz_ptr" else "*fp32" if n == "ws_ptr"
+                  else "*i32" if n in ("offs_ptr", "xrow_ptr", "dst_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
+        if n.endswith("_ptr") or n in _DIV16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=grouped_gemm_kernel, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loops(sass: str):
+    """``[(instructions, Counter of opcodes)]`` of each backward-branch loop body."""
+    labels, ins = {}, []
+    for line in sass.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append(m.group(1))
+    out = []
+    for i, t in enumerate(ins):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", t)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            body = ins[labels[m.group(1)]:i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            out.append((len(body), ops))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--format", default="int4_asym", help="bf16 or a quantized weight format")
+    p.add_argument("--group", type=int, default=128, help="group size (0: channel scales)")
+    p.add_argument("--tile", type=int, nargs=5, default=[16, 128, 128, 4, 3],
+                   metavar=("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARPS", "STAGES"))
+    p.add_argument("--arch", type=int, default=90)
+    a = p.parse_args()
+    spec = None if a.format == "bf16" else formats.get_format(a.format)
+    consts = constexprs(a.format, a.group, a.tile)
+    sass = compile_sass(consts, _W_PTR["float" if spec is None or spec.kind == "float" else "int"],
+                        a.tile[3], a.tile[4], a.arch)
+    per_thread = a.tile[1] * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread
+    for n, ops in loops(sass):
+        if n > 1:
+            print(f"loop: {n} instructions per thread-iteration, {n / per_thread:.2f} per weight element")
+            print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
