@@ -2,10 +2,10 @@
 
 Usage (GPU): ``python benchmarks/bench_training.py [--out DIR]``. Ratios are peer_ms / our_ms.
 Rows: the whole forward+backward per recipe (eager, and as CUDA-graph replays: ``ms_graph``,
-the kernels without the host's per-op cost, as a compiled ``reduce-overhead`` step runs); each operator alone (``fwd``/``dgrad``/``wgrad``
-bf16, and per recipe with its casts inside; ``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on
-pre-quantized operands) against the matmul ceilings; each quantization cast against the copy
-ceiling (bytes read + written).
+the kernels without the host's per-op cost, as a compiled ``reduce-overhead`` step runs); each
+operator alone (``fwd``/``dgrad``/``wgrad`` bf16, and per recipe with its casts inside;
+``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on pre-quantized operands) against the matmul ceilings;
+each quantization cast against the copy ceiling (bytes read + written).
 """
 from __future__ import annotations
 

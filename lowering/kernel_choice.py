@@ -77,6 +77,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         # int4/int2, graph-timed on an H100 (results/tune_int4_decode_h100.json): at most half a
         # row per expert (T=1) 64-wide tiles, 4 stages: Mixtral 0.151 -> 0.121 ms, Qwen3-30B-A3B
         # gate_up 34 -> 28 us, DeepSeek-V3 E=32 0.160 -> 0.146 ms; at T=16 the 128-wide tile
+        # below was the fastest (the sweep: tune_forward.py --int-bias at commit 13ed9ac)
         if rpe <= 0.5:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
@@ -85,7 +86,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles
         # benchmarks/tune_recipes.py (forward and dgrad of both FP8 recipes, H100): 64-row
         # tiles up to 512 rows per expert (Qwen3-30B-A3B: 5-15% faster than 128x128x128/8/3),
-        # 128-row tiles with 4 stages above (DeepSeek-V3 E=32: 2-5%)
+        # 128-row tiles with 4 stages above (DeepSeek-V3 E=32: 2-5%); W8A8 inference shares them
         if rpe <= 512:
             return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3)
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4)

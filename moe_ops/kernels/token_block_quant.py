@@ -27,8 +27,8 @@ from torch.library import wrap_triton
 
 from moe_ops import formats
 
-from .host_math import cdiv, next_power_of_2
 from .grouped_gemm import _expert_of_tile, _tiles_of_expert
+from .host_math import cdiv, next_power_of_2
 
 BLOCK = formats.BLOCK
 
