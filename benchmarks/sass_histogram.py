@@ -1,12 +1,14 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
-Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3``.
-Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
-``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
-16-divisible pointers and row strides), and prints, for each loop of the kernel, its
-instruction count per thread and iteration and the most frequent opcodes. With the K tile's
-weight elements per thread, that gives instructions per weight element: the number that
-bounds a dequantizing decode tile that is not memory-bound (see benchmarks/NOTES.md).
+Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
+[--swiglu]``. Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with
+Triton's bundled ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit
+strides as constants, 16-divisible pointers and row strides), and prints the registers and
+spills ``ptxas -v`` reports, then for each loop of the kernel its instruction count per thread
+and iteration and the most frequent opcodes. With the K tile's weight elements per thread,
+that gives instructions per weight element: the number that bounds a dequantizing tile that
+is not memory-bound (see benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up
+launch (two accumulators, gathered rows).
 """
 from __future__ import annotations
 
@@ -50,7 +52,25 @@ def constexprs(fmt: str, group: int, tile) -> dict:
     return c
 
 
-def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int) -> str:
+def ptxas_report(ptx: str, arch: int) -> str:
+    """``ptxas -v``'s register and spill lines for ``ptx``, with the first bundled ptxas that
+    accepts the PTX version."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        for name in ("ptxas", "ptxas-blackwell"):
+            exe = os.path.join(bin_dir, name)
+            if not os.path.exists(exe):
+                continue
+            r = subprocess.run([exe, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                return "\n".join(line.strip() for line in r.stderr.splitlines() if "spill" in line or "registers" in line)
+    return "ptxas -v: no bundled ptxas accepted the PTX"
+
+
+def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
     names = list(inspect.signature(grouped_gemm_kernel.fn).parameters)
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -68,7 +88,8 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int) -
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return sass, ptxas_report(ck.asm["ptx"], arch)
 
 
 def loops(sass: str):
@@ -98,11 +119,15 @@ def main():
     p.add_argument("--tile", type=int, nargs=5, default=[16, 128, 128, 4, 3],
                    metavar=("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARPS", "STAGES"))
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--swiglu", action="store_true", help="the fused gate/up launch (two accumulators)")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
-    sass = compile_sass(consts, _W_PTR["float" if spec is None or spec.kind == "float" else "int"],
-                        a.tile[3], a.tile[4], a.arch)
+    if a.swiglu:
+        consts.update(SWIGLU=True, GATHER=8)
+    sass, regs = compile_sass(consts, _W_PTR["float" if spec is None or spec.kind == "float" else "int"],
+                              a.tile[3], a.tile[4], a.arch)
+    print(regs)
     per_thread = a.tile[1] * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread
     for n, ops in loops(sass):
         if n > 1:
