@@ -108,7 +108,8 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=False)
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=False)
     if gate_up.decode and 4 * M <= E:
-        # benchmarks/tune_moe_decode.py, Qwen3-30B-A3B T=1 on an H100. Only for at most one row
+        # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
+        # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row
         # per 4 experts: the narrow gate/up tiles re-read x once per N tile, which cost 2x at
         # DeepSeek-V3 T=64 (16 rows per expert, K 7168) and 10% at Qwen3 T=8
         # (benchmarks/results/moe_layer_h100.md against moe_layer_h100_default_decode_tiles.md)

@@ -1,8 +1,12 @@
-"""Tile sweep of the fused expert-MLP decode launches (gate/up with SwiGLU, down with the
-routing-weight scatter) at Qwen3-30B-A3B's layer, T=1 and 8, CUDA-graph timed.
+"""Tile sweep of the fused expert-MLP launches (gate/up with SwiGLU, down with the
+routing-weight scatter), one launch at a time with the other at its table choice, CUDA-graph
+timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
-Usage (GPU): ``python benchmarks/tune_moe_decode.py [--out DIR]``; prints the fastest configs
-per (format, launch) and writes ``tune_moe_decode.json``. The winners go to
+Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
+[--formats ...] [--tokens T ...]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
+``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles, whose 4-warp choice
+spills registers at int4, see benchmarks/NOTES.md). Prints the fastest configs per (format, T,
+launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
 from __future__ import annotations
@@ -24,11 +28,14 @@ from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
 
 SPACE = [KernelConfig(16, bn, bk, w, s, group_m=1)
          for bn, bk, (w, s) in itertools.product((16, 32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (2, 4)))]
+PREFILL_SPACE = [KernelConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in (
+    (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3),
+    (128, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 8, 3))]
 
 
 def main(args):
     dev = torch.device("cuda")
-    H, I, E, k = LAYERS["qwen3"]
+    H, I, E, k = LAYERS[args.layer]  # Qwen3-style routing at both sizes, as bench_moe_layer.py
     results = {}
     for fname in args.formats.split(","):
         m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
@@ -53,15 +60,17 @@ def main(args):
                     if fn() is None:
                         raise ValueError("not served")
                     return fn
-                best = harness.sweep(make, SPACE, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
+                space = SPACE if T * k <= 16 * E else PREFILL_SPACE
+                best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
                 results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
         m = None
-    harness.write_json(os.path.join(args.out, "tune_moe_decode.json"), results)
+    harness.write_json(os.path.join(args.out, "tune_moe_layer.json"), results)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--layer", default="qwen3", choices=sorted(LAYERS))
     p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8,fp8_block")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     main(p.parse_args())
