@@ -45,7 +45,7 @@ def quantize_act(x: torch.Tensor, mode: str, config=None):
     unit = formats.BLOCK if mode == "fp8_1x128" else max(K, 1)
     to_int8 = mode == "int8_token"
     q = torch.empty(M, K, dtype=torch.int8 if to_int8 else torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(M, -(-K // unit), dtype=torch.float32, device=x.device)
+    s = torch.empty(M, cdiv(K, unit), dtype=torch.float32, device=x.device)
     if M and K:
         xc = x if x.stride(1) == 1 else x.contiguous()
         per_row = unit >= K

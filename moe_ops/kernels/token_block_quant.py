@@ -80,7 +80,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
 
 def padded_blocks(M: int, E: int) -> int:
     """Static upper bound on the token blocks of ``M`` rows over ``E`` experts."""
-    return -(-M // BLOCK) + E
+    return cdiv(M, BLOCK) + E
 
 
 def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, config=None):
