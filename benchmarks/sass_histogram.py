@@ -1,14 +1,15 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
-[--swiglu]``. Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with
+[--swiglu] [--w-lhs]``. Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with
 Triton's bundled ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit
 strides as constants, 16-divisible pointers and row strides), and prints the registers and
 spills ``ptxas -v`` reports, then for each loop of the kernel its instruction count per thread
 and iteration and the most frequent opcodes. With the K tile's weight elements per thread,
 that gives instructions per weight element: the number that bounds a dequantizing tile that
 is not memory-bound (see benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up
-launch (two accumulators, gathered rows).
+launch (two accumulators, gathered rows); ``--w-lhs``: the weight-only kernel with the
+dequantized weight as the MMA's register operand (``KernelConfig.w_lhs``).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def constexprs(fmt: str, group: int, tile) -> dict:
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
              POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
-             GEMV=False)
+             GEMV=False, W_LHS=False)
     c.update(_UNIT)
     return c
 
@@ -120,11 +121,13 @@ def main():
                    metavar=("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARPS", "STAGES"))
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--swiglu", action="store_true", help="the fused gate/up launch (two accumulators)")
+    p.add_argument("--w-lhs", action="store_true", help="the dequantized weight as the MMA's left operand")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8)
+    consts.update(W_LHS=a.w_lhs and spec is not None)
     sass, regs = compile_sass(consts, _W_PTR["float" if spec is None or spec.kind == "float" else "int"],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)

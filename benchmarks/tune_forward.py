@@ -1,8 +1,10 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
-Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv]``. The winners
+Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv | --w-lhs [--shapes ...]
+[--tokens ...] [--variants ...]]``. The winners
 inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
 at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
+``--w-lhs``: weight-only formats with the dequantized weight as the MMA's register operand.
 """
 from __future__ import annotations
 
@@ -64,6 +66,27 @@ GEMV_CASES = [(s, t, v) for s, ts, vs in (
     ("dsv3_gate_up_e32", (1, 16), ("bf16", "int4_asym_g128"))) for t in ts for v in vs]
 _BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
 
+# weight-only formats: the dequantized weight as the MMA's left operand (KernelConfig.w_lhs;
+# its output tile is [BLOCK_N, BLOCK_M] to the tensor cores) against the table's tile
+W_LHS_PREFILL = [C(128, 256, 64, 8, 3, w_lhs=True), C(128, 128, 64, 8, 3, w_lhs=True),
+                 C(256, 128, 64, 8, 3, w_lhs=True), C(128, 256, 64, 8, 4, w_lhs=True),
+                 C(64, 256, 64, 8, 3, w_lhs=True), C(128, 128, 128, 8, 3, w_lhs=True)]
+W_LHS_DECODE = [C(16, 128, 128, 4, 3, group_m=1, w_lhs=True), C(16, 64, 128, 4, 4, group_m=1, w_lhs=True),
+                C(16, 128, 256, 4, 3, group_m=1, w_lhs=True), C(16, 256, 128, 8, 3, group_m=1, w_lhs=True),
+                C(16, 64, 256, 4, 4, group_m=1, w_lhs=True)]
+
+
+def w_lhs_cases(shapes, variants, tokens) -> list:
+    """``(shape, T, variant, space)``: the table's tile first, then the w_lhs tiles."""
+    cases = []
+    for s in shapes:
+        E, top_k, K, N = SHAPES[s]
+        for v in variants:
+            for t in tokens:
+                table = choose_forward_config(t * top_k, N, K, E, _BITS[v], 128 if "g128" in v else K)
+                cases.append((s, t, v, [table] + (W_LHS_DECODE if table.decode else W_LHS_PREFILL)))
+    return cases
+
 
 def tune(cases, out_path):
     """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
@@ -93,8 +116,15 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--focus", action="store_true", help="tune only the cases short of their targets")
     p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
+    p.add_argument("--w-lhs", action="store_true", help="weight-as-left-operand tiles against the table's")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="--w-lhs: shapes to sweep")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096], help="--w-lhs: token counts")
+    p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
+                   help="--w-lhs: weight-only variants")
     a = p.parse_args()
-    if a.gemv:
+    if a.w_lhs:
+        tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
+    elif a.gemv:
         tune([(s, t, v, gemv_space(t, *SHAPES[s], _BITS[v], 128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
              os.path.join(a.out, "tune_decode_gemv.json"))
     elif a.focus:

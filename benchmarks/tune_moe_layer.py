@@ -3,7 +3,7 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
+[--formats ...] [--tokens T ...] [--w-lhs]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
 ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles, whose 4-warp choice
 spills registers at int4, see benchmarks/NOTES.md). Prints the fastest configs per (format, T,
 launch) and writes ``tune_moe_layer.json``. The winners go to
@@ -30,7 +30,14 @@ SPACE = [KernelConfig(16, bn, bk, w, s, group_m=1)
          for bn, bk, (w, s) in itertools.product((16, 32, 64, 128), (64, 128, 256), ((4, 3), (4, 4), (2, 4)))]
 PREFILL_SPACE = [KernelConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in (
     (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3),
-    (128, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 8, 3))]
+    (128, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 128, 64, 8, 3))] + [
+    KernelConfig(bm, bn, bk, w, s, w_lhs=True) for bm, bn, bk, w, s in (  # weight-only formats
+        (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3))]
+
+
+# decode tiles with the dequantized weight as the register operand (weight-only formats)
+W_LHS_SPACE = [KernelConfig(16, bn, 128, w, s, group_m=1, w_lhs=True)
+               for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4)))]
 
 
 def main(args):
@@ -60,7 +67,7 @@ def main(args):
                     if fn() is None:
                         raise ValueError("not served")
                     return fn
-                space = SPACE if T * k <= 16 * E else PREFILL_SPACE
+                space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
                 best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
                 results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
         m = None
@@ -73,4 +80,5 @@ if __name__ == "__main__":
     p.add_argument("--layer", default="qwen3", choices=sorted(LAYERS))
     p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8,fp8_block")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
     main(p.parse_args())

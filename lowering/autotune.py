@@ -20,6 +20,7 @@ function, and each launch writes every output element, so timing runs need no re
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from .kernel_choice import KernelConfig, _block_k
@@ -40,8 +41,9 @@ def forward_candidates(default: KernelConfig, K: int, scale_k_unit: int, max_blo
     """Tile configs to time against ``default`` (first in the list) for a reduction of ``K``
     with scales constant over ``scale_k_unit`` columns; tiles at most ``max_block_n`` wide (the
     SwiGLU launch keeps two accumulators). The CUDA-core (gemv) tile is offered only where
-    the static choice made it (weight-only, K-contiguous weights)."""
-    C = KernelConfig
+    the static choice made it (weight-only, K-contiguous weights); the operand arrangement
+    (``w_lhs``) is the static choice's."""
+    C = functools.partial(KernelConfig, w_lhs=default.w_lhs)
     if default.decode:
         out = [C(16, bn, _block_k(K, scale_k_unit, bk), w, s, group_m=1)
                for bn in (32, 64, 128) for bk in (128, 256) for w, s in ((4, 3), (2, 4))]

@@ -20,6 +20,9 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8  # M tiles that walk the N tiles together (L2 reuse of weight tiles)
     gemv: bool = False  # CUDA-core tile (weight-only decode, W contiguous along K); else tl.dot
+    # weight-only formats: the dequantized weight tile is the MMA's left (register) operand,
+    # the output tile computed transposed (grouped_gemm._dequant_acc_w_lhs)
+    w_lhs: bool = False
 
     @property
     def decode(self) -> bool:
@@ -64,8 +67,8 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
-    transposed dgrad view is not). The table comes from ``benchmarks/tune_forward.py`` (and its
-    ``--gemv`` sweep) on an H100."""
+    transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured. The table
+    comes from ``benchmarks/tune_forward.py`` (its ``--gemv`` and ``--w-lhs`` sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
         return _gemv_config(K)
@@ -74,10 +77,17 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 256), 4, 3, group_m=1)
-        # int4/int2, graph-timed on an H100 (results/tune_int4_decode_h100.json): at most half a
-        # row per expert (T=1) 64-wide tiles, 4 stages: Mixtral 0.151 -> 0.121 ms, Qwen3-30B-A3B
-        # gate_up 34 -> 28 us, DeepSeek-V3 E=32 0.160 -> 0.146 ms; at T=16 the 128-wide tile
-        # below was the fastest (the sweep: tune_forward.py --int-bias at commit 13ed9ac)
+        # int4/int2: the dequantized weight as the MMA's register operand (w_lhs), graph-timed
+        # on an H100 (results/tune_w_lhs_int4_h100.log, benchmarks/tune_forward.py --w-lhs): T=1
+        # Qwen3-30B-A3B gate_up 27.6 -> 23.3 us, DeepSeek-V3 E=32 156 -> 118 us, Mixtral 123 ->
+        # 96 us; T=16 77 -> 51 us, 339 -> 254 us, 296 -> 224 us. 64-wide tiles, 128-wide where
+        # K is short (Qwen3 down, K 768: 13.4 -> 12.4 us at T=1, 29.0 -> 26.1 at T=16)
+        if act_bits == 16 and k_contiguous:
+            if K < 2048:
+                return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, w_lhs=True)
+            return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1, w_lhs=True)
+        # int8 activations (W4A8): results/tune_int4_decode_h100.json (weight-only then), 64-wide
+        # tiles at most half a row per expert, 128-wide above
         if rpe <= 0.5:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
@@ -90,6 +100,14 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         if rpe <= 512:
             return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3)
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4)
+    if act_bits == 16 and w_bits < 16 and k_contiguous and rpe >= 512:
+        # weight-only formats, many rows per expert: 256-row tiles with the dequantized weight
+        # as the register operand (results/tune_w_lhs_int4_h100.log, tune_w_lhs_fp8_h100.json),
+        # T=4096: int4 g128 DeepSeek-V3 E=32 7.55 -> 6.03 ms, Mixtral 7.05 -> 5.98 ms; fp8
+        # channel DeepSeek-V3 4.53 -> 4.01 ms. At 256 rows per expert (Qwen3-30B-A3B) the
+        # ragged experts' part-filled 256-row tiles cost what the operand saves (int4 gate_up
+        # 0.873 -> 0.857 ms, down 0.472 -> 0.632 ms; fp8 gate_up 0.583 -> 0.607 ms)
+        return KernelConfig(256, 128, _block_k(K, scale_k_unit, 64), 8, 3, w_lhs=True)
     if act_bits == 8 or w_bits < 8:
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     if w_bits == 16:
@@ -104,9 +122,11 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     accumulators (gate and up) live, so prefill tiles are at most 128 wide."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
-    # tensor-core tiles only (k_contiguous=False rules the gemv tile out): see GEMV_MAX_ROWS_PER_EXPERT
-    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=False)
-    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=False)
+    # tensor-core tiles only: the gemv tile (16-bit weights) is ruled out by k_contiguous=False
+    # (see GEMV_MAX_ROWS_PER_EXPERT); quantized weights, K-contiguous here, take the w_lhs tiles
+    quantized = w_bits < 16
+    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized)
+    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized)
     if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
         # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row
@@ -115,10 +135,29 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         # (benchmarks/results/moe_layer_h100.md against moe_layer_h100_default_decode_tiles.md)
         bk1 = _block_k(H, min(unit1, H), 256 if (w_bits == 8 and act_bits == 8) else 128)
         gate_up = KernelConfig(16, 32, bk1, 4 if w_bits < 8 else 2, 3 if w_bits < 8 else 4, group_m=1)
-        if w_bits == 16:
+        if w_bits < 8 and act_bits == 16:
+            # int4/int2 weight-only: the 64-wide w_lhs tile (tune_moe_layer.py --w-lhs, Qwen3-30B-A3B
+            # int4 g128 T=1, the layer with this gate/up tile: 53.2 -> 49.5 us;
+            # results/tune_moe_layer_int4_decode_w_lhs_qwen3_h100.log)
+            gate_up = KernelConfig(16, 64, bk1, 4, 4, group_m=1, w_lhs=True)
+        elif w_bits == 16:
             down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 64), 2, 4, group_m=1)
         else:
             down = KernelConfig(16, 128, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1)
+    if down.decode and down.w_lhs:
+        # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
+        # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)
+        down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1, w_lhs=True)
+    if not gate_up.decode and w_bits < 8 and act_bits == 16:
+        # int4/int2 weight-only, two accumulators: 64 rows, the weight as the register operand
+        # (tune_moe_layer.py, T=4096 int4 g128: Qwen3-30B-A3B layer 2.29 -> 1.46 ms, DeepSeek-V3
+        # E=32 11.1 ms (its best, 128x64, 10.7); results/tune_moe_layer_int4_prefill_*_h100.log;
+        # the plain table's 128x128 / 4-warp tile spills registers with SwiGLU: NOTES.md)
+        gate_up = KernelConfig(64, 128, _block_k(H, min(unit1, H), 64), 4, 4, w_lhs=True)
+    elif not gate_up.decode and gate_up.w_lhs:
+        # 8-bit weights: the w_lhs table tile has 256 rows, too many for two accumulators; the
+        # plain tile (fp8 at Qwen3-30B-A3B: 0.58 ms plain against 0.70 w_lhs at 128 rows)
+        gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=False)
     if not gate_up.decode and gate_up.block_n > 128:
         gate_up = KernelConfig(gate_up.block_m, 128, gate_up.block_k, gate_up.num_warps, gate_up.num_stages,
                                gate_up.group_m)

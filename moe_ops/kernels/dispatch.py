@@ -95,10 +95,12 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
-def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int) -> dict:
-    """The kernel's tile constexprs for one config (K tile ``bk``)."""
+def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool) -> dict:
+    """The kernel's tile constexprs for one config (K tile ``bk``); ``weight_only``: quantized
+    weights under 16/32-bit activations (where ``config.w_lhs`` applies)."""
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
+                W_LHS=config.w_lhs and weight_only and not config.gemv,
                 SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0)
 
 
@@ -174,8 +176,9 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
         AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols))
+    weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
     if candidates is not None and len(candidates) > 1:
-        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack).items()), c.num_warps, c.num_stages)
+        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only).items()), c.num_warps, c.num_stages)
                       for c, b in candidates)
 
         def grid(meta):
@@ -183,7 +186,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
     grid = ((cdiv(M, config.block_m) + E + 1) * cdiv(N, config.block_n),)
-    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack),
+    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 

@@ -117,7 +117,7 @@ def grouped_gemm_kernel(
     GROUP_M: tl.constexpr, POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr,
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
-    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False,
+    AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -170,6 +170,13 @@ def grouped_gemm_kernel(
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
                             BLOCK_M, BLOCK_N, BLOCK_K, PACK)
+        elif W_LHS:
+            out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+                                     stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                                     stride_se, stride_sn, stride_sk,
+                                     W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                                     x_ptr.dtype.element_ty)
         else:
             out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
@@ -178,7 +185,14 @@ def grouped_gemm_kernel(
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                             UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU:
-            if GEMV:
+            if W_LHS:
+                up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
+                                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                                        stride_se, stride_sn, stride_sk,
+                                        W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE,
+                                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                                        x_ptr.dtype.element_ty)
+            elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
@@ -264,6 +278,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
+    # packed codes (unsigned bit fields) dequantized to float by exponent bits (see below)
+    MAGIC: tl.constexpr = (ACT == 0) & (W_KIND == 1) & (PACK > 1)
     if ACT == 3:  # codes round(x * (1 / s)): one multiply per element instead of a division
         inv_scale = tl.where(xs_row > 0, tl.math.div_rn(tl.full(xs_row.shape, 1.0, tl.float32), xs_row), 0.0)
     if IS_INT:
@@ -296,7 +312,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     code = _unpack_join(byte, W_BITS, BLOCK_K, BLOCK_N)
                 else:
                     code = (byte >> (j * W_BITS)) & CODE_MASK
-                if ZERO_MODE == 1:
+                if (ZERO_MODE == 1) & (not MAGIC):
                     code = code - IMPLICIT_ZERO
             else:
                 raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask,
@@ -312,6 +328,18 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
             if ACT == 0:
                 if W_KIND == 0:
                     b = raw
+                elif MAGIC:
+                    # unsigned fields q < 2^23: the float with bits 0x4B000000 | q is 2^23 + q, so
+                    # q - z = that float minus (2^23 + z), exactly, with no integer conversion
+                    if ZERO_MODE == 2:
+                        zf = z.to(tl.float32) + 8388608.0
+                    else:
+                        zf = 8388608.0 + IMPLICIT_ZERO
+                    qz = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf
+                    if POST_SCALE:  # integers |q - z| <= 255 are exact in bf16/fp16
+                        b = qz.to(X_DTYPE)
+                    else:
+                        b = (qz * s).to(X_DTYPE)
                 elif W_KIND == 1:
                     if ZERO_MODE == 2:
                         code = code - z
@@ -372,6 +400,91 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         else:
             out = acc
     return out
+
+
+@triton.jit
+def _unpack_rows(byte, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K // PACK]`` int32 bytes to ``[BLOCK_N, BLOCK_K]`` codes in K order
+    (low bits first): the bit fields joined along a new last axis, which reshapes in place."""
+    MASK: tl.constexpr = (1 << W_BITS) - 1
+    if W_BITS == 4:
+        return tl.reshape(tl.join(byte & MASK, byte >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        lo = tl.join(byte & MASK, (byte >> 2) & MASK)  # codes 0, 1
+        hi = tl.join((byte >> 4) & MASK, byte >> 6)  # codes 2, 3
+        quad = tl.permute(tl.join(lo, hi), (0, 1, 3, 2))  # [BN, BK/4, 2 (p), 2 (q)]: code 2p + q
+        return tl.reshape(quad, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+                       stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+                       W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
+                       IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
+                       SCALE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
+                       PACK: tl.constexpr, X_DTYPE: tl.constexpr):
+    """Weight-only formats (``W_KIND`` 1 or 2, scaled) under 16-bit x: the float32
+    ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
+    ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
+    operand, which Hopper's wgmma reads from registers: it goes from the dequantization to the
+    tensor cores without a store to shared memory and the wait that store needs each K step
+    (as the right operand it would). Packed codes are unpacked along K within each weight row
+    (W's stored layout), and turned into floats by exponent bits: ``0x4B000000 | q`` is the
+    float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly."""
+    w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
+                                                              stride_wn, stride_se, stride_sn, UNIT_N)
+    SUB: tl.constexpr = BLOCK_K // PACK  # stored columns per K tile
+    rs = tl.arange(0, SUB)
+    rk = tl.arange(0, BLOCK_K)
+    if PACK > 1:
+        zero_bias = 8388608.0  # 2^23, the exponent bits' value
+    else:
+        zero_bias = 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
+                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if SCALE_TILE:
+            s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
+            if ZERO_MODE == 2:
+                z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
+        else:
+            s_off = s_rows[:, None] + (kk // UNIT_K).to(tl.int64)[None, :] * stride_sk
+            s = tl.load(s_base + s_off, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if ZERO_MODE == 2:
+                z = tl.load(z_base + s_off, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        if ZERO_MODE == 2:
+            zf = z.to(tl.float32) + zero_bias
+        else:
+            zf = zero_bias + IMPLICIT_ZERO
+        if W_KIND == 1:
+            rb = k0 // PACK + rs
+            byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
+                           mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
+            if PACK > 1:
+                q = (_unpack_rows(byte.to(tl.int32), W_BITS, BLOCK_N, BLOCK_K) | 0x4B000000).to(tl.float32,
+                                                                                               bitcast=True)
+            else:
+                q = byte.to(tl.float32)
+        else:
+            q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        if W_KIND == 1:
+            q = q - zf
+        if POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
+            b = q.to(X_DTYPE)
+        else:
+            b = (q * s).to(X_DTYPE)
+        if UPCAST_DOT:
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b, a, acc)
+    if POST_SCALE:
+        acc = acc * tl.load(s_base + s_rows, mask=n_mask, other=0.0)[:, None]
+    return tl.trans(acc)
 
 
 @triton.jit

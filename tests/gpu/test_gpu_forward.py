@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops.lowering.kernel_choice import choose_forward_config
+from moe_ops.kernels import dispatch
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
 from helpers import GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, weight_cases
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
@@ -46,6 +47,29 @@ def test_forward_formats(fmt, gran, gs, shape):
     assert choose_forward_config(M, N, K, E, bits, gs or K).gemv == (shape == "gemv" and bits == 16)
     _poison(M, N, torch.bfloat16)
     y = moe_ops.grouped_mm(x.to(DEV), wq.to(DEV), offs.to(DEV))
+    ref = oracle_grouped_mm(x, args, offs)
+    assert not torch.isnan(y).any()
+    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
+    assert torch.all(y[int(offs[-1]):] == 0)
+
+
+W_LHS_TILES = {"prefill": KernelConfig(256, 128, 64, 8, 3, w_lhs=True),
+               "decode": KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True)}
+
+
+@pytest.mark.parametrize("shape", list(W_LHS_TILES))
+@pytest.mark.parametrize("fmt,gran,gs", weight_cases())
+def test_forward_w_lhs_tiles(fmt, gran, gs, shape):
+    """The weight-as-left-operand kernel (``KernelConfig.w_lhs``) at tiles that take wgmma."""
+    M, E, N, K = SHAPES[shape]
+    gs = 128 if gran == "group" else 0
+    x, w, offs = _case(hash((fmt, gran, shape, "w_lhs")) % 10000, M, E, N, K)
+    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
+    args = wq.op_args()
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
+    y = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
+                            config=W_LHS_TILES[shape], out=out)
     ref = oracle_grouped_mm(x, args, offs)
     assert not torch.isnan(y).any()
     assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16

@@ -14,7 +14,9 @@ T, H, I, E, TOP_K = 11, 128, 64, 4, 2
 CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4, 1)),
            "prefill": (KernelConfig(32, 32, 32, 4, 1), KernelConfig(32, 32, 32, 4, 1)),
            "gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True),
-                    KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True))}
+                    KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
+           # weight-only formats: the dequantized weights as the MMA's left operand
+           "w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True), KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
 
 
 def _routing(seed):
@@ -42,7 +44,7 @@ CASES = [("none", "none", 0, "none"), ("int4_asym", "group", 32, "none"), ("int8
 
 
 @pytest.mark.parametrize("cfg,fmt,gran,gs,act", [(c, *case) for c in CONFIGS for case in CASES
-                                                  if c != "gemv" or case[3] == "none"])
+                                                  if c not in ("gemv", "w_lhs") or case[3] == "none"])
 def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     g, tw, rows, offs = _routing(hash((fmt, gran, act)) % 997)
     x = torch.randn(T, H, generator=g).half()

@@ -14,6 +14,9 @@ E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multi
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
 # the CUDA-core decode tile (weight-only): 2-row tiles, so experts span several M tiles
 GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
+# the dequantized weight as the MMA's left operand (weight-only formats), both tile shapes
+W_LHS = {"w_lhs_decode": KernelConfig(16, 16, 32, 4, 1, w_lhs=True),
+         "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True)}
 
 
 def _data(seed, dtype, k=K):
@@ -37,12 +40,22 @@ def _run(x, args, offs, act, cfg):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt,gran,gs", [("none", "none", 0)] + weight_cases())
 def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
+    _check_weight_only(fmt, gran, gs, dtype, GEMV if cfg == "gemv" else CONFIGS[cfg])
+
+
+@pytest.mark.parametrize("cfg", list(W_LHS))
+@pytest.mark.parametrize("fmt,gran,gs", weight_cases())
+def test_forward_weight_only_w_lhs(fmt, gran, gs, cfg):
+    _check_weight_only(fmt, gran, gs, torch.float16, W_LHS[cfg])
+
+
+def _check_weight_only(fmt, gran, gs, dtype, cfg):
     x, w, offs = _data(hash((fmt, gran)) % 997, dtype)
     if fmt == "none":
         args = (w.to(dtype), None, None, "none", "none", 0)
     else:
         args = moe_ops.quantize_weight(w.to(dtype), fmt, gran, gs).op_args()
-    y = _run(x, args, offs, "none", GEMV if cfg == "gemv" else CONFIGS[cfg])
+    y = _run(x, args, offs, "none", cfg)
     ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
     # Triton's interpreter casts float32 -> bfloat16 by truncation (measured: half the values
     # differ from round-to-nearest), which doubles bf16's rounding error here; fp16 rounds.
