@@ -431,7 +431,11 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     tensor cores without a store to shared memory and the wait that store needs each K step
     (as the right operand it would). Packed codes are unpacked along K within each weight row
     (W's stored layout), and turned into floats by exponent bits: ``0x4B000000 | q`` is the
-    float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly."""
+    float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly. Decode tiles
+    (``BLOCK_M <= 16``) with the scale constant over the K tile do it in x's 16-bit type
+    (``0x4300 | q`` is bf16 ``128 + q``, ``0x6400 | q`` fp16 ``1024 + q``; two codes per
+    instruction) and multiply the tile's exact-code partial sums by the scale: the weight is
+    then not rounded to 16 bits before the product, as in :func:`_gemv_acc`."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns per K tile
@@ -441,6 +445,16 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         zero_bias = 8388608.0  # 2^23, the exponent bits' value
     else:
         zero_bias = 0.0
+    # decode tiles, packed codes, scale constant over the K tile: q - z exactly in x's 16-bit
+    # type (exponent bits of 128.0 in bf16 / 1024.0 in fp16), the scale on the tile's sums
+    CODES16: tl.constexpr = (W_KIND == 1) & (PACK > 1) & SCALE_TILE & (not POST_SCALE) & (BLOCK_M <= 16) & (
+        (X_DTYPE == tl.bfloat16) | (X_DTYPE == tl.float16))
+    if X_DTYPE == tl.bfloat16:
+        bias16: tl.constexpr = 0x4300  # bf16 128.0: 7 mantissa bits, 128 + q exact for q < 128
+        bias16_val: tl.constexpr = 128.0
+    else:
+        bias16: tl.constexpr = 0x6400  # fp16 1024.0
+        bias16_val: tl.constexpr = 1024.0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -460,7 +474,22 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
             zf = z.to(tl.float32) + zero_bias
         else:
             zf = zero_bias + IMPLICIT_ZERO
-        if W_KIND == 1:
+        if CODES16:
+            rb = k0 // PACK + rs
+            byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
+                           mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
+            code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
+            q16 = (code | bias16).to(X_DTYPE, bitcast=True)
+            if ZERO_MODE == 2:
+                z16 = (z.to(tl.float32) + bias16_val).to(X_DTYPE)
+            else:
+                z16 = tl.full((BLOCK_N, 1), bias16_val + IMPLICIT_ZERO, X_DTYPE)
+            if UPCAST_DOT:  # the interpreter (its 16-bit arithmetic on bitcast values is wrong)
+                part = tl.dot(q16.to(tl.float32) - z16.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(q16 - z16, a)  # integers |q - z| < 128: exact in bf16 / fp16
+            acc += part * s
+        elif W_KIND == 1:
             rb = k0 // PACK + rs
             byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
                            mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
@@ -472,16 +501,17 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         else:
             q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
                         mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        if W_KIND == 1:
-            q = q - zf
-        if POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
-            b = q.to(X_DTYPE)
-        else:
-            b = (q * s).to(X_DTYPE)
-        if UPCAST_DOT:
-            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(b, a, acc)
+        if not CODES16:
+            if W_KIND == 1:
+                q = q - zf
+            if POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
+                b = q.to(X_DTYPE)
+            else:
+                b = (q * s).to(X_DTYPE)
+            if UPCAST_DOT:
+                acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, a, acc)
     if POST_SCALE:
         acc = acc * tl.load(s_base + s_rows, mask=n_mask, other=0.0)[:, None]
     return tl.trans(acc)

@@ -44,9 +44,10 @@ def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
 
 
 @pytest.mark.parametrize("cfg", list(W_LHS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # the codes' 16-bit bias per dtype
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases())
-def test_forward_weight_only_w_lhs(fmt, gran, gs, cfg):
-    _check_weight_only(fmt, gran, gs, torch.float16, W_LHS[cfg])
+def test_forward_weight_only_w_lhs(fmt, gran, gs, dtype, cfg):
+    _check_weight_only(fmt, gran, gs, dtype, W_LHS[cfg])
 
 
 def _check_weight_only(fmt, gran, gs, dtype, cfg):
