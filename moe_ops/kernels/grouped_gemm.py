@@ -33,6 +33,9 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               scales apply to the ``[BLOCK_M, BLOCK_N]`` partial sums, once per K tile. No
               conversion of the weight tile to a tensor-core operand layout (a round trip
               through shared memory) and no padding of a few rows to the 16 an MMA needs.
+``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
+              weight as the MMA's left operand, which Hopper's wgmma takes from registers:
+              :func:`_dequant_acc_w_lhs`.
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 ``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
