@@ -1,0 +1,30 @@
+"""Invariants of the static tile table (``lowering/kernel_choice.py``) that the kernels rely on
+but no timing shows: which launches may take the weight-as-register-operand (``w_lhs``) tiles,
+and that the fused gate/up launch never gets a tile too large for its two accumulators."""
+import itertools
+
+from moe_ops.lowering.kernel_choice import choose_expert_mlp_configs, choose_forward_config
+
+# (H, I, E, top_k): Qwen3-30B-A3B, DeepSeek-V3 with 32 local experts, Mixtral-8x7B
+LAYERS = [(2048, 768, 128, 8), (7168, 2048, 32, 8), (4096, 14336, 8, 2)]
+TOKENS = [1, 3, 8, 16, 64, 128, 1000, 4096, 16384]
+BITS = [16, 8, 4, 2]
+
+
+def test_w_lhs_only_for_16_bit_activations_and_k_contiguous_weights():
+    for (H, I, E, k), T, bits, act, contiguous in itertools.product(LAYERS, TOKENS, BITS, (16, 8), (True, False)):
+        cfg = choose_forward_config(T * k, 2 * I, H, E, bits, 128, act_bits=act, k_contiguous=contiguous)
+        if cfg.w_lhs:
+            # the dgrad view (k_contiguous=False), plain weights and W8A8/W4A8 keep the plain kernel
+            assert bits < 16 and act == 16 and contiguous, cfg
+            assert not cfg.gemv
+
+
+def test_fused_gate_up_tiles_fit_two_accumulators():
+    for (H, I, E, k), T, bits, act in itertools.product(LAYERS, TOKENS, BITS, (16, 8)):
+        gate_up, down = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act_bits=act)
+        # two fp32 [BLOCK_M, BLOCK_N] accumulators: at most 128x128 each (256 rows or columns
+        # spill, see benchmarks/NOTES.md)
+        assert gate_up.block_m * gate_up.block_n <= 128 * 128, (T, bits, act, gate_up)
+        for cfg in (gate_up, down):
+            assert not cfg.w_lhs or (bits < 16 and act == 16), (T, bits, act, cfg)
