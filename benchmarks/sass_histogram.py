@@ -31,7 +31,7 @@ from moe_ops.kernels.grouped_gemm import grouped_gemm_kernel
 _HUGE = 1 << 30
 _DIV16 = {"M", "N", "K", "stride_xm", "stride_xsm", "stride_we", "stride_wn", "stride_se", "stride_sn", "stride_ym"}
 _UNIT = {"stride_xk": 1, "stride_xsk": 1, "stride_wk": 1, "stride_sk": 1, "stride_yn": 1}
-_W_PTR = {"int": "*u8", "float": "*bf16"}
+_W_PTR = {"int": "*u8", "bf16": "*bf16", "fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}  # the weights' element type
 
 
 def constexprs(fmt: str, group: int, tile) -> dict:
@@ -128,7 +128,7 @@ def main():
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8)
     consts.update(W_LHS=a.w_lhs and spec is not None)
-    sass, regs = compile_sass(consts, _W_PTR["float" if spec is None or spec.kind == "float" else "int"],
+    sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)
     per_thread = a.tile[1] * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread

@@ -3,7 +3,7 @@ but no timing shows: which launches may take the weight-as-register-operand (``w
 and that the fused gate/up launch never gets a tile too large for its two accumulators."""
 import itertools
 
-from moe_ops.lowering.kernel_choice import choose_expert_mlp_configs, choose_forward_config
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
 
 # (H, I, E, top_k): Qwen3-30B-A3B, DeepSeek-V3 with 32 local experts, Mixtral-8x7B
 LAYERS = [(2048, 768, 128, 8), (7168, 2048, 32, 8), (4096, 14336, 8, 2)]
@@ -28,3 +28,14 @@ def test_fused_gate_up_tiles_fit_two_accumulators():
         assert gate_up.block_m * gate_up.block_n <= 128 * 128, (T, bits, act, gate_up)
         for cfg in (gate_up, down):
             assert not cfg.w_lhs or (bits < 16 and act == 16), (T, bits, act, cfg)
+
+
+def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():
+    from moe_ops.kernels.dispatch import _tile_k, _tile_meta
+    cfg = KernelConfig(16, 64, 32, 4, 4, group_m=1, w_lhs=True)
+    bk = _tile_k(cfg, 0, 4)  # int2 decode: 16 columns a sub-dot, 4 codes a byte -> 64
+    assert bk == 64
+    assert _tile_meta(cfg, bk, 64, 4, weight_only=True)["W_LHS"] is True
+    # 32-column scale groups vary inside the 64-column K tile: the plain kernel serves it
+    assert _tile_meta(cfg, bk, 32, 4, weight_only=True)["W_LHS"] is False
+    assert _tile_meta(cfg, bk, 64, 4, weight_only=False)["W_LHS"] is False  # W8A8 / 16-bit weights

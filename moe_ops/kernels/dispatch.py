@@ -97,11 +97,13 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
 
 def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool) -> dict:
     """The kernel's tile constexprs for one config (K tile ``bk``); ``weight_only``: quantized
-    weights under 16/32-bit activations (where ``config.w_lhs`` applies)."""
+    weights under 16/32-bit activations. ``config.w_lhs`` applies there when the weight scale is
+    constant over the K tile (not, e.g., int2 with 32-column groups under a decode tile's 64-column
+    K tile, which takes the plain kernel)."""
+    scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
-                W_LHS=config.w_lhs and weight_only and not config.gemv,
-                SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0)
+                W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile)
 
 
 def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:

@@ -174,10 +174,11 @@ def grouped_gemm_kernel(
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
                             BLOCK_M, BLOCK_N, BLOCK_K, PACK)
         elif W_LHS:
+            tl.static_assert(SCALE_TILE, "W_LHS needs the weight scale constant over a K tile")
             out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
                                      stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                                      stride_se, stride_sn, stride_sk,
-                                     W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE,
+                                     W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                      x_ptr.dtype.element_ty)
         else:
@@ -192,7 +193,7 @@ def grouped_gemm_kernel(
                 up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                                         stride_se, stride_sn, stride_sk,
-                                        W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE,
+                                        W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                         x_ptr.dtype.element_ty)
             elif GEMV:
@@ -424,10 +425,10 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                        W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                        IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
-                       SCALE_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
                        PACK: tl.constexpr, X_DTYPE: tl.constexpr):
-    """Weight-only formats (``W_KIND`` 1 or 2, scaled) under 16-bit x: the float32
+    """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) under 16-bit x: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
     ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
     operand, which Hopper's wgmma reads from registers: it goes from the dequantization to the
@@ -444,13 +445,9 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns per K tile
     rs = tl.arange(0, SUB)
     rk = tl.arange(0, BLOCK_K)
-    if PACK > 1:
-        zero_bias = 8388608.0  # 2^23, the exponent bits' value
-    else:
-        zero_bias = 0.0
     # decode tiles, packed codes, scale constant over the K tile: q - z exactly in x's 16-bit
     # type (exponent bits of 128.0 in bf16 / 1024.0 in fp16), the scale on the tile's sums
-    CODES16: tl.constexpr = (W_KIND == 1) & (PACK > 1) & SCALE_TILE & (not POST_SCALE) & (BLOCK_M <= 16) & (
+    CODES16: tl.constexpr = (W_KIND == 1) & (PACK > 1) & (not POST_SCALE) & (BLOCK_M <= 16) & (
         (X_DTYPE == tl.bfloat16) | (X_DTYPE == tl.float16))
     if X_DTYPE == tl.bfloat16:
         bias16: tl.constexpr = 0x4300  # bf16 128.0: 7 mantissa bits, 128 + q exact for q < 128
@@ -458,29 +455,25 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     else:
         bias16: tl.constexpr = 0x6400  # fp16 1024.0
         bias16_val: tl.constexpr = 1024.0
+    zero_bias: tl.constexpr = 8388608.0 if PACK > 1 else 0.0  # 2^23: 0x4B000000 | q is 2^23 + q
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
         a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
                     mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-        if SCALE_TILE:
-            s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
-            if ZERO_MODE == 2:
-                z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
-        else:
-            s_off = s_rows[:, None] + (kk // UNIT_K).to(tl.int64)[None, :] * stride_sk
-            s = tl.load(s_base + s_off, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if ZERO_MODE == 2:
-                z = tl.load(z_base + s_off, mask=n_mask[:, None] & k_mask[None, :], other=0)
+        s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
         if ZERO_MODE == 2:
+            z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
+        if ZERO_MODE == 2:  # the float32 zero, exponent bits included for packed codes
             zf = z.to(tl.float32) + zero_bias
         else:
             zf = zero_bias + IMPLICIT_ZERO
-        if CODES16:
+        if W_KIND == 1:
             rb = k0 // PACK + rs
             byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
                            mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
+        if CODES16:
             code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
             q16 = (code | bias16).to(X_DTYPE, bitcast=True)
             if ZERO_MODE == 2:
@@ -492,21 +485,17 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
             else:
                 part = tl.dot(q16 - z16, a)  # integers |q - z| < 128: exact in bf16 / fp16
             acc += part * s
-        elif W_KIND == 1:
-            rb = k0 // PACK + rs
-            byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
-                           mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
-            if PACK > 1:
-                q = (_unpack_rows(byte.to(tl.int32), W_BITS, BLOCK_N, BLOCK_K) | 0x4B000000).to(tl.float32,
-                                                                                               bitcast=True)
-            else:
-                q = byte.to(tl.float32)
         else:
-            q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        if not CODES16:
             if W_KIND == 1:
+                if PACK > 1:
+                    q = (_unpack_rows(byte.to(tl.int32), W_BITS, BLOCK_N, BLOCK_K) | 0x4B000000).to(
+                        tl.float32, bitcast=True)
+                else:
+                    q = byte.to(tl.float32)
                 q = q - zf
+            else:
+                q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             if POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
                 b = q.to(X_DTYPE)
             else:
