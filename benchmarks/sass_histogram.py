@@ -8,7 +8,8 @@ spills ``ptxas -v`` reports, then for each loop of the kernel its instruction co
 and iteration and the most frequent opcodes. With the K tile's weight elements per thread,
 that gives instructions per weight element: the number that bounds a dequantizing tile that
 is not memory-bound (see benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up
-launch (two accumulators, gathered rows); ``--w-lhs``: the weight-only kernel with the
+launch (two accumulators, gathered rows; with ``--one-loop`` one loop over the interleaved
+gate/up rows, ``KernelConfig.one_loop``); ``--w-lhs``: the weight-only kernel with the
 dequantized weight as the MMA's register operand (``KernelConfig.w_lhs``).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def constexprs(fmt: str, group: int, tile) -> dict:
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
              POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
-             GEMV=False, W_LHS=False)
+             GEMV=False, W_LHS=False, ONE_LOOP=False)
     c.update(_UNIT)
     return c
 
@@ -122,16 +123,18 @@ def main():
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--swiglu", action="store_true", help="the fused gate/up launch (two accumulators)")
     p.add_argument("--w-lhs", action="store_true", help="the dequantized weight as the MMA's left operand")
+    p.add_argument("--one-loop", action="store_true", help="with --swiglu: gate and up rows in one K loop")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
-        consts.update(SWIGLU=True, GATHER=8)
+        consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
     consts.update(W_LHS=a.w_lhs and spec is not None)
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)
-    per_thread = a.tile[1] * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread
+    rows = a.tile[1] * (2 if a.swiglu and a.one_loop else 1)  # weight rows of one K loop
+    per_thread = rows * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread
     for n, ops in loops(sass):
         if n > 1:
             print(f"loop: {n} instructions per thread-iteration, {n / per_thread:.2f} per weight element")

@@ -3,9 +3,10 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
 ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles, whose 4-warp choice
-spills registers at int4, see benchmarks/NOTES.md). Prints the fastest configs per (format, T,
+spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only the gate/up launch, over
+tiles that read x once for the gate and up rows). Prints the fastest configs per (format, T,
 launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -40,6 +41,20 @@ W_LHS_SPACE = [KernelConfig(16, bn, 128, w, s, group_m=1, w_lhs=True)
                for bn, (w, s) in itertools.product((32, 64, 128), ((4, 3), (4, 4)))]
 
 
+# the gate/up launch with gate and up rows in one K loop (KernelConfig.one_loop): the loop's
+# weight tile is block_m x 2*block_n; w_lhs applies to weight-only formats only
+ONE_LOOP_SPACE = [KernelConfig(16, bn, 128, w, s, group_m=1, one_loop=True, w_lhs=wl)
+                  for bn, (w, s), wl in itertools.product((16, 32, 64), ((4, 3), (4, 4)), (False, True))]
+ONE_LOOP_PREFILL_SPACE = [KernelConfig(bm, bn, bk, w, s, one_loop=True) for bm, bn, bk, w, s in (
+    (128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))] + [
+    KernelConfig(bm, bn, bk, w, s, one_loop=True, w_lhs=True) for bm, bn, bk, w, s in (
+        (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
+
+
+def _weight_only(fname: str) -> bool:
+    return FORMATS[fname] is not None and FORMATS[fname][3] in (None, "none")
+
+
 def main(args):
     dev = torch.device("cuda")
     H, I, E, k = LAYERS[args.layer]  # Qwen3-style routing at both sizes, as bench_moe_layer.py
@@ -60,14 +75,18 @@ def main(args):
             default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act)
             base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
-            for which in (0, 1):
+            for which in ((0,) if args.one_loop else (0, 1)):
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
                     fn = lambda: dispatch.expert_mlp(*args_, configs=cfgs)  # noqa: E731
                     if fn() is None:
                         raise ValueError("not served")
                     return fn
-                space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
+                if args.one_loop:
+                    space = ONE_LOOP_SPACE if T * k <= 16 * E else ONE_LOOP_PREFILL_SPACE
+                    space = [c for c in space if _weight_only(fname) or not c.w_lhs]
+                else:
+                    space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
                 best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
                 results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
         m = None
@@ -81,4 +100,5 @@ if __name__ == "__main__":
     p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8,fp8_block")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
+    p.add_argument("--one-loop", action="store_true", help="only the gate/up launch, its one-loop tiles")
     main(p.parse_args())

@@ -23,6 +23,9 @@ class KernelConfig:
     # weight-only formats: the dequantized weight tile is the MMA's left (register) operand,
     # the output tile computed transposed (grouped_gemm._dequant_acc_w_lhs)
     w_lhs: bool = False
+    # SwiGLU launches (fused expert MLP gate/up): gate and up rows in one K loop, one
+    # [block_m, 2 * block_n] accumulator (x read once per K tile); else two K loops
+    one_loop: bool = False
 
     @property
     def decode(self) -> bool:
@@ -118,8 +121,9 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
                               act_bits: int = 16):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
-    T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps two
-    accumulators (gate and up) live, so prefill tiles are at most 128 wide."""
+    T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
+    and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
+    tiles are at most 128 wide."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
     # tensor-core tiles only: the gemv tile (16-bit weights) is ruled out by k_contiguous=False
@@ -136,29 +140,52 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         bk1 = _block_k(H, min(unit1, H), 256 if (w_bits == 8 and act_bits == 8) else 128)
         gate_up = KernelConfig(16, 32, bk1, 4 if w_bits < 8 else 2, 3 if w_bits < 8 else 4, group_m=1)
         if w_bits < 8 and act_bits == 16:
-            # int4/int2 weight-only: the 64-wide w_lhs tile (tune_moe_layer.py --w-lhs, Qwen3-30B-A3B
-            # int4 g128 T=1, the layer with this gate/up tile: 53.2 -> 49.5 us;
-            # results/tune_moe_layer_int4_decode_w_lhs_qwen3_h100.log)
-            gate_up = KernelConfig(16, 64, bk1, 4, 4, group_m=1, w_lhs=True)
+            # int4/int2 weight-only: the dequantized weight as the register operand, gate and up
+            # rows in one loop (tune_moe_layer.py --one-loop, Qwen3-30B-A3B int4 g128 T=1, the
+            # fused MLP: 30.5 us with session 6's two-loop 16x64 w_lhs tile, 26.8 with this one;
+            # results/tune_moe_layer_one_loop_h100.log)
+            gate_up = KernelConfig(16, 32, bk1, 4, 3, group_m=1, w_lhs=True, one_loop=True)
         elif w_bits == 16:
             down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 64), 2, 4, group_m=1)
         else:
             down = KernelConfig(16, 128, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1)
+        if w_bits == 8 and act_bits == 16:
+            # 8-bit weight-only, one loop (same sweep, fp8 block: 33.8 -> 24.4 us)
+            gate_up = KernelConfig(16, 16, bk1, 4, 4, group_m=1, one_loop=True)
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)
         down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1, w_lhs=True)
-    if not gate_up.decode and w_bits < 8 and act_bits == 16:
+    prefill = not gate_up.decode
+    if prefill and rows_per_expert_hint(M, E) > 64 and not (w_bits < 8 and act_bits == 8):
+        # one K loop over the interleaved gate/up rows (KernelConfig.one_loop: x read once per K
+        # tile), the loop tile 128 x 2*block_n. benchmarks/tune_moe_layer.py --one-loop, T=4096,
+        # the fused MLP with this gate/up tile against session 6's two-loop table tile
+        # (results/tune_moe_layer_one_loop_h100.log): Qwen3-30B-A3B bf16 1006 -> 856 us, int4
+        # g128 1447 -> 1366, fp8 block 1278 -> 1101, int8 W8A8 699 -> 680; DeepSeek-V3 E=32 bf16
+        # 7297 -> 5838, int4 10964 -> 10135, fp8 9002 -> 7803 (its best, 128x64/4-warp plain,
+        # 7631). Measured at 256 and 1024 rows per expert; W4A8 (4-bit weights, int8 x) and
+        # 17-64 rows per expert keep the two-loop tiles below (not measured with one loop).
+        bk1 = _block_k(H, min(unit1, H), 64)
+        if w_bits == 16:
+            gate_up = KernelConfig(128, 128, bk1, 8, 3, one_loop=True)
+        elif act_bits == 8:  # W8A8 (int8 or fp8 x)
+            gate_up = KernelConfig(128, 64, bk1, 4, 4, one_loop=True)
+        elif w_bits == 8:  # 8-bit weight-only: the weight as the register operand
+            gate_up = KernelConfig(128, 64, bk1, 8, 3, one_loop=True, w_lhs=True)
+        else:  # int4/int2 weight-only: the plain operands (w_lhs 64x64/4 warps: 1452 us at Qwen3)
+            gate_up = KernelConfig(128, 64, bk1, 8, 3, one_loop=True)
+    elif prefill and w_bits < 8 and act_bits == 16:
         # int4/int2 weight-only, two accumulators: 64 rows, the weight as the register operand
-        # (tune_moe_layer.py, T=4096 int4 g128: Qwen3-30B-A3B layer 2.29 -> 1.46 ms, DeepSeek-V3
-        # E=32 11.1 ms (its best, 128x64, 10.7); results/tune_moe_layer_int4_prefill_*_h100.log;
-        # the plain table's 128x128 / 4-warp tile spills registers with SwiGLU: NOTES.md)
+        # (tune_moe_layer.py, T=4096 int4 g128: Qwen3-30B-A3B layer 2.29 -> 1.46 ms with two
+        # loops; results/tune_moe_layer_int4_prefill_*_h100.log; the plain table's 128x128 /
+        # 4-warp tile spills registers with SwiGLU: NOTES.md)
         gate_up = KernelConfig(64, 128, _block_k(H, min(unit1, H), 64), 4, 4, w_lhs=True)
-    elif not gate_up.decode and gate_up.w_lhs:
+    elif prefill and gate_up.w_lhs:
         # 8-bit weights: the w_lhs table tile has 256 rows, too many for two accumulators; the
         # plain tile (fp8 at Qwen3-30B-A3B: 0.58 ms plain against 0.70 w_lhs at 128 rows)
         gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=False)
-    if not gate_up.decode and gate_up.block_n > 128:
+    if prefill and gate_up.block_n > 128:
         gate_up = KernelConfig(gate_up.block_m, 128, gate_up.block_k, gate_up.num_warps, gate_up.num_stages,
                                gate_up.group_m)
     return gate_up, down

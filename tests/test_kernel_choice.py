@@ -23,11 +23,12 @@ def test_w_lhs_only_for_16_bit_activations_and_k_contiguous_weights():
 def test_fused_gate_up_tiles_fit_two_accumulators():
     for (H, I, E, k), T, bits, act in itertools.product(LAYERS, TOKENS, BITS, (16, 8)):
         gate_up, down = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act_bits=act)
-        # two fp32 [BLOCK_M, BLOCK_N] accumulators: at most 128x128 each (256 rows or columns
-        # spill, see benchmarks/NOTES.md)
+        # two fp32 [BLOCK_M, BLOCK_N] accumulators (or one [BLOCK_M, 2 * BLOCK_N] with
+        # one_loop): at most 128x128 each (256 rows or columns spill, see benchmarks/NOTES.md)
         assert gate_up.block_m * gate_up.block_n <= 128 * 128, (T, bits, act, gate_up)
         for cfg in (gate_up, down):
             assert not cfg.w_lhs or (bits < 16 and act == 16), (T, bits, act, cfg)
+        assert not down.one_loop, down  # only a SwiGLU launch has gate and up rows
 
 
 def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():

@@ -103,7 +103,8 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
-                W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile)
+                W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
+                ONE_LOOP=config.one_loop)
 
 
 def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:
@@ -142,6 +143,13 @@ def _tuned_kernel(tiles: tuple):
         extra = {"do_bench": _interpret_bench} if _INTERPRET else {}
         kern = _TUNERS[tiles] = triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(grouped_gemm_kernel)
     return kern
+
+
+def _row_tiles(M, block_m: int, E: int):
+    """Static bound on the M tiles of :func:`grouped_gemm_kernel` (its ``num_tiles``): each
+    expert with rows adds at most one part-filled tile, and at most ``min(E, M)`` experts have
+    rows; one more tile for the zero rows past ``offs[-1]``. ``M`` may be a SymInt."""
+    return cdiv(M, block_m) + torch.sym_min(M, E) + 1
 
 
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
@@ -184,10 +192,10 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
                       for c, b in candidates)
 
         def grid(meta):
-            return ((cdiv(M, meta["BLOCK_M"]) + E + 1) * cdiv(N, meta["BLOCK_N"]),)
+            return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
-    grid = ((cdiv(M, config.block_m) + E + 1) * cdiv(N, config.block_n),)
+    grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
     wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y

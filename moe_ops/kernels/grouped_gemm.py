@@ -42,15 +42,19 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
               GATHER = top_k: the token of a sorted row), its activation scale row likewise:
               the permuted ``[M, K]`` copy never exists.
 ``SWIGLU``    the weights hold ``[gate; up]`` (2N rows); the program computes the gate tile
-              (rows n) and the up tile (rows N + n) and stores ``silu(gate) * up`` ``[M, N]``.
+              (rows n) and the up tile (rows N + n) and stores ``silu(gate) * up`` ``[M, N]``:
+              with ``ONE_LOOP`` in one K loop over the ``[BLOCK_M, 2 * BLOCK_N]`` tile of
+              interleaved gate/up rows (x read once), else in two loops (two accumulators of
+              ``[BLOCK_M, BLOCK_N]``).
 ``AMAX_OUT``  also store each row's absmax over the program's stored columns to
               ``amax[r, pid_n]`` (float32 ``[M, AMAX_COLS]``, ``AMAX_POW2`` its next power of
               two), for ACT 3 downstream.
 ``SCATTER``   row r is stored at output row ``dst[r]`` (token-major ``t * top_k + j``), and
               with ``ROW_WEIGHT`` multiplied first by ``rw[dst[r]]`` (the routing weight).
 
-Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + E + 1) * cdiv(N, BLOCK_N)``
-programs, a static upper bound. Each program reads ``offs`` on the device, finds which expert
+Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + min(E, M) + 1) * cdiv(N, BLOCK_N)``
+programs, a static upper bound (each expert with rows adds at most one part-filled tile, and
+at most ``min(E, M)`` experts have rows: at decode the grid is ``M``-sized, not ``E``-sized). Each program reads ``offs`` on the device, finds which expert
 its M tile belongs to (tiles numbered expert by expert). The programs after the last
 expert's tiles write the zero rows at or past ``offs[-1]``, so
 every output row is written. Decode and prefill differ only in tile shape (BLOCK_M 16 with a
@@ -121,12 +125,13 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) + E + 1
+    num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
     per_group = GROUP_M * num_n
     first_tile = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
@@ -168,27 +173,39 @@ def grouped_gemm_kernel(
             xs_row = tl.load(xs_ptr + xrow * stride_xsm, mask=m_mask, other=0.0)
         else:
             xs_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # the weight rows of the accumulated tile: rn, or with SWIGLU and ONE_LOOP the gate and
+        # up rows interleaved (rn[0], N + rn[0], rn[1], ...) so that one K loop reads x once
+        TILE_N: tl.constexpr = 2 * BLOCK_N if (SWIGLU and ONE_LOOP) else BLOCK_N
+        if SWIGLU and ONE_LOOP:
+            wn = tl.reshape(tl.join(rn, rn + N), (TILE_N,))
+            wn_mask = tl.reshape(tl.join(n_mask, n_mask), (TILE_N,))
+        else:
+            wn = rn
+            wn_mask = n_mask
         if GEMV:
-            out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+            out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
-                            BLOCK_M, BLOCK_N, BLOCK_K, PACK)
+                            BLOCK_M, TILE_N, BLOCK_K, PACK)
         elif W_LHS:
             tl.static_assert(SCALE_TILE, "W_LHS needs the weight scale constant over a K tile")
-            out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+            out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                                      stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                                      stride_se, stride_sn, stride_sk,
                                      W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                                     BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                      x_ptr.dtype.element_ty)
         else:
-            out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
+            out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
-                            ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
+                            ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                             UNPACK_JOIN, x_ptr.dtype.element_ty)
-        if SWIGLU:
+        if SWIGLU and ONE_LOOP:
+            gate, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))
+            out = gate / (1.0 + tl.exp(-gate)) * up
+        elif SWIGLU:
             if W_LHS:
                 up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk,

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import moe_ops
+from moe_ops.kernels import dispatch
+from moe_ops.lowering.kernel_choice import KernelConfig
 from helpers import rel_err, replays_without_sync
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
@@ -42,17 +44,21 @@ CASES = [("none", "none", 0, "none"), ("int4_asym", "group", 128, "none"), ("int
          ("int4_asym", "group", 128, "int8_token"), ("fp8_e4m3", "block", 0, "fp8_1x128")]
 
 
-@pytest.mark.parametrize("T", [512, 3])  # 128 rows per expert (prefill tiles), and decode
-@pytest.mark.parametrize("fmt,gran,gs,act", CASES)
-def test_fused_expert_mlp(fmt, gran, gs, act, T):
-    g, w, rows, offs = _routing(T, hash((fmt, gran, act, T)) % 10000)
+def _check_fused(fmt, gran, gs, act, T, configs=None):
+    """The fused expert MLP on the device (table tiles, or ``configs`` = (gate/up, down)) against
+    the float64 oracle, on fresh data, freed blocks poisoned between a warm-up call and the
+    checked one."""
+    g, w, rows, offs = _routing(T, hash((fmt, gran, act, T, configs)) % 10000)
     x = torch.randn(T, H, generator=g).bfloat16()
     a1, a2 = _weights(g, fmt, gran, gs)
-    out = ops.expert_mlp(_dev(x), _dev(w), _dev(rows), _dev(offs), *map(_dev, a1), *map(_dev, a2), fmt, gran, gs,
-                         gs, act, "none")
+    args = (_dev(x), _dev(w), _dev(rows), _dev(offs), *map(_dev, a1), *map(_dev, a2), fmt, gran, gs, gs, act, "none")
+    if configs is None:
+        run = lambda: ops.expert_mlp(*args)  # noqa: E731
+    else:
+        run = lambda: dispatch.expert_mlp(*args, configs=configs)  # noqa: E731
+    out = run()
     torch.full((T * K_TOP, H), float("nan"), dtype=torch.bfloat16, device=DEV)  # poison freed blocks
-    out = ops.expert_mlp(_dev(x), _dev(w), _dev(rows), _dev(offs), *map(_dev, a1), *map(_dev, a2), fmt, gran, gs,
-                         gs, act, "none").cpu()
+    out = run().cpu()
     assert not torch.isnan(out).any()
     # oracle: the unfused reference composition on the CPU in float64 (plain weights in float64,
     # quantized ones dequantized by the reference in float64)
@@ -61,6 +67,28 @@ def test_fused_expert_mlp(fmt, gran, gs, act, T):
     ref = moe_ops.expert_mlp.composed(x.double(), w.double(), rows, offs, *a1, *a2, fmt, gran, gs, gs, act, "none")
     bound = {"none": 1.6e-2, "int8_token": 3e-2, "fp8_1x128": 4e-2}[act]  # CPU bf16 x: 5e-3, 1.1e-2, 1.7e-2
     assert rel_err(out, ref) < bound, rel_err(out, ref)
+
+
+@pytest.mark.parametrize("T", [512, 3])  # 128 rows per expert (prefill tiles), and decode
+@pytest.mark.parametrize("fmt,gran,gs,act", CASES)
+def test_fused_expert_mlp(fmt, gran, gs, act, T):
+    _check_fused(fmt, gran, gs, act, T)
+
+
+# the gate/up launch with gate and up rows in one K loop (KernelConfig.one_loop), prefill and
+# decode tiles, the weight as either MMA operand; the down launch at its table tile
+ONE_LOOP = {512: [KernelConfig(128, 64, 64, 8, 3, one_loop=True), KernelConfig(64, 64, 64, 4, 4, one_loop=True,
+                                                                                 w_lhs=True)],
+            3: [KernelConfig(16, 32, 128, 4, 3, group_m=1, one_loop=True),
+                KernelConfig(16, 32, 128, 4, 4, group_m=1, one_loop=True, w_lhs=True)]}
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("T", [512, 3])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (0, 1, 4, 6, 7)])
+def test_fused_expert_mlp_one_loop(fmt, gran, gs, act, T, which):
+    down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[1]
+    _check_fused(fmt, gran, gs, act, T, (ONE_LOOP[T][which], down))
 
 
 def test_expert_mlp_backward_matches_cpu():

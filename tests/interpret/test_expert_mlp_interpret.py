@@ -16,7 +16,15 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            "gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True),
                     KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
            # weight-only formats: the dequantized weights as the MMA's left operand
-           "w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True), KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
+           "w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True), KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
+           # gate and up rows interleaved in one K loop (the down launch is not a SwiGLU launch)
+           "one_loop_decode": (KernelConfig(16, 16, 32, 4, 1, one_loop=True), KernelConfig(16, 32, 32, 4, 1)),
+           "one_loop_prefill": (KernelConfig(32, 32, 32, 4, 1, one_loop=True), KernelConfig(32, 32, 32, 4, 1)),
+           "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True),
+                             KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
+           "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
+                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
+WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")
 
 
 def _routing(seed):
@@ -44,7 +52,7 @@ CASES = [("none", "none", 0, "none"), ("int4_asym", "group", 32, "none"), ("int8
 
 
 @pytest.mark.parametrize("cfg,fmt,gran,gs,act", [(c, *case) for c in CONFIGS for case in CASES
-                                                  if c not in ("gemv", "w_lhs") or case[3] == "none"])
+                                                  if c not in WEIGHT_ONLY_CONFIGS or case[3] == "none"])
 def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     g, tw, rows, offs = _routing(hash((fmt, gran, act)) % 997)
     x = torch.randn(T, H, generator=g).half()

@@ -144,6 +144,30 @@ def test_all_rows_on_one_expert_and_m_smaller_than_tile():
     assert rel_err(y, x.double() @ w[2].double().t()) < 1e-3
 
 
+@pytest.mark.parametrize("counts", [
+    [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # every row its own expert: M part-filled tiles
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # every row dropped: only zero-row tiles
+    [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # a tail row past offs[-1]
+])
+def test_grid_bound_with_more_experts_than_rows(counts):
+    """The grid has ``cdiv(M, BLOCK_M) + min(E, M) + 1`` M tiles (M=5 rows, E=12 experts, 2-row
+    tiles): enough when every row is alone on its expert, and when offs[-1] < M."""
+    g = torch.Generator().manual_seed(sum(counts))
+    m, e = 5, len(counts)
+    x = torch.randn(m, K, generator=g, dtype=torch.float16)
+    w = torch.randn(e, N, K, generator=g, dtype=torch.float16)
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    out = torch.full((m, N), float("nan"), dtype=torch.float16)
+    y = dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none",
+                            config=KernelConfig(2, 16, 32, 4, 1, group_m=1), out=out)
+    ref = torch.zeros(m, N, dtype=torch.float64)
+    for ex in range(e):
+        lo, hi = (0 if ex == 0 else int(offs[ex - 1])), int(offs[ex])
+        ref[lo:hi] = x[lo:hi].double() @ w[ex].double().t()
+    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)  # all of y when all rows drop
+    assert torch.allclose(y.double(), ref, rtol=1e-3, atol=1e-2)
+
+
 DGRAD_CASES = [("none", "none", 0)] + [c for c in weight_cases() if not c[0].startswith(("int4", "int2"))]
 
 
