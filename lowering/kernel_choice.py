@@ -150,8 +150,13 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         else:
             down = KernelConfig(16, 128, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1)
         if w_bits == 8 and act_bits == 16:
-            # 8-bit weight-only, one loop (same sweep, fp8 block: 33.8 -> 24.4 us)
-            gate_up = KernelConfig(16, 16, bk1, 4, 4, group_m=1, one_loop=True)
+            # 8-bit weight-only, one loop (same sweep, fp8 block, Qwen3-30B-A3B T=1: 33.8 -> 24.4
+            # us with 16 columns; DeepSeek-V3 E=32 T=1, I = 2048: 173 us with 16, 155 with 32
+            # columns and 3 stages)
+            if I >= 2048:
+                gate_up = KernelConfig(16, 32, bk1, 4, 3, group_m=1, one_loop=True)
+            else:
+                gate_up = KernelConfig(16, 16, bk1, 4, 4, group_m=1, one_loop=True)
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)

@@ -358,6 +358,13 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     return out_rows.view(T, top_k, H).sum(dim=1)
 
 
+def _routing_warps(tile_elems: int) -> int:
+    """Warps of a routing program over a ``tile_elems``-element tile: one warp up to 2048
+    elements (decode: its reductions stay in warp shuffles, no shared-memory round trips),
+    else four."""
+    return 1 if tile_elems <= 2048 else 4
+
+
 def topk_route(logits, top_k, scoring, renormalize, bias):
     """Triton :func:`moe_ops.routing.topk_route`: ``[weights float32, ids int32]``."""
     T, E = logits.shape
@@ -369,8 +376,9 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
         lc = logits if logits.stride(1) == 1 else logits.contiguous()
         wrap_triton(topk_kernel)[(cdiv(T, block_t),)](
             lc, lc if bias is None else bias, w, ids, T, E, lc.stride(0), w.stride(0), ids.stride(0),
-            TOP_K=top_k, E_POW2=e_pow2, BLOCK_T=block_t, SOFTMAX=scoring == "softmax", RENORM=renormalize,
-            HAS_BIAS=bias is not None)
+            TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=e_pow2, BLOCK_T=block_t,
+            SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
+            num_warps=_routing_warps(block_t * e_pow2))
     return [w, ids]
 
 
@@ -385,5 +393,6 @@ def count_sort(topk_ids, num_experts):
     ids = ids.contiguous()
     e_pow2 = next_power_of_2(num_experts)
     block_r = max(16, min(next_power_of_2(max(M, 1)), 8192 // e_pow2))
-    wrap_triton(count_sort_kernel)[(1,)](ids, rows, offs, M, num_experts, E_POW2=e_pow2, BLOCK_R=block_r)
+    wrap_triton(count_sort_kernel)[(1,)](ids, rows, offs, M, num_experts, E_POW2=e_pow2, BLOCK_R=block_r,
+                                         num_warps=_routing_warps(block_r * e_pow2))
     return [rows, offs]

@@ -3,8 +3,8 @@
 ``topk_kernel``  one program per ``BLOCK_T`` tokens: scores of the ``[BLOCK_T, E]`` logits
                  (softmax or sigmoid, float32), selection key (the logits themselves without
                  bias, the scores plus bias with one), ``TOP_K`` rounds of argmax (ties: the
-                 lower expert), weights renormalised on request. Same rule as
-                 :func:`moe_ops.routing.topk_route`.
+                 lower expert), weights renormalised on request, each output row stored
+                 once. Same rule as :func:`moe_ops.routing.topk_route`.
 ``count_sort_kernel``  one program: a histogram of the expert ids (ids outside ``[0, E)``
                  dropped), their cumulative sum (``offs``), then each flat row's position
                  ``start[e] + rows of e before it`` in chunks of ``BLOCK_R`` rows (rank inside
@@ -21,8 +21,8 @@ import triton.language as tl
 
 @triton.jit
 def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt, stride_it,
-                TOP_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr,
-                RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+                TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                SOFTMAX: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     re = tl.arange(0, E_POW2)
     t_ok = rt < T
@@ -41,6 +41,10 @@ def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt
         sel = tl.where(e_ok[None, :], p + b[None, :], float("-inf"))
     else:
         sel = lg  # monotone in p: the same choice, with no rounding of p in between
+    # the TOP_K picks gathered in registers ([BLOCK_T, K_POW2]) and stored once
+    rk = tl.arange(0, K_POW2)
+    wts = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    sel_ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         idx = tl.argmax(sel, 1, tie_break_left=True)
@@ -48,12 +52,13 @@ def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt
         wj = tl.sum(tl.where(hit, p, 0.0), 1)
         sel = tl.where(hit, float("-inf"), sel)
         total += wj
-        tl.store(w_ptr + rt64 * stride_wt + j, wj, mask=t_ok)
-        tl.store(ids_ptr + rt64 * stride_it + j, idx.to(tl.int32), mask=t_ok)
+        wts = tl.where(rk[None, :] == j, wj[:, None], wts)
+        sel_ids = tl.where(rk[None, :] == j, idx.to(tl.int32)[:, None], sel_ids)
     if RENORM:
-        for j in tl.static_range(TOP_K):
-            wj = tl.load(w_ptr + rt64 * stride_wt + j, mask=t_ok, other=1.0)
-            tl.store(w_ptr + rt64 * stride_wt + j, wj / total, mask=t_ok)
+        wts = wts / total[:, None]
+    out_mask = t_ok[:, None] & (rk < TOP_K)[None, :]
+    tl.store(w_ptr + rt64[:, None] * stride_wt + rk[None, :], wts, mask=out_mask)
+    tl.store(ids_ptr + rt64[:, None] * stride_it + rk[None, :], sel_ids, mask=out_mask)
 
 
 @triton.jit
