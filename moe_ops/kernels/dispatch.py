@@ -358,11 +358,20 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     return out_rows.view(T, top_k, H).sum(dim=1)
 
 
-def _routing_warps(tile_elems: int) -> int:
-    """Warps of a routing program over a ``tile_elems``-element tile: one warp up to 2048
-    elements (decode: its reductions stay in warp shuffles, no shared-memory round trips),
-    else four."""
-    return 1 if tile_elems <= 2048 else 4
+def _topk_warps(block_t: int, e_pow2: int) -> int:
+    """Warps of a top-k program: one for a single token's row (its reductions stay in warp
+    shuffles), else four (benchmarks/tune_routing.py, routing of one token: 128 experts 7.0 ->
+    5.0 us, 32 experts 5.4 -> 4.5 us; one warp on 8 tokens x 128 experts took 16.5 us against
+    9.0)."""
+    return 1 if block_t == 1 else 4
+
+
+def _count_sort_warps(block_r: int, e_pow2: int) -> int:
+    """Warps of the counting sort over ``[block_r, e_pow2]`` one-hot chunks: one for a single
+    16-row chunk over 128 or more experts, else four (benchmarks/tune_routing.py, routing of
+    one token: 128 experts 5.62 -> 4.95 us with one warp; 32 experts 4.35 with four, 4.50 with
+    one; 8 tokens over 32 experts, 64-row chunks: 5.21 with four, 6.08 with one)."""
+    return 1 if block_r <= 16 and e_pow2 >= 128 else 4
 
 
 def topk_route(logits, top_k, scoring, renormalize, bias):
@@ -378,7 +387,7 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
             lc, lc if bias is None else bias, w, ids, T, E, lc.stride(0), w.stride(0), ids.stride(0),
             TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=e_pow2, BLOCK_T=block_t,
             SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
-            num_warps=_routing_warps(block_t * e_pow2))
+            num_warps=_topk_warps(block_t, e_pow2))
     return [w, ids]
 
 
@@ -394,5 +403,5 @@ def count_sort(topk_ids, num_experts):
     e_pow2 = next_power_of_2(num_experts)
     block_r = max(16, min(next_power_of_2(max(M, 1)), 8192 // e_pow2))
     wrap_triton(count_sort_kernel)[(1,)](ids, rows, offs, M, num_experts, E_POW2=e_pow2, BLOCK_R=block_r,
-                                         num_warps=_routing_warps(block_r * e_pow2))
+                                         num_warps=_count_sort_warps(block_r, e_pow2))
     return [rows, offs]
