@@ -22,8 +22,8 @@ from moe_ops.kernels import dispatch  # noqa: E402
 
 CASES = [(E, T, 8) for E in (128, 32) for T in (1, 2, 4, 8, 64)]  # Qwen3-30B-A3B, DeepSeek-V3 E=32
 FOUR = lambda *_: 4  # noqa: E731
-VARIANTS = {"rule": {}, "sort_four_warps": {"_count_sort_warps": FOUR}, "topk_four_warps": {"_topk_warps": FOUR},
-            "four_warps": {"_topk_warps": FOUR, "_count_sort_warps": FOUR}}
+VARIANTS = {"rule": {}, "sort_four_warps": {"_count_sort_warps": FOUR},
+            "topk_four_warps": {"_topk_warps": FOUR}, "four_warps": {"_topk_warps": FOUR, "_count_sort_warps": FOUR}}
 
 
 def main(args):

@@ -358,7 +358,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     return out_rows.view(T, top_k, H).sum(dim=1)
 
 
-def _topk_warps(block_t: int, e_pow2: int) -> int:
+def _topk_warps(block_t: int) -> int:
     """Warps of a top-k program: one for a single token's row (its reductions stay in warp
     shuffles), else four (benchmarks/tune_routing.py, routing of one token: 128 experts 7.0 ->
     5.0 us, 32 experts 5.4 -> 4.5 us; one warp on 8 tokens x 128 experts took 16.5 us against
@@ -387,7 +387,7 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
             lc, lc if bias is None else bias, w, ids, T, E, lc.stride(0), w.stride(0), ids.stride(0),
             TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=e_pow2, BLOCK_T=block_t,
             SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
-            num_warps=_topk_warps(block_t, e_pow2))
+            num_warps=_topk_warps(block_t))
     return [w, ids]
 
 

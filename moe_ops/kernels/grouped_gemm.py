@@ -54,12 +54,12 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 
 Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + min(E, M) + 1) * cdiv(N, BLOCK_N)``
 programs, a static upper bound (each expert with rows adds at most one part-filled tile, and
-at most ``min(E, M)`` experts have rows: at decode the grid is ``M``-sized, not ``E``-sized). Each program reads ``offs`` on the device, finds which expert
-its M tile belongs to (tiles numbered expert by expert). The programs after the last
-expert's tiles write the zero rows at or past ``offs[-1]``, so
-every output row is written. Decode and prefill differ only in tile shape (BLOCK_M 16 with a
-wide K tile for weight streaming; 64/128 for prefill), chosen from static shapes in
-:mod:`moe_ops.lowering.kernel_choice`. Row and expert offsets are int64.
+at most ``min(E, M)`` experts have rows: at decode the grid is sized by the rows, not by the
+experts). Each program reads ``offs`` on the device, finds which expert its M tile belongs to
+(tiles numbered expert by expert). The programs after the last expert's tiles write the zero
+rows at or past ``offs[-1]``, so every output row is written. Decode and prefill differ only
+in tile shape (BLOCK_M 16 with a wide K tile for weight streaming; 64/128 for prefill), chosen
+from static shapes in :mod:`moe_ops.lowering.kernel_choice`. Row and expert offsets are int64.
 """
 from __future__ import annotations
 
