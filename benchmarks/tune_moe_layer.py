@@ -3,10 +3,10 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop]`` (default: Qwen3-30B-A3B's layer at T=1 and 8; e.g.
-``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles, whose 4-warp choice
-spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only the gate/up launch, over
-tiles that read x once for the gate and up rows). Prints the fastest configs per (format, T,
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop]`` (default: Qwen3-30B-A3B's layer at
+T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles, whose
+4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only the
+gate/up launch, over tiles that read x once for the gate and up rows). Prints the fastest configs per (format, T,
 launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
