@@ -203,8 +203,7 @@ def grouped_gemm_kernel(
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                             UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU and ONE_LOOP:
-            gate, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))
-            out = gate / (1.0 + tl.exp(-gate)) * up
+            out, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))  # gate, up
         elif SWIGLU:
             if W_LHS:
                 up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
@@ -225,6 +224,7 @@ def grouped_gemm_kernel(
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
                                PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
+        if SWIGLU:
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
         if SCATTER:
@@ -480,9 +480,8 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
                     mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
-        if ZERO_MODE == 2:
+        if ZERO_MODE == 2:  # z, and the float32 zero with exponent bits included for packed codes
             z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
-        if ZERO_MODE == 2:  # the float32 zero, exponent bits included for packed codes
             zf = z.to(tl.float32) + zero_bias
         else:
             zf = zero_bias + IMPLICIT_ZERO
