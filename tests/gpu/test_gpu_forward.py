@@ -76,6 +76,43 @@ def test_forward_w_lhs_tiles(fmt, gran, gs, shape):
     assert torch.all(y[int(offs[-1]):] == 0)
 
 
+def _run_tile(x, wq, offs, config):
+    M, N = x.shape[0], wq.shape[1]
+    args = wq.op_args()
+    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
+    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
+    y = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
+                            config=config, out=out)
+    ref = oracle_grouped_mm(x, args, offs)
+    assert not torch.isnan(y).any()
+    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
+    assert torch.all(y[int(offs[-1]):] == 0)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(16, 64, 128, 4, 4, group_m=1, w_lhs=True),
+                                    KernelConfig(16, 128, 64, 4, 3, group_m=1, w_lhs=True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["int4_asym", "int4_sym"])
+def test_forward_int4_decode_mma_k_order(fmt, dtype, config):
+    """int4 decode tiles with the weight as the register operand: K in the MMA operand's order
+    and, on NVIDIA, the codes converted two a PTX instruction (bias per 16-bit x dtype)."""
+    M, E, N, K = SHAPES["decode"]
+    x, w, offs = _case(hash((fmt, str(dtype), config.block_k, "mma_k")) % 10000, M, E, N, K)
+    _run_tile(x.to(dtype), moe_ops.quantize_weight(w.to(dtype), fmt, "group", 128), offs, config)
+
+
+@pytest.mark.parametrize("config", [None, KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True),
+                                    KernelConfig(256, 128, 64, 8, 3, w_lhs=True)])
+@pytest.mark.parametrize("fmt", ["int4_asym", "int8_sym", "fp8_e4m3"])
+def test_forward_partial_k_tile(fmt, config):
+    """K = 520, channel scales: the last K tile is partial (x's columns masked)."""
+    M, E, N, K = 300, 8, 384, 520
+    x, w, offs = _case(hash((fmt, str(config), "partial_k")) % 10000, M, E, N, K)
+    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, "channel", 0)
+    bits = moe_ops.formats.get_format(fmt).bits
+    _run_tile(x, wq, offs, config or choose_forward_config(M, N, K, E, bits, K))
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f.startswith("int")]))
 def test_int8_token_bit_exact(fmt, gran, gs, shape):

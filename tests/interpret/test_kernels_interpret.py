@@ -50,8 +50,17 @@ def test_forward_weight_only_w_lhs(fmt, gran, gs, dtype, cfg):
     _check_weight_only(fmt, gran, gs, dtype, W_LHS[cfg])
 
 
-def _check_weight_only(fmt, gran, gs, dtype, cfg):
-    x, w, offs = _data(hash((fmt, gran)) % 997, dtype)
+@pytest.mark.parametrize("cfg", list(CONFIGS) + list(W_LHS))
+@pytest.mark.parametrize("fmt", ["none", "int4_asym", "int8_sym", "fp8_e4m3"])
+def test_forward_partial_k_tile(fmt, cfg):
+    """K = 80 (channel scales): the last K tile is partial, so the kernel masks x's columns
+    past K (``EVEN_K`` off; with K a multiple of the tile x is read unmasked)."""
+    _check_weight_only(fmt, "none" if fmt == "none" else "channel", 0, torch.float16, {**CONFIGS, **W_LHS}[cfg],
+                       k=80)
+
+
+def _check_weight_only(fmt, gran, gs, dtype, cfg, k=K):
+    x, w, offs = _data(hash((fmt, gran)) % 997, dtype, k)
     if fmt == "none":
         args = (w.to(dtype), None, None, "none", "none", 0)
     else:
