@@ -323,10 +323,12 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
             x_ptrs = x_ptr + x_rows[:, None] + kk[None, :].to(tl.int64) * stride_xk
-            if EVEN_K:  # rows past the tile's end read row 0 and are never stored
+            if EVEN_K & (BLOCK_M > 16):  # prefill tiles: rows past the tile's end read row 0, never stored
                 a = tl.load(x_ptrs)
+            elif EVEN_K:  # decode tiles: most rows are past the end, not read
+                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
             else:
-                a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+                a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if ACT == 3:  # the int8_token rule, with x / s as x * (1 / s)
                 v = a.to(tl.float32) * inv_scale[:, None]
                 a = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
@@ -541,10 +543,12 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         k_mask = kk < K
         kx = k0 + _mma_k_cols(BLOCK_K) if MMA_K else kk  # x's columns in the weight tile's K order
         x_ptrs = x_ptr + x_rows[None, :] + kx[:, None].to(tl.int64) * stride_xk
-        if EVEN_K:  # rows past the tile's end read row 0 and are never stored
+        if EVEN_K & (BLOCK_M > 16):  # prefill tiles: rows past the tile's end read row 0, never stored
             a = tl.load(x_ptrs)  # [BLOCK_K, BLOCK_M]
+        elif EVEN_K:  # decode tiles: most rows are past the end, not read
+            a = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
         else:
-            a = tl.load(x_ptrs, mask=(kx < K)[:, None], other=0.0)
+            a = tl.load(x_ptrs, mask=(kx < K)[:, None] & m_mask[None, :], other=0.0)
         s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
         if ZERO_MODE == 2:  # z, and the float32 zero with exponent bits included for packed codes
             z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
