@@ -49,7 +49,7 @@ def constexprs(fmt: str, group: int, tile) -> dict:
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
              POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
-             GEMV=False, W_LHS=False, ONE_LOOP=False, EVEN_K=True, NV_ASM=True)
+             GEMV=False, W_LHS=False, ONE_LOOP=False)
     c.update(_UNIT)
     return c
 

@@ -95,17 +95,16 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
-def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool, K: int) -> dict:
-    """The kernel's tile constexprs for one config (K tile ``bk``, reduction length ``K``);
-    ``weight_only``: quantized weights under 16/32-bit activations. ``config.w_lhs`` applies
-    there when the weight scale is constant over the K tile (not, e.g., int2 with 32-column
-    groups under a decode tile's 64-column K tile, which takes the plain kernel). ``EVEN_K``:
-    no partial K tile (K is a static size: a symbolic K would be guarded like any shape)."""
+def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool) -> dict:
+    """The kernel's tile constexprs for one config (K tile ``bk``); ``weight_only``: quantized
+    weights under 16/32-bit activations. ``config.w_lhs`` applies there when the weight scale is
+    constant over the K tile (not, e.g., int2 with 32-column groups under a decode tile's 64-column
+    K tile, which takes the plain kernel)."""
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop, EVEN_K=bool(K % bk == 0))
+                ONE_LOOP=config.one_loop)
 
 
 def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:
@@ -186,11 +185,10 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32, POST_SCALE=post_scale, PACK=pack,
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols),
-        NV_ASM=not _INTERPRET and xq.device.type == "cuda" and torch.version.hip is None)
+        AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols))
     weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
     if candidates is not None and len(candidates) > 1:
-        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only, K).items()), c.num_warps, c.num_stages)
+        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only).items()), c.num_warps, c.num_stages)
                       for c, b in candidates)
 
         def grid(meta):
@@ -198,7 +196,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
     grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
-    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only, K),
+    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 

@@ -125,7 +125,7 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False, EVEN_K: tl.constexpr = False, NV_ASM: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -194,14 +194,14 @@ def grouped_gemm_kernel(
                                      stride_se, stride_sn, stride_sk,
                                      W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                      BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                     x_ptr.dtype.element_ty, EVEN_K, NV_ASM)
+                                     x_ptr.dtype.element_ty)
         else:
             out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                            UNPACK_JOIN, x_ptr.dtype.element_ty, EVEN_K)
+                            UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU and ONE_LOOP:
             out, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))  # gate, up
         elif SWIGLU:
@@ -211,7 +211,7 @@ def grouped_gemm_kernel(
                                         stride_se, stride_sn, stride_sk,
                                         W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                        x_ptr.dtype.element_ty, EVEN_K, NV_ASM)
+                                        x_ptr.dtype.element_ty)
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -223,7 +223,7 @@ def grouped_gemm_kernel(
                                stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
-                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty, EVEN_K)
+                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
         if SWIGLU:
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
@@ -285,8 +285,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr,
-              EVEN_K: tl.constexpr):
+              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
     ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
@@ -299,7 +298,6 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rs = tl.arange(0, SUB)
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
-    x_rows = tl.where(m_mask, xrow, 0) * stride_xm
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
     # packed codes (unsigned bit fields) dequantized to float by exponent bits (see below)
     MAGIC: tl.constexpr = (ACT == 0) & (W_KIND == 1) & (PACK > 1)
@@ -322,13 +320,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         for j in tl.static_range(NSUB):
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
-            x_ptrs = x_ptr + x_rows[:, None] + kk[None, :].to(tl.int64) * stride_xk
-            if EVEN_K & (BLOCK_M > 16):  # prefill tiles: rows past the tile's end read row 0, never stored
-                a = tl.load(x_ptrs)
-            elif EVEN_K:  # decode tiles: most rows are past the end, not read
-                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            else:
-                a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if ACT == 3:  # the int8_token rule, with x / s as x * (1 / s)
                 v = a.to(tl.float32) * inv_scale[:, None]
                 a = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
@@ -445,68 +438,13 @@ def _unpack_rows(byte, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _mma_k_cols(BLOCK_K: tl.constexpr):
-    """``[BLOCK_K]``: the stored column (within the K tile) that tile column k holds under the
-    MMA K order (:func:`_to_mma_k_order`)."""
-    k = tl.arange(0, BLOCK_K)
-    return (BLOCK_K // 4) * ((k // 2) % 4) + 4 * (k // 16) + 2 * ((k // 8) % 2) + k % 2
-
-
-@triton.jit
-def _to_mma_k_order(t, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K]`` values in stored K order to the MMA K order. A 16-bit MMA left
-    operand in registers gives the thread t (of each 4) of a row the columns 2t, 2t+1, 2t+8,
-    2t+9 of every 16-column step; in this order those are stored columns
-    ``[t * BLOCK_K / 4, (t + 1) * BLOCK_K / 4)``, so a thread's codes are contiguous bytes (one
-    vector load) and each byte's two int4 codes are one register pair. x's columns are read
-    in the same order (:func:`_mma_k_cols`): the K sum does not depend on it."""
-    tl.static_assert(BLOCK_K % 16 == 0)
-    q = tl.reshape(t, (BLOCK_N, 4, BLOCK_K // 16, 2, 2))  # stored column (BK/4) t + 4 s + 2 h + p
-    return tl.reshape(tl.permute(q, (0, 2, 3, 1, 4)), (BLOCK_N, BLOCK_K))  # tile column 16 s + 8 h + 2 t + p
-
-
-def _int4_pairs_asm(bias16: int) -> str:
-    """PTX: 4 packed bytes ``$4`` to 4 registers ``$0..$3``, register i holding the 16-bit
-    values ``bias16 | q`` of byte i's low and high codes (low half first)."""
-    bias2 = hex(bias16 * 0x10001)
-    return ("{ .reg .b32 t; shr.b32 t, $4, 4; "  # byte i of t: byte i >> 4 in its low bits
-            + " ".join(f"prmt.b32 ${i}, $4, t, 0x{4 + i:x}0{i:x};" for i in range(4))  # [b_i, _, (b_i >> 4), _]
-            + " ".join(f"and.b32 ${i}, ${i}, 0x000F000F; or.b32 ${i}, ${i}, {bias2};" for i in range(4)) + " }")
-
-
-_INT4_PAIRS_BF16 = tl.constexpr(_int4_pairs_asm(0x4300))
-_INT4_PAIRS_F16 = tl.constexpr(_int4_pairs_asm(0x6400))
-
-
-@triton.jit
-def _int4_codes16(byte, X_DTYPE: tl.constexpr, NV_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K // 2]`` packed int4 bytes to ``[BLOCK_N, BLOCK_K]`` 16-bit values
-    ``128 + q`` (bf16) / ``1024 + q`` (fp16), exact, in stored K order. ``NV_ASM`` (NVIDIA):
-    two codes per bitwise instruction on packed bytes (PTX ``prmt``/``lop3``); else portable
-    Triton, one 16-bit operation per code."""
-    if NV_ASM:
-        if X_DTYPE == tl.bfloat16:
-            ASM: tl.constexpr = _INT4_PAIRS_BF16
-        else:
-            ASM: tl.constexpr = _INT4_PAIRS_F16
-        pair = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=tl.int32, is_pure=True, pack=4)
-        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
-                                           dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
-        code = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-    else:
-        bias16: tl.constexpr = 0x4300 if X_DTYPE == tl.bfloat16 else 0x6400
-        code = _unpack_rows(byte.to(tl.int16), 4, BLOCK_N, BLOCK_K) | bias16
-    return code.to(X_DTYPE, bitcast=True)
-
-
-@triton.jit
 def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                        W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                        IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
-                       PACK: tl.constexpr, X_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, NV_ASM: tl.constexpr):
+                       PACK: tl.constexpr, X_DTYPE: tl.constexpr):
     """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) under 16-bit x: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
     ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
@@ -535,20 +473,12 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         bias16: tl.constexpr = 0x6400  # fp16 1024.0
         bias16_val: tl.constexpr = 1024.0
     zero_bias: tl.constexpr = 8388608.0 if PACK > 1 else 0.0  # 2^23: 0x4B000000 | q is 2^23 + q
-    MMA_K: tl.constexpr = CODES16 & (W_BITS == 4)  # K in the MMA operand's order (_to_mma_k_order)
-    x_rows = tl.where(m_mask, xrow, 0) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        kx = k0 + _mma_k_cols(BLOCK_K) if MMA_K else kk  # x's columns in the weight tile's K order
-        x_ptrs = x_ptr + x_rows[None, :] + kx[:, None].to(tl.int64) * stride_xk
-        if EVEN_K & (BLOCK_M > 16):  # prefill tiles: rows past the tile's end read row 0, never stored
-            a = tl.load(x_ptrs)  # [BLOCK_K, BLOCK_M]
-        elif EVEN_K:  # decode tiles: most rows are past the end, not read
-            a = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
-        else:
-            a = tl.load(x_ptrs, mask=(kx < K)[:, None] & m_mask[None, :], other=0.0)
+        a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
+                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
         if ZERO_MODE == 2:  # z, and the float32 zero with exponent bits included for packed codes
             z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
@@ -560,10 +490,8 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
             byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
                            mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
         if CODES16:
-            if MMA_K:
-                q16 = _to_mma_k_order(_int4_codes16(byte, X_DTYPE, NV_ASM, BLOCK_N, BLOCK_K), BLOCK_N, BLOCK_K)
-            else:
-                q16 = (_unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K) | bias16).to(X_DTYPE, bitcast=True)
+            code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
+            q16 = (code | bias16).to(X_DTYPE, bitcast=True)
             if ZERO_MODE == 2:
                 z16 = (z.to(tl.float32) + bias16_val).to(X_DTYPE)
             else:

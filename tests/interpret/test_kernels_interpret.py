@@ -53,8 +53,8 @@ def test_forward_weight_only_w_lhs(fmt, gran, gs, dtype, cfg):
 @pytest.mark.parametrize("cfg", list(CONFIGS) + list(W_LHS))
 @pytest.mark.parametrize("fmt", ["none", "int4_asym", "int8_sym", "fp8_e4m3"])
 def test_forward_partial_k_tile(fmt, cfg):
-    """K = 80 (channel scales): the last K tile is partial, so the kernel masks x's columns
-    past K (``EVEN_K`` off; with K a multiple of the tile x is read unmasked)."""
+    """K = 80 (channel scales): the last K tile is partial; x's columns past K are masked (an
+    asymmetric code 0 past K dequantizes to -z * s, not 0)."""
     _check_weight_only(fmt, "none" if fmt == "none" else "channel", 0, torch.float16, {**CONFIGS, **W_LHS}[cfg],
                        k=80)
 
