@@ -1,16 +1,14 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
 Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv | --w-lhs [--shapes ...]
-[--tokens ...] [--variants ...] | --k-split [--shapes ...] [--tokens ...]]``. The winners
+[--tokens ...] [--variants ...]]``. The winners
 inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
 at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 ``--w-lhs``: weight-only formats with the dequantized weight as the MMA's register operand.
-``--k-split``: int4 decode tiles whose K tile is split over more warps (``KernelConfig.k_split``).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -91,24 +89,6 @@ def w_lhs_cases(shapes, variants, tokens) -> list:
     return cases
 
 
-# (k_split, warps): the decode K tile in k_split slices over more warps (KernelConfig.k_split)
-K_SPLITS = ((1, 4), (2, 8), (4, 16))
-
-
-def k_split_cases(shapes, tokens) -> list:
-    """``(shape, T, "int4_asym_g128", space)``: the table's w_lhs decode tile first, then its
-    block_n / k_split / warps / stages variants."""
-    cases = []
-    for s in shapes:
-        E, top_k, K, N = SHAPES[s]
-        for t in tokens:
-            table = choose_forward_config(t * top_k, N, K, E, 4, 128)
-            space = [dataclasses.replace(table, block_n=bn, k_split=ks, num_warps=w, num_stages=st)
-                     for bn in (32, 64, 128) for ks, w in K_SPLITS for st in (2, 3)]
-            cases.append((s, t, "int4_asym_g128", [table] + [c for c in space if c != table]))
-    return cases
-
-
 def tune(cases, out_path):
     """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
     import moe_ops
@@ -142,13 +122,8 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096], help="--w-lhs: token counts")
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
                    help="--w-lhs: weight-only variants")
-    p.add_argument("--k-split", action="store_true",
-                   help="int4 decode: the table's w_lhs tile over block_n, k_split, warps and stages")
     a = p.parse_args()
-    if a.k_split:
-        tune(k_split_cases(a.shapes, [t for t in a.tokens if t <= 16] or [1, 16]),
-             os.path.join(a.out, "tune_k_split.json"))
-    elif a.w_lhs:
+    if a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
     elif a.gemv:
         tune([(s, t, v, gemv_space(t, *SHAPES[s], _BITS[v], 128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],

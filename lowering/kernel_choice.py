@@ -26,9 +26,6 @@ class KernelConfig:
     # SwiGLU launches (fused expert MLP gate/up): gate and up rows in one K loop, one
     # [block_m, 2 * block_n] accumulator (x read once per K tile); else two K loops
     one_loop: bool = False
-    # w_lhs decode tiles of packed codes under 16-bit x: the K tile in k_split slices, each a
-    # batch of one MMA (warps spread over the slices), summed after the K loop
-    k_split: int = 1
 
     @property
     def decode(self) -> bool:

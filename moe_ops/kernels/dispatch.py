@@ -104,7 +104,7 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop, KSPLIT=config.k_split)
+                ONE_LOOP=config.one_loop)
 
 
 def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:

@@ -125,7 +125,7 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False, KSPLIT: tl.constexpr = 1,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -194,7 +194,7 @@ def grouped_gemm_kernel(
                                      stride_se, stride_sn, stride_sk,
                                      W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                      BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                     x_ptr.dtype.element_ty, KSPLIT)
+                                     x_ptr.dtype.element_ty)
         else:
             out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
@@ -211,7 +211,7 @@ def grouped_gemm_kernel(
                                         stride_se, stride_sn, stride_sk,
                                         W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                        x_ptr.dtype.element_ty, KSPLIT)
+                                        x_ptr.dtype.element_ty)
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -444,7 +444,7 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                        IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
-                       PACK: tl.constexpr, X_DTYPE: tl.constexpr, KSPLIT: tl.constexpr):
+                       PACK: tl.constexpr, X_DTYPE: tl.constexpr):
     """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) under 16-bit x: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
     ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
@@ -474,9 +474,6 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         bias16_val: tl.constexpr = 1024.0
     zero_bias: tl.constexpr = 8388608.0 if PACK > 1 else 0.0  # 2^23: 0x4B000000 | q is 2^23 + q
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    KS: tl.constexpr = KSPLIT if CODES16 else 1  # other tiles ignore KSPLIT
-    if KS > 1:
-        acc3 = tl.zeros((KS, BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
@@ -499,21 +496,11 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 z16 = (z.to(tl.float32) + bias16_val).to(X_DTYPE)
             else:
                 z16 = tl.full((BLOCK_N, 1), bias16_val + IMPLICIT_ZERO, X_DTYPE)
-            if KS > 1:  # [KS, BLOCK_N, BLOCK_K / KS] x [KS, BLOCK_K / KS, BLOCK_M], summed after the loop
-                x3 = tl.reshape(a, (KS, BLOCK_K // KS, BLOCK_M))
-                if UPCAST_DOT:
-                    d = q16.to(tl.float32) - z16.to(tl.float32)
-                    w3 = tl.permute(tl.reshape(d, (BLOCK_N, KS, BLOCK_K // KS)), (1, 0, 2))
-                    acc3 += tl.dot(w3, x3.to(tl.float32), input_precision="ieee") * s[None, :, :]
-                else:
-                    w3 = tl.permute(tl.reshape(q16 - z16, (BLOCK_N, KS, BLOCK_K // KS)), (1, 0, 2))
-                    acc3 += tl.dot(w3, x3) * s[None, :, :]
-            elif UPCAST_DOT:  # the interpreter (its 16-bit arithmetic on bitcast values is wrong)
+            if UPCAST_DOT:  # the interpreter (its 16-bit arithmetic on bitcast values is wrong)
                 part = tl.dot(q16.to(tl.float32) - z16.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-                acc += part * s
             else:
                 part = tl.dot(q16 - z16, a)  # integers |q - z| < 128: exact in bf16 / fp16
-                acc += part * s
+            acc += part * s
         else:
             if W_KIND == 1:
                 if PACK > 1:
@@ -533,8 +520,6 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(b, a, acc)
-    if KS > 1:
-        acc = tl.sum(acc3, 0)
     if POST_SCALE:
         acc = acc * tl.load(s_base + s_rows, mask=n_mask, other=0.0)[:, None]
     return tl.trans(acc)

@@ -23,11 +23,8 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True),
                              KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
-                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
-           # decode K tiles in two slices over 8 warps (KernelConfig.k_split; packed codes)
-           "k_split_decode": (KernelConfig(16, 16, 32, 8, 1, w_lhs=True, one_loop=True, k_split=2),
-                              KernelConfig(16, 32, 32, 8, 1, w_lhs=True, k_split=2))}
-WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs", "k_split_decode")
+                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
+WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")
 
 
 def _routing(seed):

@@ -16,9 +16,7 @@ CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32,
 GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
 # the dequantized weight as the MMA's left operand (weight-only formats), both tile shapes
 W_LHS = {"w_lhs_decode": KernelConfig(16, 16, 32, 4, 1, w_lhs=True),
-         "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True),
-         # the decode K tile in two slices, one batched MMA (packed codes: int4 / int2)
-         "w_lhs_decode_k_split": KernelConfig(16, 16, 32, 8, 1, w_lhs=True, k_split=2)}
+         "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True)}
 
 
 def _data(seed, dtype, k=K):
