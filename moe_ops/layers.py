@@ -30,9 +30,7 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormaliz
           bias: Optional[torch.Tensor] = None, num_groups: int = 1, topk_groups: int = 1) -> Routing:
     """Top-k routing of router ``logits`` ``[T, E]`` and the expert-sorted row order, on the
     device with static shapes (no host sync); differentiable in ``logits`` through the weights."""
-    weights, ids = torch.ops.moe_ops.topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
-    sorted_rows, offs = torch.ops.moe_ops.sort_rows(ids, logits.shape[1])
-    return Routing(weights, ids, sorted_rows, offs)
+    return Routing(*torch.ops.moe_ops.route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups))
 
 
 class ExpertWeights(nn.Module):

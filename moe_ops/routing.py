@@ -1,6 +1,7 @@
-"""Routing operators: top-k selection, sorting rows by expert, permute and unpermute.
+"""Routing operators: top-k selection, sorting rows by expert (both at once: ``route``),
+permute and unpermute.
 
-All four are ``torch.library.triton_op``\\ s whose bodies are plain PyTorch with static shapes
+All five are ``torch.library.triton_op``\\ s whose bodies are plain PyTorch with static shapes
 (``T * top_k`` rows) and no host synchronisation (no ``bincount``, ``nonzero`` or ``.item()``),
 so they run on any device and Inductor traces and fuses them. Layout conventions:
 
@@ -68,6 +69,10 @@ def topk_route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renor
     ``num_groups``/``topk_groups``: DeepSeek-V3's group-limited selection (see ``_select``;
     on GPUs it runs this PyTorch path, not the top-k kernel)."""
     checks.check_topk_route(logits, top_k, scoring, bias, num_groups, topk_groups)
+    return _topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
+
+
+def _topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups):
     if logits.device.type in ("cuda", "xpu") and num_groups == 1:
         from .kernels import dispatch
         return dispatch.topk_route(logits, top_k, scoring, renormalize, bias)
@@ -115,6 +120,10 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
     expert order (stable) as int32 ``[T * top_k]``, and int32 ``offs`` ``[num_experts]``.
     Ids outside ``[0, num_experts)`` are dropped (sorted past ``offs[-1]``)."""
     checks.check_sort_rows(topk_ids, num_experts)
+    return _sort_rows(topk_ids, num_experts)
+
+
+def _sort_rows(topk_ids, num_experts):
     if topk_ids.device.type in ("cuda", "xpu") and topk_ids.numel() <= COUNT_SORT_MAX_ROWS:
         from .kernels import dispatch
         return dispatch.count_sort(topk_ids, num_experts)
@@ -124,6 +133,24 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
     experts = torch.arange(num_experts, device=flat.device, dtype=sorted_key.dtype)
     offs = torch.searchsorted(sorted_key, experts, right=True)
     return [order.to(torch.int32), offs.to(torch.int32)]
+
+
+# ----------------------------------------------------------------------------- both
+@triton_op("moe_ops::route", mutates_args=())
+def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
+          bias: Optional[torch.Tensor] = None, num_groups: int = 1, topk_groups: int = 1) -> List[torch.Tensor]:
+    """``[weights, ids, sorted_rows, offs]``: :func:`topk_route` of ``logits`` ``[T, E]``, then
+    :func:`sort_rows` of its ids over the E experts. On GPUs decode-sized inputs (see
+    ``dispatch.topk_sort_fits``; no group-limited selection) take one launch, the picks kept in
+    registers between the two. Differentiable in ``logits`` through the weights."""
+    checks.check_topk_route(logits, top_k, scoring, bias, num_groups, topk_groups)
+    T, E = logits.shape
+    if logits.device.type in ("cuda", "xpu") and num_groups == 1:
+        from .kernels import dispatch
+        if dispatch.topk_sort_fits(T, E, top_k):
+            return dispatch.topk_sort(logits, top_k, scoring, renormalize, bias)
+    w, ids = _topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
+    return [w, ids] + _sort_rows(ids, E)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -203,5 +230,7 @@ def _unpermute_backward(ctx, dout):
 
 def register() -> None:
     torch.library.register_autograd("moe_ops::topk_route", _topk_route_backward, setup_context=_topk_route_setup)
+    # route's outputs begin with topk_route's (weights, ids): the same formula
+    torch.library.register_autograd("moe_ops::route", _topk_route_backward, setup_context=_topk_route_setup)
     torch.library.register_autograd("moe_ops::permute", _permute_backward, setup_context=_permute_setup)
     torch.library.register_autograd("moe_ops::unpermute", _unpermute_backward, setup_context=_unpermute_setup)

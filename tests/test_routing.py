@@ -123,12 +123,27 @@ def test_permute_unpermute_gradients():
     torch.autograd.gradcheck(lambda a, b: ops.unpermute(a, rows, b), (y, w))
 
 
+@pytest.mark.parametrize("scoring,bias,groups", [("softmax", False, (1, 1)), ("sigmoid", True, (1, 1)),
+                                                 ("sigmoid", True, (3, 2))])
+def test_route_is_topk_route_then_sort_rows(scoring, bias, groups):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
+    w, ids, rows, offs = ops.route(logits, 2, scoring, True, b, *groups)
+    rw, rids = ops.topk_route(logits, 2, scoring, True, b, *groups)
+    rrows, roffs = ops.sort_rows(rids, 6)
+    assert torch.equal(w, rw) and torch.equal(ids, rids) and torch.equal(rows, rrows) and torch.equal(offs, roffs)
+    torch.autograd.gradcheck(lambda l: ops.route(l, 2, scoring, True, b, *groups)[0], (logits,))
+
+
 def test_opcheck_routing_ops():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(11, 6, generator=g, requires_grad=True)
     _check(ops.topk_route.default, (logits, 2, "softmax", True, None))
     _check(ops.topk_route.default, (logits, 3, "sigmoid", True, torch.randn(6, generator=g)))
     _check(ops.topk_route.default, (logits, 2, "sigmoid", True, torch.randn(6, generator=g), 3, 2))
+    _check(ops.route.default, (logits, 2, "softmax", True, None))
+    _check(ops.route.default, (logits, 2, "sigmoid", True, torch.randn(6, generator=g), 3, 2))
     w, ids = ops.topk_route(logits.detach(), 2, "softmax", True)
     _check(ops.sort_rows.default, (ids, 6))
     rows, offs = ops.sort_rows(ids, 6)
@@ -146,6 +161,7 @@ def test_routing_errors_name_the_argument():
     _both(ops.topk_route, [logits, 2, "sigmoid", True, None, 3, 1], ValueError, r"^num_groups: must be a positive int")
     _both(ops.topk_route, [logits, 2, "sigmoid", True, None, 2, 3], ValueError, r"^topk_groups: must be an int")
     _both(ops.topk_route, [logits, 3, "sigmoid", True, None, 2, 1], ValueError, r"^top_k: 3 exceeds the 2 experts")
+    _both(ops.route, [logits, 5, "softmax", True, None], ValueError, r"^top_k: must be an int in \[1, 4\]")
     _both(ops.sort_rows, [ids.float(), 4], ValueError, r"^topk_ids: expected dtype")
     _both(ops.permute, [torch.randn(5, 3), rows[:9], 2], ValueError, r"^sorted_rows: expected shape")
     _both(ops.permute, [torch.randn(5, 3), rows.long(), 2], ValueError, r"^sorted_rows: expected dtype")

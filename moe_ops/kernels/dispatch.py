@@ -21,7 +21,7 @@ from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_confi
 from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
 from .host_math import cdiv, next_power_of_2
-from .routing_kernels import count_sort_kernel, topk_kernel
+from .routing_kernels import count_sort_kernel, topk_kernel, topk_sort_kernel
 
 _HUGE = 1 << 30
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -389,6 +389,37 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
             SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
             num_warps=_topk_warps(block_t))
     return [w, ids]
+
+
+def topk_sort_fits(T: int, E: int, top_k: int) -> bool:
+    """Whether :func:`topk_sort` serves ``T`` tokens over ``E`` experts (one program holds a
+    ``[T * top_k, E]`` one-hot tile, padded to powers of two)."""
+    return next_power_of_2(max(T, 1)) * next_power_of_2(top_k) * next_power_of_2(E) <= TOPK_SORT_MAX_ELEMENTS
+
+
+# one-program top-k + counting sort (decode): up to Qwen3-30B-A3B's 16 tokens x 8 picks x 128
+# experts; larger inputs take the two launches (their one-hot tiles are chunked)
+TOPK_SORT_MAX_ELEMENTS = 16384
+
+
+def topk_sort(logits, top_k, scoring, renormalize, bias):
+    """Triton :func:`moe_ops.routing.route` in one launch: ``[weights float32, ids int32,
+    sorted_rows int32, offs int32]`` (inputs within :func:`topk_sort_fits`)."""
+    T, E = logits.shape
+    dev = logits.device
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
+    rows = torch.empty(T * top_k, dtype=torch.int32, device=dev)
+    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    if T == 0:
+        return [w, ids, rows, offs.zero_()]
+    lc = logits if logits.stride(1) == 1 else logits.contiguous()
+    wrap_triton(topk_sort_kernel)[(1,)](
+        lc, lc if bias is None else bias, w, ids, rows, offs, T, E, lc.stride(0),
+        TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=next_power_of_2(E), T_POW2=next_power_of_2(T),
+        SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
+        num_warps=_topk_warps(T))
+    return [w, ids, rows, offs]
 
 
 def count_sort(topk_ids, num_experts):

@@ -5,6 +5,8 @@
                  bias, the scores plus bias with one), ``TOP_K`` rounds of argmax (ties: the
                  lower expert), weights renormalised on request, each output row stored
                  once. Same rule as :func:`moe_ops.routing.topk_route`.
+``topk_sort_kernel``  both in one program for decode-sized routing (all tokens' picks stay in
+                 registers; :func:`moe_ops.routing.route`).
 ``count_sort_kernel``  one program: a histogram of the expert ids (ids outside ``[0, E)``
                  dropped), their cumulative sum (``offs``), then each flat row's position
                  ``start[e] + rows of e before it`` in chunks of ``BLOCK_R`` rows (rank inside
@@ -20,10 +22,11 @@ import triton.language as tl
 
 
 @triton.jit
-def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt, stride_it,
-                TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                SOFTMAX: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
-    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _topk_tile(logits_ptr, bias_ptr, rt, T, E, stride_lt, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+               E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """``(weights float32, ids int32)`` ``[BLOCK_T, K_POW2]`` of tokens ``rt`` (columns past
+    ``TOP_K`` and rows past ``T`` hold no pick)."""
     re = tl.arange(0, E_POW2)
     t_ok = rt < T
     e_ok = re < E
@@ -56,9 +59,49 @@ def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt
         sel_ids = tl.where(rk[None, :] == j, idx.to(tl.int32)[:, None], sel_ids)
     if RENORM:
         wts = wts / total[:, None]
-    out_mask = t_ok[:, None] & (rk < TOP_K)[None, :]
+    return wts, sel_ids
+
+
+@triton.jit
+def topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_wt, stride_it,
+                TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                SOFTMAX: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    wts, sel_ids = _topk_tile(logits_ptr, bias_ptr, rt, T, E, stride_lt, TOP_K, K_POW2, E_POW2, BLOCK_T,
+                              SOFTMAX, RENORM, HAS_BIAS)
+    rk = tl.arange(0, K_POW2)
+    rt64 = rt.to(tl.int64)
+    out_mask = (rt < T)[:, None] & (rk < TOP_K)[None, :]
     tl.store(w_ptr + rt64[:, None] * stride_wt + rk[None, :], wts, mask=out_mask)
     tl.store(ids_ptr + rt64[:, None] * stride_it + rk[None, :], sel_ids, mask=out_mask)
+
+
+@triton.jit
+def topk_sort_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, rows_ptr, offs_ptr, T, E, stride_lt,
+                     TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr, T_POW2: tl.constexpr,
+                     SOFTMAX: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program: the top-k of all ``T`` tokens (weights, ids ``[T, TOP_K]`` contiguous) and
+    their counting sort by expert (``sorted_rows``, ``offs``), the picks kept in registers."""
+    rt = tl.arange(0, T_POW2)
+    wts, sel_ids = _topk_tile(logits_ptr, bias_ptr, rt, T, E, stride_lt, TOP_K, K_POW2, E_POW2, T_POW2,
+                              SOFTMAX, RENORM, HAS_BIAS)
+    rk = tl.arange(0, K_POW2)
+    picked = (rt < T)[:, None] & (rk < TOP_K)[None, :]
+    flat = rt[:, None] * TOP_K + rk[None, :]  # flat row t * top_k + j
+    tl.store(w_ptr + flat, wts, mask=picked)
+    tl.store(ids_ptr + flat, sel_ids, mask=picked)
+    # counting sort of the picks in (t, j) order, i.e. flat order: stable
+    R: tl.constexpr = T_POW2 * K_POW2
+    e = tl.reshape(tl.where(picked, sel_ids, -1), (R,))
+    rows = tl.reshape(flat, (R,))
+    re = tl.arange(0, E_POW2)
+    onehot = (re[None, :] == e[:, None]).to(tl.int32)  # [R, E_POW2]; no pick: all zero
+    counts = tl.sum(onehot, 0)
+    ends = tl.cumsum(counts, 0)
+    tl.store(offs_ptr + re, ends, mask=re < E)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # picks of the same expert before
+    pos = tl.sum(onehot * (ends - counts)[None, :], 1) + rank
+    tl.store(rows_ptr + pos, rows, mask=e >= 0)
 
 
 @triton.jit

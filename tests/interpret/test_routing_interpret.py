@@ -49,3 +49,26 @@ def test_count_sort_int64_ids_out_of_int32_range_are_dropped():
     ids = torch.tensor([[3, 2 ** 33 + 1], [1, 0]], dtype=torch.int64)
     rows, offs = dispatch.count_sort(ids, 4)
     assert offs.tolist() == [1, 2, 2, 3] and rows.tolist() == [3, 2, 0, 1]
+
+
+@pytest.mark.parametrize("scoring,renorm,bias", [("softmax", True, False), ("sigmoid", True, True),
+                                                 ("softmax", False, False)])
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (1, 128, 8), (5, 12, 3), (16, 128, 8)])
+def test_topk_sort_kernel(T, E, k, scoring, renorm, bias):
+    """The one-launch top-k + counting sort equals the two launches it replaces (ties too)."""
+    assert dispatch.topk_sort_fits(T, E, k)
+    g = torch.Generator().manual_seed(T * E + k)
+    logits = torch.randn(T, E, generator=g)
+    logits[0, :] = 0.0  # all tied: the lowest experts win
+    logits[-1, : E // 2] = 1.0  # ties inside the picks of another token
+    b = torch.randn(E, generator=g) * 0.1 if bias else None
+    w, ids, rows, offs = dispatch.topk_sort(logits, k, scoring, renorm, b)
+    ref_w, ref_ids = dispatch.topk_route(logits, k, scoring, renorm, b)
+    ref_rows, ref_offs = _reference_sort(ref_ids, E)
+    assert torch.equal(ids, ref_ids) and torch.equal(rows, ref_rows) and torch.equal(offs, ref_offs)
+    assert torch.equal(w, ref_w)
+
+
+def test_topk_sort_fits_decode_sizes_only():
+    assert dispatch.topk_sort_fits(16, 128, 8) and not dispatch.topk_sort_fits(17, 128, 8)
+    assert not dispatch.topk_sort_fits(64, 256, 8)
