@@ -65,8 +65,7 @@ moe_ops._segment_mm.default""")
         calls = [str(n.target) for n in rec.graphs[0].graph.nodes if n.op == "call_function"]
         self.assertExpectedInline("\n".join(c for c in calls if "moe_ops" in c or "linear" in c), """\
 <built-in function linear>
-moe_ops.topk_route
-moe_ops.sort_rows
+moe_ops.route
 moe_ops.expert_mlp
 <built-in function linear>
 <built-in function linear>

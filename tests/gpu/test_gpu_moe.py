@@ -108,7 +108,8 @@ def test_expert_mlp_backward_matches_cpu():
         assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("T", [4096, 64, 1])  # the sort path, and the one-launch counting sort
+# the sort path, the counting sort after the top-k launch, and one launch for both (T <= 16)
+@pytest.mark.parametrize("T", [4096, 64, 16, 3, 1])
 def test_routing_deterministic_and_sync_free(T):
     logits = torch.randn(T, 128, device=DEV)  # 128 experts
     torch.cuda.set_sync_debug_mode("error")
