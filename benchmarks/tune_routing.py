@@ -1,7 +1,7 @@
-"""Warps of the decode routing kernels: top-k selection + counting sort (``moe_ops.route``),
-CUDA-graph timed: the launch rules of :func:`moe_ops.kernels.dispatch._topk_warps` and
-``_count_sort_warps``, the top-k rule with four-warp sorts, and four warps everywhere (the
-rule before session 7).
+"""Decode routing, CUDA-graph timed: ``moe_ops.route`` in one launch (``topk_sort_kernel``,
+within ``dispatch.topk_sort_fits``) with the warps rule of
+:func:`moe_ops.kernels.dispatch._topk_warps` and with four warps, against the two launches it
+replaces (``topk_route`` then ``sort_rows``: top-k kernel + counting sort).
 
 Usage (GPU): ``python benchmarks/tune_routing.py [--out DIR]``. Prints one line per (E, T,
 top_k) and writes ``tune_routing.json``.
@@ -17,27 +17,35 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
-import moe_ops  # noqa: E402
+import moe_ops  # noqa: E402,F401  (registers the operators)
 from moe_ops.kernels import dispatch  # noqa: E402
 
-CASES = [(E, T, 8) for E in (128, 32) for T in (1, 2, 4, 8, 64)]  # Qwen3-30B-A3B, DeepSeek-V3 E=32
+CASES = [(E, T, 8) for E in (128, 32) for T in (1, 2, 4, 8, 16, 64)]  # Qwen3-30B-A3B, DeepSeek-V3 E=32
 FOUR = lambda *_: 4  # noqa: E731
-VARIANTS = {"rule": {}, "sort_four_warps": {"_count_sort_warps": FOUR},
-            "topk_four_warps": {"_topk_warps": FOUR}, "four_warps": {"_topk_warps": FOUR, "_count_sort_warps": FOUR}}
+OPS = torch.ops.moe_ops
+
+
+def _two_launches(logits, k):
+    w, ids = OPS.topk_route(logits, k)
+    return [w, ids] + OPS.sort_rows(ids, logits.shape[1])
+
+
+VARIANTS = {"one_launch": (OPS.route, {}), "one_launch_four_warps": (OPS.route, {"_topk_warps": FOUR}),
+            "two_launches": (_two_launches, {})}
 
 
 def main(args):
     dev = torch.device("cuda")
-    rules = {name: getattr(dispatch, name) for name in ("_topk_warps", "_count_sort_warps")}
+    rules = {name: getattr(dispatch, name) for name in ("_topk_warps",)}
     out = {}
     for E, T, k in CASES:
         logits = torch.randn(T, E, device=dev)
         res = {}
-        for variant, patch in VARIANTS.items():
+        for variant, (op, patch) in VARIANTS.items():
             for name, fn in patch.items():
                 setattr(dispatch, name, fn)
             try:
-                res[variant] = harness.bench_graph_ms(lambda: moe_ops.route(logits, k), reps=50) * 1e3
+                res[variant] = harness.bench_graph_ms(lambda: op(logits, k), reps=50) * 1e3
             finally:
                 for name, fn in rules.items():
                     setattr(dispatch, name, fn)
