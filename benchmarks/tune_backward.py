@@ -1,6 +1,7 @@
 """Sweep tile configs of the dgrad (forward kernel over transposed weights) and wgrad kernels.
 
-Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR]``; prints each ranking.
+Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR] [--kinds dgrad,wgrad]``; prints each
+ranking.
 """
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from moe_ops.lowering.kernel_choice import KernelConfig as C  # noqa: E402
 DGRAD = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 256, 64, 8, 3),
          C(128, 128, 32, 4, 4), C(128, 256, 32, 8, 4), C(256, 128, 64, 8, 3), C(128, 128, 64, 8, 4, group_m=1)]
 WGRAD = [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 256, 128, 8, 3),
-         (128, 128, 64, 8, 3), (64, 128, 128, 4, 4), (32, 256, 128, 8, 3), (128, 128, 128, 8, 3)]
+         (128, 128, 64, 8, 3), (64, 128, 128, 4, 4), (32, 256, 128, 8, 3), (128, 128, 128, 8, 3),
+         # more CTAs an SM (smaller stages), narrower output tiles, deeper K-tile pipelines
+         (32, 128, 128, 4, 2), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (32, 64, 128, 4, 3),
+         (64, 64, 128, 4, 3), (32, 128, 256, 8, 2), (64, 256, 64, 8, 3), (16, 128, 128, 4, 4),
+         (32, 128, 128, 4, 4), (64, 128, 128, 4, 3)]
 
 
-def main(out_dir):
+def main(out_dir, kinds):
     dev = torch.device("cuda")
     T, res = 4096, []
     for sname, (E, top_k, K, N) in SHAPES.items():
@@ -32,6 +37,8 @@ def main(out_dir):
                                                                           "none", config=cfg)),
                   "wgrad": lambda cfg: (lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg))}
         for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD)):
+            if kind not in kinds:
+                continue
             ranking = harness.sweep(makers[kind], space, f"{sname:18s} {kind}")
             res.append({"shape": sname, "kind": kind, "ranking": [(ms, str(c)) for ms, c in ranking]})
         x = w = dy = None
@@ -41,4 +48,6 @@ def main(out_dir):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    main(p.parse_args().out)
+    p.add_argument("--kinds", default="dgrad,wgrad", help="comma-separated: dgrad, wgrad")
+    a = p.parse_args()
+    main(a.out, a.kinds.split(","))
