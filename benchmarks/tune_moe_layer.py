@@ -3,12 +3,11 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--split-k]`` (default:
-Qwen3-30B-A3B's layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill
-gate/up tiles, whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md;
-``--one-loop``: only the gate/up launch, over tiles that read x once for the gate and up rows;
-``--pipeline``: both launches, the table's tile over K tiles and pipeline depths;
-``--split-k``: the down launch over K splits). Prints the fastest configs per
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline]`` (default: Qwen3-30B-A3B's
+layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
+whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
+the gate/up launch, over tiles that read x once for the gate and up rows; ``--pipeline``: both
+launches, the table's tile over K tiles and pipeline depths). Prints the fastest configs per
 (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -78,19 +77,14 @@ def main(args):
             default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act)
             base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
-            for which in ((0,) if args.one_loop and not (args.pipeline or args.split_k) else (0, 1)):
+            for which in ((0,) if args.one_loop and not args.pipeline else (0, 1)):
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
                     fn = lambda: dispatch.expert_mlp(*args_, configs=cfgs)  # noqa: E731
                     if fn() is None:
                         raise ValueError("not served")
                     return fn
-                if args.split_k:
-                    if which == 0:
-                        continue  # the SwiGLU launch cannot split K (its epilogue is not linear)
-                    space = [dataclasses.replace(default[1], split_k=sk, block_n=bn, num_stages=st)
-                             for sk in (1, 2, 3, 4) for bn in (64, 128) for st in (3, 4)]
-                elif args.pipeline:
+                if args.pipeline:
                     # the table's tile with other K tiles and pipeline depths (bytes in flight)
                     space = [dataclasses.replace(default[which], block_k=bk, num_stages=st)
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
@@ -113,8 +107,6 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
     p.add_argument("--one-loop", action="store_true", help="only the gate/up launch, its one-loop tiles")
-    p.add_argument("--split-k", action="store_true",
-                   help="the down launch: the table's tile over K splits 1-4 (KernelConfig.split_k), widths, stages")
     p.add_argument("--pipeline", action="store_true",
                    help="both launches: the table's tile over K tiles 64-256 and 2-8 pipeline stages")
     main(p.parse_args())

@@ -42,9 +42,8 @@ def forward_candidates(default: KernelConfig, K: int, scale_k_unit: int, max_blo
     with scales constant over ``scale_k_unit`` columns; tiles at most ``max_block_n`` wide (the
     SwiGLU launch keeps two accumulators). The CUDA-core (gemv) tile is offered only where
     the static choice made it (weight-only, K-contiguous weights); the operand arrangement
-    (``w_lhs``), the SwiGLU loop structure (``one_loop``) and the K splits (``split_k``: the
-    output buffer's size) are the static choice's."""
-    C = functools.partial(KernelConfig, w_lhs=default.w_lhs, one_loop=default.one_loop, split_k=default.split_k)
+    (``w_lhs``) and the SwiGLU loop structure (``one_loop``) are the static choice's."""
+    C = functools.partial(KernelConfig, w_lhs=default.w_lhs, one_loop=default.one_loop)
     if default.decode:
         out = [C(16, bn, _block_k(K, scale_k_unit, bk), w, s, group_m=1)
                for bn in (32, 64, 128) for bk in (128, 256) for w, s in ((4, 3), (2, 4))]

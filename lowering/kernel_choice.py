@@ -26,9 +26,6 @@ class KernelConfig:
     # SwiGLU launches (fused expert MLP gate/up): gate and up rows in one K loop, one
     # [block_m, 2 * block_n] accumulator (x read once per K tile); else two K loops
     one_loop: bool = False
-    # the expert MLP's down launch at decode sizes (weight-only / 16-bit x): K in split_k ranges
-    # run by separate programs; the partial outputs are summed by the top_k combine
-    split_k: int = 1
 
     @property
     def decode(self) -> bool:

@@ -7,7 +7,6 @@ packed int4/int2 weights); the operator then runs the reference path. Training r
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -105,7 +104,7 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop, SPLIT_K=config.split_k)
+                ONE_LOOP=config.one_loop)
 
 
 def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:
@@ -160,8 +159,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     stored units: bytes of packed codes), scales likewise with ``s_strides``. ``fused`` holds
     the expert-MLP prologue/epilogue operands (``xrow``, ``dst``, ``rw``, ``amax`` tensors;
     ``gather`` (top_k), ``swiglu``, ``amax_out``, ``amax_cols``): see the kernel's docstring. With
-    ``swiglu``, N is the output width (the weights have 2N rows). With ``config.split_k`` = S > 1
-    y has S * M rows: split s writes its partial product at rows s * M + r. ``candidates``: feasible
+    ``swiglu``, N is the output width (the weights have 2N rows). ``candidates``: feasible
     ``[(config, bk)]`` for the opt-in tuner (:mod:`moe_ops.lowering.autotune`); with two or more,
     the launch is a ``triton.autotune`` kernel over them instead of ``config``."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
@@ -169,9 +167,6 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
                          f"contiguous along K and scales constant over a {bk}-column K tile")
     f = fused or {}
-    if config.split_k > 1 and (act or f.get("swiglu") or f.get("amax_out") or y.shape[0] != config.split_k * M):
-        raise ValueError(f"config {config}: split_k > 1 needs 16/32-bit x, a linear epilogue and "
-                         f"y of {config.split_k} * M rows (the partial products), got y {tuple(y.shape)}")
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
     args = (xq, xs, w, ws, wz, y, offs,
@@ -197,10 +192,10 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
                       for c, b in candidates)
 
         def grid(meta):
-            return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+            return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
-    grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n), config.split_k)
+    grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
     wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y
@@ -327,10 +322,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         if act and not (units[i][1] >= _HUGE or units[i][1] % bk == 0):
             return None
         cfgs.append((cfg, bk))
-    split = cfgs[1][0].split_k if act == 0 else 1  # the down launch's K splits (partials summed below)
-    if split != cfgs[1][0].split_k:
-        cfgs[1] = (dataclasses.replace(cfgs[1][0], split_k=1), cfgs[1][1])
-    out_rows = torch.empty(split * M, H, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    out_rows = torch.empty(M, H, dtype=x.dtype, device=x.device)
     if M and H and I:
         rows = sorted_rows.contiguous()
         # gate/up: gathered token rows (quantized once per token), SwiGLU epilogue -> h [M, I]
@@ -363,8 +355,6 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                 fused=dict(dst=rows, rw=rw, amax=amax, amax_cols=amax_cols), candidates=tuned[1])
     elif M:
         out_rows.zero_()
-    if split > 1:  # the K splits' float32 partials and the top_k slots in one sum
-        return out_rows.view(split, T, top_k, H).sum(dim=(0, 2)).to(x.dtype)
     return out_rows.view(T, top_k, H).sum(dim=1)
 
 

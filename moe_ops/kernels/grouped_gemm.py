@@ -36,10 +36,6 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
 ``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
               weight as the MMA's left operand, which Hopper's wgmma takes from registers:
               :func:`_dequant_acc_w_lhs`.
-``SPLIT_K``   (> 1) grid axis 1 splits K in SPLIT_K ranges of whole K tiles; split s stores its
-              partial product (epilogue included: it must be linear, no SwiGLU) at rows
-              ``s * M + r`` of y, and the caller sums the SPLIT_K partials (the expert MLP's
-              decode down launch: the combine over top_k slots sums them too).
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 ``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
@@ -129,19 +125,11 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
     pid = tl.program_id(0)
-    # split-K: program_id(1) = s takes K columns [k_lo, k_hi) and writes its partial product
-    # to rows s * M + r of y ([SPLIT_K * M, N]); the caller sums the partials
-    tl.static_assert((SPLIT_K == 1) | ((not SWIGLU) & (not AMAX_OUT) & (ACT == 0)),
-                     "SPLIT_K: a linear epilogue and 16/32-bit x only")
-    split = tl.program_id(1)
-    k_lo = split * (tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
-    k_hi = tl.minimum(K, k_lo + tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K)
-    y_ptr += split.to(tl.int64) * M * stride_ym
     num_n = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
     per_group = GROUP_M * num_n
@@ -195,20 +183,20 @@ def grouped_gemm_kernel(
             wn = rn
             wn_mask = n_mask
         if GEMV:
-            out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K, k_lo, k_hi,
+            out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
                             BLOCK_M, TILE_N, BLOCK_K, PACK)
         elif W_LHS:
             tl.static_assert(SCALE_TILE, "W_LHS needs the weight scale constant over a K tile")
-            out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K, k_lo, k_hi,
+            out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                                      stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                                      stride_se, stride_sn, stride_sk,
                                      W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                      BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                      x_ptr.dtype.element_ty)
         else:
-            out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K, k_lo, k_hi,
+            out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
@@ -218,20 +206,20 @@ def grouped_gemm_kernel(
             out, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))  # gate, up
         elif SWIGLU:
             if W_LHS:
-                up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K, k_lo, k_hi,
+                up = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                                         stride_se, stride_sn, stride_sk,
                                         W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                         x_ptr.dtype.element_ty)
             elif GEMV:
-                up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K, k_lo, k_hi,
+                up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
                                BLOCK_M, BLOCK_N, BLOCK_K, PACK)
             else:
                 up = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn + N, n_mask,
-                               K, k_lo, k_hi, stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
+                               K, stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
                                stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
@@ -290,7 +278,7 @@ def _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K: tl.co
 
 
 @triton.jit
-def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K, k_lo, k_hi,
+def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn, n_mask, K,
               stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
               stride_se, stride_sn, stride_sk,
               W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
@@ -319,7 +307,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if W_KIND == 1:
             rb = k0 // PACK + rs
             byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
@@ -410,7 +398,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
             acc_i += part
             if UNIT_K < 1 << 30:
                 # group scales: flush the exact integer sum at the end of each scale unit
-                if ((k0 + BLOCK_K) % UNIT_K == 0) | (k0 + BLOCK_K >= k_hi):
+                if ((k0 + BLOCK_K) % UNIT_K == 0) | (k0 + BLOCK_K >= K):
                     acc += acc_i.to(tl.float32) * s
                     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
@@ -450,7 +438,7 @@ def _unpack_rows(byte, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 
 @triton.jit
-def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K, k_lo, k_hi,
+def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
                        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                        W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
                        IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
@@ -486,7 +474,7 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         bias16_val: tl.constexpr = 1024.0
     zero_bias: tl.constexpr = 8388608.0 if PACK > 1 else 0.0  # 2^23: 0x4B000000 | q is 2^23 + q
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
         a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
@@ -547,7 +535,7 @@ def _gemv_weight_tile(w_base, w_rows, rb, n_mask, k_stored, W_KIND: tl.constexpr
 
 
 @triton.jit
-def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K, k_lo, k_hi,
+def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
               stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
               W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -571,8 +559,8 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # the weight stream is double-buffered in registers: tile k+1 is in flight while tile k
     # is multiplied (a plain loop would wait a full memory latency per K tile)
-    raw_next = _gemv_weight_tile(w_base, w_rows, k_lo // PACK + rs, n_mask, k_stored, W_KIND)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    raw_next = _gemv_weight_tile(w_base, w_rows, rs, n_mask, k_stored, W_KIND)
+    for k0 in range(0, K, BLOCK_K):
         raw = raw_next
         raw_next = _gemv_weight_tile(w_base, w_rows, (k0 + BLOCK_K) // PACK + rs, n_mask, k_stored, W_KIND)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

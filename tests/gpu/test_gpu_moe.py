@@ -2,8 +2,6 @@
 Qwen3-30B-A3B-like scale against the float64 oracle for every weight family and W8A8, the
 backward against the CPU, routing determinism, and decode of the layer under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with the sync-debug mode at error."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -91,16 +89,6 @@ ONE_LOOP = {512: [KernelConfig(128, 64, 64, 8, 3, one_loop=True), KernelConfig(6
 def test_fused_expert_mlp_one_loop(fmt, gran, gs, act, T, which):
     down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[1]
     _check_fused(fmt, gran, gs, act, T, (ONE_LOOP[T][which], down))
-
-
-@pytest.mark.parametrize("split", [2, 4])
-@pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (0, 1, 2, 4, 6, 7)])
-def test_fused_expert_mlp_split_k(fmt, gran, gs, act, T, split):
-    """The down launch's K in ``split`` ranges (float32 partials summed with the top_k slots);
-    the W8A8 case ignores the split. Gate/up at its table tile."""
-    up, down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)
-    _check_fused(fmt, gran, gs, act, T, (up, dataclasses.replace(down, split_k=split)))
 
 
 def test_expert_mlp_backward_matches_cpu():

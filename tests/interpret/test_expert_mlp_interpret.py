@@ -23,11 +23,7 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True),
                              KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
-                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
-           # the down launch's K in 2 / 3 ranges (the third empty: I = 64, 16-column K tiles),
-           # partials summed by the combine; quantized activations ignore the split
-           "split_k_decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4, 1, split_k=2)),
-           "split_k_empty_range": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 16, 4, 1, split_k=3))}
+                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
 WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")
 
 
