@@ -391,15 +391,15 @@ def topk_route(logits, top_k, scoring, renormalize, bias):
     return [w, ids]
 
 
+# one-program top-k + counting sort (decode): up to Qwen3-30B-A3B's 16 tokens x 8 picks x 128
+# experts; larger inputs take the two launches (their one-hot tiles are chunked)
+TOPK_SORT_MAX_ELEMENTS = 16384
+
+
 def topk_sort_fits(T: int, E: int, top_k: int) -> bool:
     """Whether :func:`topk_sort` serves ``T`` tokens over ``E`` experts (one program holds a
     ``[T * top_k, E]`` one-hot tile, padded to powers of two)."""
     return next_power_of_2(max(T, 1)) * next_power_of_2(top_k) * next_power_of_2(E) <= TOPK_SORT_MAX_ELEMENTS
-
-
-# one-program top-k + counting sort (decode): up to Qwen3-30B-A3B's 16 tokens x 8 picks x 128
-# experts; larger inputs take the two launches (their one-hot tiles are chunked)
-TOPK_SORT_MAX_ELEMENTS = 16384
 
 
 def topk_sort(logits, top_k, scoring, renormalize, bias):

@@ -53,6 +53,21 @@ def test_forward_formats(fmt, gran, gs, shape):
     assert torch.all(y[int(offs[-1]):] == 0)
 
 
+def _run_tile(x, wq, offs, config):
+    """``grouped_mm`` at tile ``config`` on the device (output poisoned with NaN) against the
+    float64 oracle; rows past ``offs[-1]`` must be zeros."""
+    M, N = x.shape[0], wq.shape[1]
+    args = wq.op_args()
+    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
+    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
+    y = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
+                            config=config, out=out)
+    ref = oracle_grouped_mm(x, args, offs)
+    assert not torch.isnan(y).any()
+    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
+    assert torch.all(y[int(offs[-1]):] == 0)
+
+
 W_LHS_TILES = {"prefill": KernelConfig(256, 128, 64, 8, 3, w_lhs=True),
                "decode": KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True)}
 
@@ -64,29 +79,7 @@ def test_forward_w_lhs_tiles(fmt, gran, gs, shape):
     M, E, N, K = SHAPES[shape]
     gs = 128 if gran == "group" else 0
     x, w, offs = _case(hash((fmt, gran, shape, "w_lhs")) % 10000, M, E, N, K)
-    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
-    args = wq.op_args()
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
-    y = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
-                            config=W_LHS_TILES[shape], out=out)
-    ref = oracle_grouped_mm(x, args, offs)
-    assert not torch.isnan(y).any()
-    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
-    assert torch.all(y[int(offs[-1]):] == 0)
-
-
-def _run_tile(x, wq, offs, config):
-    M, N = x.shape[0], wq.shape[1]
-    args = wq.op_args()
-    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
-    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
-    y = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
-                            config=config, out=out)
-    ref = oracle_grouped_mm(x, args, offs)
-    assert not torch.isnan(y).any()
-    assert rel_err(y.cpu(), ref) < GPU_BOUND_BF16
-    assert torch.all(y[int(offs[-1]):] == 0)
+    _run_tile(x, moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs), offs, W_LHS_TILES[shape])
 
 
 @pytest.mark.parametrize("config", [KernelConfig(16, 64, 128, 4, 4, group_m=1, w_lhs=True),
