@@ -49,7 +49,7 @@ def constexprs(fmt: str, group: int, tile) -> dict:
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
              POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
-             GEMV=False, W_LHS=False, ONE_LOOP=False)
+             GEMV=False, W_LHS=False, ONE_LOOP=False, GEMV_PREFETCH=2)
     c.update(_UNIT)
     return c
 
@@ -124,12 +124,13 @@ def main():
     p.add_argument("--swiglu", action="store_true", help="the fused gate/up launch (two accumulators)")
     p.add_argument("--w-lhs", action="store_true", help="the dequantized weight as the MMA's left operand")
     p.add_argument("--one-loop", action="store_true", help="with --swiglu: gate and up rows in one K loop")
+    p.add_argument("--gemv", action="store_true", help="the CUDA-core decode tile (KernelConfig.gemv)")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
-    consts.update(W_LHS=a.w_lhs and spec is not None)
+    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4])
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)

@@ -1,10 +1,11 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
 Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv | --w-lhs [--shapes ...]
-[--tokens ...] [--variants ...]]``. The winners
+[--tokens ...] [--variants ...] | --packed-gemv]``. The winners
 inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
 at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 ``--w-lhs``: weight-only formats with the dequantized weight as the MMA's register operand.
+``--packed-gemv``: int4 decode on the CUDA cores, codes read as 32-bit words, against the table.
 """
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ GEMV_CASES = [(s, t, v) for s, ts, vs in (
     ("dsv3_gate_up_e32", (1, 16), ("bf16", "int4_asym_g128"))) for t in ts for v in vs]
 _BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
 
+# int4/int2 codes read as 32-bit words on the CUDA cores (grouped_gemm._gemv_packed_acc): one
+# row a tile; num_stages is the register prefetch depth of the weight words (1: none)
+PACKED_GEMV = [C(1, bn, bk, w, st, group_m=1, gemv=True)
+               for bn in (16, 32, 64) for w in (2, 4) for bk, st in ((128, 2), (128, 3), (64, 3))]
+PACKED_GEMV_CASES = [(s, t, "int4_asym_g128") for s, ts in (
+    ("qwen3_gate_up", (1, 16)), ("qwen3_down", (1, 16)), ("dsv3_gate_up_e32", (1,)), ("mixtral_gate_up", (1,)))
+    for t in ts]
+
 # weight-only formats: the dequantized weight as the MMA's left operand (KernelConfig.w_lhs;
 # its output tile is [BLOCK_N, BLOCK_M] to the tensor cores) against the table's tile
 W_LHS_PREFILL = [C(128, 256, 64, 8, 3, w_lhs=True), C(128, 128, 64, 8, 3, w_lhs=True),
@@ -118,6 +127,7 @@ if __name__ == "__main__":
     p.add_argument("--focus", action="store_true", help="tune only the cases short of their targets")
     p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
     p.add_argument("--w-lhs", action="store_true", help="weight-as-left-operand tiles against the table's")
+    p.add_argument("--packed-gemv", action="store_true", help="int4 decode: word-reading CUDA-core tiles")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="--w-lhs: shapes to sweep")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096], help="--w-lhs: token counts")
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
@@ -125,6 +135,9 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
+    elif a.packed_gemv:
+        tune([(s, t, v, [choose_forward_config(t * SHAPES[s][1], SHAPES[s][3], SHAPES[s][2], SHAPES[s][0], 4, 128)]
+               + PACKED_GEMV) for s, t, v in PACKED_GEMV_CASES], os.path.join(a.out, "tune_packed_gemv.json"))
     elif a.gemv:
         tune([(s, t, v, gemv_space(t, *SHAPES[s], _BITS[v], 128 if "g128" in v else 0)) for s, t, v in GEMV_CASES],
              os.path.join(a.out, "tune_decode_gemv.json"))

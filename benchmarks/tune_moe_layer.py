@@ -3,11 +3,12 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline]`` (default: Qwen3-30B-A3B's
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv]`` (default: Qwen3-30B-A3B's
 layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
 whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
 the gate/up launch, over tiles that read x once for the gate and up rows; ``--pipeline``: both
-launches, the table's tile over K tiles and pipeline depths). Prints the fastest configs per
+launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/int2 decode on the
+CUDA cores, codes read as 32-bit words). Prints the fastest configs per
 (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -53,6 +54,12 @@ ONE_LOOP_PREFILL_SPACE = [KernelConfig(bm, bn, bk, w, s, one_loop=True) for bm, 
         (64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3))]
 
 
+# packed int4/int2 codes on the CUDA cores (KernelConfig.gemv, one row a tile): gate/up with and
+# without one loop, and the down launch; num_stages is the weight words' prefetch depth
+GEMV_SPACE = [KernelConfig(1, bn, 128, w, st, group_m=1, gemv=True, one_loop=ol)
+              for bn, w, st, ol in itertools.product((16, 32, 64), (2, 4), (2, 3), (False, True))]
+
+
 def _weight_only(fname: str) -> bool:
     return FORMATS[fname] is not None and FORMATS[fname][3] in (None, "none")
 
@@ -88,6 +95,8 @@ def main(args):
                     # the table's tile with other K tiles and pipeline depths (bytes in flight)
                     space = [dataclasses.replace(default[which], block_k=bk, num_stages=st)
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
+                elif args.gemv:
+                    space = [c for c in GEMV_SPACE if which == 0 or not c.one_loop]
                 elif args.one_loop:
                     space = ONE_LOOP_SPACE if T * k <= 16 * E else ONE_LOOP_PREFILL_SPACE
                     space = [c for c in space if _weight_only(fname) or not c.w_lhs]
@@ -107,6 +116,7 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
     p.add_argument("--one-loop", action="store_true", help="only the gate/up launch, its one-loop tiles")
+    p.add_argument("--gemv", action="store_true", help="decode, packed int4/int2: the CUDA-core tiles")
     p.add_argument("--pipeline", action="store_true",
                    help="both launches: the table's tile over K tiles 64-256 and 2-8 pipeline stages")
     main(p.parse_args())

@@ -65,16 +65,37 @@ def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
     return bk
 
 
+# packed int4/int2 weight-only decode on the CUDA cores (KernelConfig.gemv: codes read as 32-bit
+# words, grouped_gemm._gemv_packed_acc) up to this many rows per expert. benchmarks/tune_forward.py
+# --packed-gemv on an H100 (results/tune_packed_gemv_h100.*), int4 g128, CUDA-graph timed, against
+# the w_lhs tensor-core decode tile: T=1 Qwen3-30B-A3B gate_up 11.7 us against 15.2 (session 8's
+# table time; not in this sweep's top 4), down 7.5 against 8.0, DeepSeek-V3 E=32 75.2 against 82.4,
+# Mixtral 73.8 against 76.9; at one row per expert or more (T=16) 2.2-2.4x slower (each row re-reads
+# its expert's weights). The fused expert MLP's gate/up launch: results/tune_moe_layer_gemv_h100.log.
+PACKED_GEMV_MAX_ROWS_PER_EXPERT = 0.5
+
+
+def _packed_gemv_config(K: int, scale_k_unit: int, block_n: int = 32) -> KernelConfig:
+    """The packed-code CUDA-core decode tile: one row, 2 warps, the weight words prefetched two
+    K tiles ahead (num_stages 3), the K tile within a scale group."""
+    return KernelConfig(1, block_n, _block_k(K, scale_k_unit, 128), 2, 3, group_m=1, gemv=True)
+
+
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
-                          act_bits: int = 16, k_contiguous: bool = True) -> KernelConfig:
+                          act_bits: int = 16, k_contiguous: bool = True, packed_gemv: bool = True) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
-    transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured. The table
-    comes from ``benchmarks/tune_forward.py`` (its ``--gemv`` and ``--w-lhs`` sweeps) on an H100."""
+    transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured;
+    ``packed_gemv``: packed codes can be read as 32-bit words (``dispatch.gemv_layout_ok``).
+    The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
+    ``--w-lhs`` sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
         return _gemv_config(K)
+    if (w_bits < 8 and act_bits == 16 and k_contiguous and packed_gemv
+            and rpe <= PACKED_GEMV_MAX_ROWS_PER_EXPERT):
+        return _packed_gemv_config(K, scale_k_unit)
     if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
@@ -119,18 +140,21 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 
 
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
-                              act_bits: int = 16):
+                              act_bits: int = 16, packed_gemv: bool = True):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
     and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
-    tiles are at most 128 wide."""
+    tiles are at most 128 wide. ``packed_gemv``: both weights' packed codes can be read as
+    32-bit words (``dispatch.gemv_layout_ok``)."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
-    # tensor-core tiles only: the gemv tile (16-bit weights) is ruled out by k_contiguous=False
-    # (see GEMV_MAX_ROWS_PER_EXPERT); quantized weights, K-contiguous here, take the w_lhs tiles
+    # the 16-bit gemv tile is ruled out by k_contiguous=False (see GEMV_MAX_ROWS_PER_EXPERT);
+    # quantized weights, K-contiguous here, take the w_lhs tiles, or the packed-code gemv tile
     quantized = w_bits < 16
-    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized)
-    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized)
+    gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized,
+                                    packed_gemv=False)
+    down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized,
+                                 packed_gemv=False)
     if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
         # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row
@@ -157,6 +181,14 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
                 gate_up = KernelConfig(16, 32, bk1, 4, 3, group_m=1, one_loop=True)
             else:
                 gate_up = KernelConfig(16, 16, bk1, 4, 4, group_m=1, one_loop=True)
+    if (w_bits < 8 and act_bits == 16 and packed_gemv
+            and rows_per_expert_hint(M, E) <= PACKED_GEMV_MAX_ROWS_PER_EXPERT):
+        # int4/int2 weight-only gate/up on the CUDA cores, gate and up rows in one loop
+        # (tune_moe_layer.py --gemv, the fused MLP graph-timed with the table's down tile;
+        # results/tune_moe_layer_gemv_h100.log): Qwen3-30B-A3B T=1 25.6 -> 23.3 us, T=8 95.9 ->
+        # 90.4 us, DeepSeek-V3 E=32 T=1 132.6 -> 116.9 us. The down launch keeps its w_lhs tile:
+        # its gemv tile took 26.6 / 98.4 / 131.7 us there (the scatter epilogue, one row a tile)
+        gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2, 2, group_m=1, gemv=True, one_loop=True)
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)

@@ -40,3 +40,22 @@ def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():
     # 32-column scale groups vary inside the 64-column K tile: the plain kernel serves it
     assert _tile_meta(cfg, bk, 32, 4, weight_only=True)["W_LHS"] is False
     assert _tile_meta(cfg, bk, 64, 4, weight_only=False)["W_LHS"] is False  # W8A8 / 16-bit weights
+
+
+def test_packed_gemv_tiles_only_where_the_word_reader_serves():
+    """The packed-code CUDA-core tile reads one row per tile, 32-bit words of int4/int2 codes
+    under 16-bit x, the scale constant over its K tile (a whole number of words): chosen only
+    at decode sizes, for K-contiguous weights whose words are aligned (``packed_gemv``)."""
+    for (H, I, E, k), T, bits, act, contiguous, words in itertools.product(
+            LAYERS, TOKENS, BITS, (16, 8), (True, False), (True, False)):
+        for unit in (32, 64, 128, H):
+            cfg = choose_forward_config(T * k, 2 * I, H, E, bits, unit, act_bits=act, k_contiguous=contiguous,
+                                        packed_gemv=words)
+            if cfg.gemv and bits < 16:
+                assert bits < 8 and act == 16 and contiguous and words, cfg
+                assert cfg.block_m == 1 and unit % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
+                assert T * k <= 0.5 * E, (T, cfg)
+        gate_up, down = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act_bits=act, packed_gemv=words)
+        if gate_up.gemv:
+            assert bits < 8 and act == 16 and words and gate_up.block_m == 1, gate_up
+        assert not (down.gemv and bits < 16), down  # measured slower than the w_lhs down tile

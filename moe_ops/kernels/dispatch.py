@@ -104,17 +104,32 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop)
+                ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3))
 
 
-def _feasible(configs, act: int, pack: int, unit_k: int, k_contiguous: bool) -> list:
+def gemv_layout_ok(w_strides, storage_offset: int, K: int, pack: int) -> bool:
+    """Whether the CUDA-core (gemv) tile can read weights of these (logical ``[E, N, K]``, stored
+    units) strides: contiguous along K, and for packed codes (read as 32-bit words) every row
+    and expert block 4-byte aligned with K a multiple of the codes in a word."""
+    if w_strides[2] != 1:
+        return False
+    if pack == 1:
+        return True
+    return (w_strides[0] % 4 == 0 and w_strides[1] % 4 == 0 and storage_offset % 4 == 0
+            and K % (4 * pack) == 0)
+
+
+def _feasible(configs, act: int, pack: int, unit_k: int, gemv_layout: bool) -> list:
     """``[(config, bk)]`` of the configs a launch can run: quantized activations need the
-    weight scale constant over a K tile; the gemv tile also 16-bit x and K-contiguous weights."""
+    weight scale constant over a K tile; the gemv tile also 16-bit x, weights laid out as
+    :func:`gemv_layout_ok` says (``gemv_layout``), and for packed codes one row a tile."""
     out = []
     for cfg in configs:
         bk = _tile_k(cfg, act, pack)
         scale_tile = unit_k >= _HUGE or unit_k % bk == 0
-        if (act and not scale_tile) or (cfg.gemv and not (act == 0 and k_contiguous and scale_tile)):
+        if act and not scale_tile:
+            continue
+        if cfg.gemv and not (act == 0 and gemv_layout and scale_tile and (pack == 1 or cfg.block_m == 1)):
             continue
         out.append((cfg, bk))
     return out
@@ -163,9 +178,11 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     ``[(config, bk)]`` for the opt-in tuner (:mod:`moe_ops.lowering.autotune`); with two or more,
     the launch is a ``triton.autotune`` kernel over them instead of ``config``."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
-    if config.gemv and not _feasible([config], act, pack, unit_k, w_strides[2] == 1):
+    if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout_ok(w_strides, w.storage_offset(), K,
+                                                                                  pack)):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
-                         f"contiguous along K and scales constant over a {bk}-column K tile")
+                         f"contiguous along K (packed codes: 4-byte aligned rows, K a multiple of {4 * pack}, "
+                         f"one row a tile) and scales constant over a {bk}-column K tile")
     f = fused or {}
     xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
     amax_cols = f.get("amax_cols", 1)
@@ -222,10 +239,11 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     if config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
-                                       k_contiguous=w.stride(2) == 1)
+                                       k_contiguous=w.stride(2) == 1,
+                                       packed_gemv=gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit), act, pack, unit_k,
-                                   w.stride(2) == 1)
+                                   gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
     bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile
@@ -284,13 +302,16 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
     return launch_wgrad(dy, x, offs, out_dtype or dy.dtype, config, _INTERPRET)
 
 
-def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant):
-    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes."""
+def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
+                       packed_gemv: bool = True):
+    """The (gate/up, down) tile configs the fused expert MLP picks from static shapes;
+    ``packed_gemv``: w1's packed codes can be read as 32-bit words (:func:`gemv_layout_ok`)."""
     spec = None if w_format == "none" else formats.get_format(w_format)
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
     return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
-                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16)
+                                     *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16,
+                                     packed_gemv=packed_gemv)
 
 
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -310,12 +331,13 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     units = [_scale_unit(granularity, gs) for gs in (group_size1, group_size2)]
     tuned = [None, None]  # feasible candidates per launch for the opt-in tuner
     if configs is None:
-        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant)
+        configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
+                                     gemv_layout_ok(w1.stride(), w1.storage_offset(), H, pack))
         if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
             for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
                 unit = min(units[i][1], act_unit_k, max(red, 1))
                 tuned[i] = _feasible(autotune.forward_candidates(configs[i], red, unit, cap), act, pack,
-                                     units[i][1], w.stride(2) == 1)
+                                     units[i][1], gemv_layout_ok(w.stride(), w.storage_offset(), red, pack))
     cfgs = []
     for i, cfg in enumerate(configs):
         bk = _tile_k(cfg, act, pack)

@@ -125,7 +125,7 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -182,7 +182,12 @@ def grouped_gemm_kernel(
         else:
             wn = rn
             wn_mask = n_mask
-        if GEMV:
+        if GEMV and (W_KIND == 1) and (PACK > 1):
+            out = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
+                                   stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                                   W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, TILE_N, BLOCK_K,
+                                   GEMV_PREFETCH)
+        elif GEMV:
             out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
@@ -212,6 +217,11 @@ def grouped_gemm_kernel(
                                         W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                                         x_ptr.dtype.element_ty)
+            elif GEMV and (W_KIND == 1) and (PACK > 1):
+                up = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
+                                      stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                                      W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                      GEMV_PREFETCH)
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -590,3 +600,151 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
     if HAS_SCALE and not K_SCALES:
         acc = acc * tl.load(s_base + s_rows, mask=n_mask, other=0.0)[None, :]
     return acc
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """Eight ``[R, W]`` tensors to ``[R, W, 8]`` (``c_i`` at index i), the new axis in-thread."""
+    v = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
+    return tl.reshape(tl.permute(v, (0, 1, 4, 3, 2)), (c0.shape[0], c0.shape[1], 8))  # v[.., a, b, c]: 4c+2b+a
+
+
+@triton.jit
+def _fields_in_place(word, W_BITS: tl.constexpr):
+    """``[R, WORDS]`` uint32 words to ``[R, WORDS, 32 // W_BITS]`` bit fields left in place: field i
+    is ``word & (MASK << W_BITS*i)`` for the low fields that end below bit 23, the rest taken
+    from ``word >> 16`` likewise (:func:`_field_scale` gives each field's power of two). One
+    LOP3 a code (plus one shift a word), and each field below 2^23: ``| 0x4B000000`` makes it
+    the float ``2^23 + field`` exactly."""
+    MASK: tl.constexpr = (1 << W_BITS) - 1
+    hi = word >> 16
+    if W_BITS == 4:  # fields 0-4 in place (bits 0..19), 5-7 from word >> 16 (bits 4..15)
+        return _join8(word & MASK, word & (MASK << 4), word & (MASK << 8), word & (MASK << 12),
+                      word & (MASK << 16), hi & (MASK << 4), hi & (MASK << 8), hi & (MASK << 12))
+    else:  # 2-bit fields 0-10 in place (bits 0..21), 11-15 from word >> 16 (bits 6..15)
+        lo = _join8(word & MASK, word & (MASK << 2), word & (MASK << 4), word & (MASK << 6),
+                    word & (MASK << 8), word & (MASK << 10), word & (MASK << 12), word & (MASK << 14))
+        up = _join8(word & (MASK << 16), word & (MASK << 18), word & (MASK << 20), hi & (MASK << 6),
+                    hi & (MASK << 8), hi & (MASK << 10), hi & (MASK << 12), hi & (MASK << 14))
+        v = tl.join(lo, up)  # [R, W, 8, 2]: field 8h + i
+        return tl.reshape(tl.permute(v, (0, 1, 3, 2)), (word.shape[0], word.shape[1], 16))
+
+
+@triton.jit
+def _field_scale(W_BITS: tl.constexpr):
+    """``[32 // W_BITS]`` float32: field i of :func:`_fields_in_place` is code i times this."""
+    CPW: tl.constexpr = 32 // W_BITS
+    LOW: tl.constexpr = 5 if W_BITS == 4 else 11  # fields kept in place
+    i = tl.arange(0, CPW)
+    pos = tl.where(i < LOW, i * W_BITS, i * W_BITS - 16)
+    return tl.exp2(pos.to(tl.float32))
+
+
+@triton.jit
+def _split8(t):
+    """``[..., 8]`` (last axis in-thread) to its eight ``[...]`` slices, in index order."""
+    shp: tl.constexpr = t.shape
+    if len(shp) == 3:
+        v = tl.reshape(t, (shp[0], shp[1], 2, 2, 2))
+    else:
+        v = tl.reshape(t, (shp[0], 2, 2, 2))
+    c0, c1 = tl.split(v)  # last axis: index bit 0
+    c00, c01 = tl.split(c0)  # bit 1
+    c10, c11 = tl.split(c1)
+    t0, t4 = tl.split(c00)  # bit 2
+    t2, t6 = tl.split(c01)
+    t1, t5 = tl.split(c10)
+    t3, t7 = tl.split(c11)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _dot8(q, x, acc):
+    """``acc + sum_i q[:, :, i] * x[None, :, i]`` for ``q`` ``[R, W, 8]``, ``x`` ``[W, 8]``, as one
+    multiply-add chain (a tree reduction takes a multiply and an add for half the products)."""
+    q0, q1, q2, q3, q4, q5, q6, q7 = _split8(q)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+    acc += q0 * x0[None, :]
+    acc += q1 * x1[None, :]
+    acc += q2 * x2[None, :]
+    acc += q3 * x3[None, :]
+    acc += q4 * x4[None, :]
+    acc += q5 * x5[None, :]
+    acc += q6 * x6[None, :]
+    acc += q7 * x7[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_words(words, w_rows32, wn, n_mask, k_words):
+    """``[BLOCK_N, WORDS]`` 32-bit words of packed codes at word columns ``wn`` (zeros past the row)."""
+    return tl.load(words + w_rows32[:, None] + wn[None, :], mask=n_mask[:, None] & (wn < k_words)[None, :], other=0)
+
+
+@triton.jit
+def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
+                     stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                     W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
+                     UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words: the float32
+    ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores. Needs W's
+    stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS`` and the
+    scale constant over the K tile. Word w of a row holds codes ``CPW*w + i`` at bits
+    ``W_BITS*i`` (low bits first); ``0x4B000000 | q`` is the float ``2^23 + q``, so each code costs
+    a shift, a LOP3, the exact ``q - z`` (a FADD) and its FMA with x, which is read along K in
+    16-byte vectors and shared by the tile's rows. Per K tile and output element
+    ``acc += s * sum_k (q_k - z) x_k``: the same sums as the tensor-core decode tile, without
+    the MMA's 16-row padding and operand shuffles."""
+    w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
+                                                              stride_wn, stride_se, stride_sn, UNIT_N)
+    CPW: tl.constexpr = 32 // W_BITS  # codes per 32-bit word
+    WORDS: tl.constexpr = BLOCK_K // CPW  # words of a row per K tile
+    words = w_base.to(tl.pointer_type(tl.uint32))
+    w_rows32 = w_rows // 4
+    rw = tl.arange(0, WORDS)
+    rk = tl.arange(0, BLOCK_K)
+    k_words = K // CPW
+    # field i is code i times f_i (a power of two): (2^23 + f_i q) - (2^23 + f_i z) = f_i (q - z)
+    # exactly, and x is multiplied by 1 / f_i (exact) once per K tile for all rows
+    f = _field_scale(W_BITS)
+    inv_f = (1.0 / f)[None, :]
+    if ZERO_MODE != 2:
+        zf_const = (8388608.0 + IMPLICIT_ZERO * f)[None, None, :]
+    tl.static_assert(BLOCK_M == 1, "the packed gemv tile takes one row")
+    # 0x4B000000 in a register (expert >> 31 is 0, which the compiler cannot fold): the field
+    # masks are then the LOP3s' immediates, not registers rematerialized per mask and K tile
+    magic = (expert.to(tl.uint32) >> 31) | 0x4B000000
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    # the weight stream prefetched PREFETCH - 1 K tiles ahead in registers (Triton's pipeliner
+    # does not stage loads that feed no dot)
+    if PREFETCH >= 2:
+        w_a = _gemv_words(words, w_rows32, rw, n_mask, k_words)
+    if PREFETCH >= 3:
+        w_b = _gemv_words(words, w_rows32, WORDS + rw, n_mask, k_words)
+    for k0 in range(0, K, BLOCK_K):
+        if PREFETCH >= 3:
+            word = w_a
+            w_a = w_b
+            w_b = _gemv_words(words, w_rows32, (k0 + 2 * BLOCK_K) // CPW + rw, n_mask, k_words)
+        elif PREFETCH == 2:
+            word = w_a
+            w_a = _gemv_words(words, w_rows32, (k0 + BLOCK_K) // CPW + rw, n_mask, k_words)
+        else:
+            word = _gemv_words(words, w_rows32, k0 // CPW + rw, n_mask, k_words)
+        xa = tl.load(x_ptr + xrow[:, None] * stride_xm + (k0 + rk)[None, :].to(tl.int64) * stride_xk,
+                     mask=m_mask[:, None] & (k0 + rk < K)[None, :], other=0.0).to(tl.float32)
+        xa = tl.reshape(xa, (WORDS, CPW)) * inv_f
+        if ZERO_MODE == 2:
+            z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0).to(tl.float32)
+            zf = 8388608.0 + z[:, None, None] * f[None, None, :]
+        else:
+            zf = zf_const
+        s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)
+        q = (_fields_in_place(word, W_BITS) | magic).to(tl.float32, bitcast=True) - zf
+        if CPW == 8:
+            part = _dot8(q, xa, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
+        else:
+            part = tl.sum(q * xa[None, :, :], 2)  # [BLOCK_N, WORDS]
+        acc += part * s[:, None]
+    return tl.sum(acc, 1)[None, :]

@@ -28,7 +28,8 @@ def _case(seed, M, E, N, K, tail=5):
     return x, w, offs
 
 
-# (M, E, N, K); "gemv": under 1/8 row per expert (16-bit weights: the CUDA-core decode tile)
+# (M, E, N, K); "gemv": under 1/8 row per expert (16-bit weights and packed int4/int2 codes: the
+# CUDA-core decode tiles)
 SHAPES = {"prefill": (2000, 8, 384, 512), "decode": (48, 16, 384, 512), "gemv": (7, 64, 300, 512)}
 
 
@@ -44,7 +45,8 @@ def test_forward_formats(fmt, gran, gs, shape):
         wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
         args = wq.op_args()
     bits = 16 if fmt == "none" else moe_ops.formats.get_format(fmt).bits
-    assert choose_forward_config(M, N, K, E, bits, gs or K).gemv == (shape == "gemv" and bits == 16)
+    # CUDA-core tiles at under 1/8 row per expert: 16-bit weights, and packed int4/int2 codes
+    assert choose_forward_config(M, N, K, E, bits, gs or K).gemv == (shape == "gemv" and bits != 8)
     _poison(M, N, torch.bfloat16)
     y = moe_ops.grouped_mm(x.to(DEV), wq.to(DEV), offs.to(DEV))
     ref = oracle_grouped_mm(x, args, offs)
@@ -92,6 +94,21 @@ def test_forward_int4_decode_16bit_codes(fmt, dtype, config):
     M, E, N, K = SHAPES["decode"]
     x, w, offs = _case(hash((fmt, str(dtype), config.block_k, "codes16")) % 10000, M, E, N, K)
     _run_tile(x.to(dtype), moe_ops.quantize_weight(w.to(dtype), fmt, "group", 128), offs, config)
+
+
+@pytest.mark.parametrize("config", [KernelConfig(1, 32, 128, 4, 2, group_m=1, gemv=True),
+                                    KernelConfig(1, 64, 64, 2, 3, group_m=1, gemv=True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,gran", [("int4_asym", "group"), ("int4_sym", "group"), ("int4_asym", "channel"),
+                                      ("int2_asym", "group"), ("int2_sym", "channel")])
+def test_forward_packed_gemv(fmt, gran, dtype, config):
+    """int4/int2 codes read as 32-bit words on the CUDA cores (one row a tile, the weight words
+    prefetched 1-2 K tiles ahead), at the shape where gemv tiles are chosen: 7 rows over 64
+    experts, K = 512 (four 128-column groups)."""
+    M, E, N, K = SHAPES["gemv"]
+    x, w, offs = _case(hash((fmt, gran, str(dtype), config.block_n, "packed_gemv")) % 10000, M, E, N, K)
+    _run_tile(x.to(dtype), moe_ops.quantize_weight(w.to(dtype), fmt, gran, 128 if gran == "group" else 0), offs,
+              config)
 
 
 @pytest.mark.parametrize("config", [None, KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True),

@@ -69,7 +69,9 @@ def _check_fused(fmt, gran, gs, act, T, configs=None):
     assert rel_err(out, ref) < bound, rel_err(out, ref)
 
 
-@pytest.mark.parametrize("T", [512, 3])  # 128 rows per expert (prefill tiles), and decode
+# 128 rows per expert (prefill tiles), decode, and 1/4 row per expert (int4/int2 gate/up on the
+# CUDA cores, KernelConfig.gemv)
+@pytest.mark.parametrize("T", [512, 3, 1])
 @pytest.mark.parametrize("fmt,gran,gs,act", CASES)
 def test_fused_expert_mlp(fmt, gran, gs, act, T):
     _check_fused(fmt, gran, gs, act, T)

@@ -13,15 +13,17 @@ from helpers import rel_err
 T, H, I, E, TOP_K = 11, 128, 64, 4, 2
 CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4, 1)),
            "prefill": (KernelConfig(32, 32, 32, 4, 1), KernelConfig(32, 32, 32, 4, 1)),
-           "gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True),
-                    KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
+           # CUDA-core tiles, one row each (packed codes read as words need it), the weight
+           # words prefetched one (num_stages 2) or no (1) K tiles ahead
+           "gemv": (KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True),
+                    KernelConfig(1, 32, 32, 4, 1, group_m=1, gemv=True)),
            # weight-only formats: the dequantized weights as the MMA's left operand
            "w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True), KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
            # gate and up rows interleaved in one K loop (the down launch is not a SwiGLU launch)
            "one_loop_decode": (KernelConfig(16, 16, 32, 4, 1, one_loop=True), KernelConfig(16, 32, 32, 4, 1)),
            "one_loop_prefill": (KernelConfig(32, 32, 32, 4, 1, one_loop=True), KernelConfig(32, 32, 32, 4, 1)),
            "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True),
-                             KernelConfig(4, 32, 32, 4, 1, group_m=1, gemv=True)),
+                             KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
                               KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
 WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")

@@ -12,8 +12,12 @@ from helpers import ragged_offs, rel_err, weight_cases
 
 E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multiple of 32 (group size)
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
-# the CUDA-core decode tile (weight-only): 2-row tiles, so experts span several M tiles
+# the CUDA-core decode tile (weight-only): 2-row tiles, so experts span several M tiles; packed
+# int4/int2 codes (read as 32-bit words) take one row a tile, its weight words prefetched one
+# and two K tiles ahead (num_stages 2 and 3)
 GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
+GEMV_PACKED = {"gemv_packed": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True),
+               "gemv_packed_prefetch2": KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)}
 # the dequantized weight as the MMA's left operand (weight-only formats), both tile shapes
 W_LHS = {"w_lhs_decode": KernelConfig(16, 16, 32, 4, 1, w_lhs=True),
          "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True)}
@@ -36,11 +40,21 @@ def _run(x, args, offs, act, cfg):
     return y
 
 
-@pytest.mark.parametrize("cfg", list(CONFIGS) + ["gemv"])
+# (the two-row gemv tile serves unpacked weights; packed codes: test_forward_packed_gemv)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt,gran,gs", [("none", "none", 0)] + weight_cases())
+@pytest.mark.parametrize("cfg,fmt,gran,gs", [(c, *case) for c in list(CONFIGS) + ["gemv"]
+                                             for case in [("none", "none", 0)] + weight_cases()
+                                             if c != "gemv" or not case[0].startswith(("int4", "int2"))])
 def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
     _check_weight_only(fmt, gran, gs, dtype, GEMV if cfg == "gemv" else CONFIGS[cfg])
+
+
+@pytest.mark.parametrize("cfg,dtype", [("gemv_packed", torch.bfloat16), ("gemv_packed_prefetch2", torch.float16)])
+@pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f[:4] in ("int4", "int2")]))
+def test_forward_packed_gemv(fmt, gran, gs, dtype, cfg):
+    """int4/int2 codes read as 32-bit words, fields left in place (``_fields_in_place``), x
+    rescaled per field: every field position of both widths, asym / sym, group and channel."""
+    _check_weight_only(fmt, gran, gs, dtype, GEMV_PACKED[cfg])
 
 
 @pytest.mark.parametrize("cfg", list(W_LHS))
@@ -105,8 +119,9 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
 
 def test_gemv_tile_refuses_what_it_cannot_serve():
     """The CUDA-core tile reads weights along K in vectors and scales once per K tile: a
-    transposed weight view, quantized activations, or a K tile wider than the scale group are
-    refused with the reason, not computed wrongly."""
+    transposed weight view, quantized activations, a K tile wider than the scale group, and
+    packed codes it cannot read as aligned words are refused with the reason, not computed
+    wrongly."""
     x, w, offs = _data(10, torch.float16)
     out = torch.empty(M, N, dtype=torch.float16)
     wt = w.half().transpose(1, 2).contiguous().transpose(1, 2)  # logical [E, N, K], K stride N
@@ -116,6 +131,14 @@ def test_gemv_tile_refuses_what_it_cannot_serve():
                            (q, "none", KernelConfig(2, 16, 64, 4, 1, group_m=1, gemv=True))):
         with pytest.raises(ValueError, match="gemv"):
             dispatch.grouped_mm(x, *args[:3], offs, *args[3:], act, "none", config=cfg, out=out)
+    # packed codes are read as 32-bit words, one row a tile: two-row tiles, and rows of 18
+    # bytes (K = 36 int4 codes, not a whole number of words) are refused
+    q4 = moe_ops.quantize_weight(w.half(), "int4_asym", "group", 32).op_args()
+    q36 = moe_ops.quantize_weight(w[:, :, :36].half(), "int4_asym", "channel", 0).op_args()
+    for xx, args in ((x, q4), (x[:, :36].contiguous(), q36)):
+        with pytest.raises(ValueError, match="gemv"):
+            dispatch.grouped_mm(xx, *args[:3], offs, *args[3:], "none", "none", out=out, config=GEMV if xx is x
+                                else KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True))
 
 
 def test_unserved_combination_falls_back_to_reference():
