@@ -75,10 +75,10 @@ def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
 PACKED_GEMV_MAX_ROWS_PER_EXPERT = 0.5
 
 
-def _packed_gemv_config(K: int, scale_k_unit: int, block_n: int = 32) -> KernelConfig:
-    """The packed-code CUDA-core decode tile: one row, 2 warps, the weight words prefetched two
-    K tiles ahead (num_stages 3), the K tile within a scale group."""
-    return KernelConfig(1, block_n, _block_k(K, scale_k_unit, 128), 2, 3, group_m=1, gemv=True)
+def _packed_gemv_config(K: int, scale_k_unit: int) -> KernelConfig:
+    """The packed-code CUDA-core decode tile: one row, 32 columns, 2 warps, the weight words
+    prefetched two K tiles ahead (num_stages 3), the K tile within a scale group."""
+    return KernelConfig(1, 32, _block_k(K, scale_k_unit, 128), 2, 3, group_m=1, gemv=True)
 
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
@@ -144,8 +144,8 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
     and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
-    tiles are at most 128 wide. ``packed_gemv``: both weights' packed codes can be read as
-    32-bit words (``dispatch.gemv_layout_ok``)."""
+    tiles are at most 128 wide. ``packed_gemv``: w1's packed codes can be read as 32-bit words
+    (``dispatch.gemv_layout_ok``; only the gate/up launch takes the packed-code gemv tile)."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
     # the 16-bit gemv tile is ruled out by k_contiguous=False (see GEMV_MAX_ROWS_PER_EXPERT);

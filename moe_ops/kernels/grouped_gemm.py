@@ -33,6 +33,8 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               scales apply to the ``[BLOCK_M, BLOCK_N]`` partial sums, once per K tile. No
               conversion of the weight tile to a tensor-core operand layout (a round trip
               through shared memory) and no padding of a few rows to the 16 an MMA needs.
+              Packed int4/int2 codes take :func:`_gemv_packed_acc` (32-bit words, one row a
+              tile, ``GEMV_PREFETCH`` the depth of its register prefetch).
 ``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
               weight as the MMA's left operand, which Hopper's wgmma takes from registers:
               :func:`_dequant_acc_w_lhs`.
@@ -689,13 +691,16 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores. Needs W's
-    stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS`` and the
-    scale constant over the K tile. Word w of a row holds codes ``CPW*w + i`` at bits
-    ``W_BITS*i`` (low bits first); ``0x4B000000 | q`` is the float ``2^23 + q``, so each code costs
-    a shift, a LOP3, the exact ``q - z`` (a FADD) and its FMA with x, which is read along K in
-    16-byte vectors and shared by the tile's rows. Per K tile and output element
-    ``acc += s * sum_k (q_k - z) x_k``: the same sums as the tensor-core decode tile, without
-    the MMA's 16-row padding and operand shuffles."""
+    stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS``, the
+    scale constant over the K tile and one row (``BLOCK_M == 1``). Word w of a row holds codes
+    ``CPW*w + i`` at bits ``W_BITS*i`` (low bits first). Each code stays in place
+    (:func:`_fields_in_place`): ``field | 0x4B000000`` is the float ``2^23 + f_i q`` (``f_i`` a
+    power of two, :func:`_field_scale`), so ``f_i (q - z)`` is one LOP3 and one exact FADD, and x
+    is multiplied by ``1 / f_i`` (exact) once per K tile for all rows of the tile. Per K tile and
+    output element ``acc += s * sum_k (q_k - z) x_k``, the K sum an FMA chain per word for int4
+    (:func:`_dot8`): the sums of the tensor-core decode tile, without the MMA's 16-row padding
+    and operand shuffles. ``PREFETCH``: the weight words are loaded ``PREFETCH - 1`` K tiles
+    ahead (1: not ahead)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     CPW: tl.constexpr = 32 // W_BITS  # codes per 32-bit word
