@@ -49,7 +49,7 @@ def constexprs(fmt: str, group: int, tile) -> dict:
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
              POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
-             GEMV=False, W_LHS=False, ONE_LOOP=False, GEMV_PREFETCH=2)
+             GEMV=False, W_LHS=False, ONE_LOOP=False, GEMV_PREFETCH=2, GEMV_KSPLIT=1)
     c.update(_UNIT)
     return c
 
@@ -125,17 +125,18 @@ def main():
     p.add_argument("--w-lhs", action="store_true", help="the dequantized weight as the MMA's left operand")
     p.add_argument("--one-loop", action="store_true", help="with --swiglu: gate and up rows in one K loop")
     p.add_argument("--gemv", action="store_true", help="the CUDA-core decode tile (KernelConfig.gemv)")
+    p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
-    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4])
+    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split)
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)
     rows = a.tile[1] * (2 if a.swiglu and a.one_loop else 1)  # weight rows of one K loop
-    per_thread = rows * a.tile[2] / (32 * a.tile[3])  # weight elements of a K tile per thread
+    per_thread = rows * a.tile[2] * a.k_split / (32 * a.tile[3])  # weight elements of a loop step per thread
     for n, ops in loops(sass):
         if n > 1:
             print(f"loop: {n} instructions per thread-iteration, {n / per_thread:.2f} per weight element")

@@ -69,9 +69,10 @@ GEMV_CASES = [(s, t, v) for s, ts, vs in (
 _BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
 
 # int4/int2 codes read as 32-bit words on the CUDA cores (grouped_gemm._gemv_packed_acc): one
-# row a tile; num_stages is the register prefetch depth of the weight words (1: none)
-PACKED_GEMV = [C(1, bn, bk, w, st, group_m=1, gemv=True)
-               for bn in (16, 32, 64) for w in (2, 4) for bk, st in ((128, 2), (128, 3), (64, 3))]
+# row a tile; num_stages is the register prefetch depth of the weight words (1: none); k_split
+# K tiles side by side a loop step, with 2 warps each
+PACKED_GEMV = [C(1, bn, 128, 2 * ks, st, group_m=1, gemv=True, k_split=ks)
+               for bn in (16, 32, 64) for ks in (1, 2, 4) for st in (2, 3)]
 PACKED_GEMV_CASES = [(s, t, "int4_asym_g128") for s, ts in (
     ("qwen3_gate_up", (1, 16)), ("qwen3_down", (1, 16)), ("dsv3_gate_up_e32", (1,)), ("mixtral_gate_up", (1,)))
     for t in ts]

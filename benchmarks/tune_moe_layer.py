@@ -55,9 +55,10 @@ ONE_LOOP_PREFILL_SPACE = [KernelConfig(bm, bn, bk, w, s, one_loop=True) for bm, 
 
 
 # packed int4/int2 codes on the CUDA cores (KernelConfig.gemv, one row a tile): gate/up with and
-# without one loop, and the down launch; num_stages is the weight words' prefetch depth
-GEMV_SPACE = [KernelConfig(1, bn, 128, w, st, group_m=1, gemv=True, one_loop=ol)
-              for bn, w, st, ol in itertools.product((16, 32, 64), (2, 4), (2, 3), (False, True))]
+# without one loop, and the down launch; num_stages is the weight words' prefetch depth, k_split
+# the K tiles a loop step (2 warps each)
+GEMV_SPACE = [KernelConfig(1, bn, 128, 2 * ks, st, group_m=1, gemv=True, one_loop=ol, k_split=ks)
+              for bn, ks, st, ol in itertools.product((16, 32), (1, 2, 4), (2, 3), (False, True))]
 
 
 def _weight_only(fname: str) -> bool:

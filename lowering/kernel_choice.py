@@ -26,6 +26,9 @@ class KernelConfig:
     # SwiGLU launches (fused expert MLP gate/up): gate and up rows in one K loop, one
     # [block_m, 2 * block_n] accumulator (x read once per K tile); else two K loops
     one_loop: bool = False
+    # packed-code gemv tiles: K tiles a loop step, side by side across warps (more warps a row
+    # block; the partial sums are added after the loop)
+    k_split: int = 1
 
     @property
     def decode(self) -> bool:

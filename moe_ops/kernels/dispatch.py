@@ -104,7 +104,8 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3))
+                ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3),
+                GEMV_KSPLIT=config.k_split)
 
 
 def gemv_layout_ok(w_strides, storage_offset: int, K: int, pack: int) -> bool:

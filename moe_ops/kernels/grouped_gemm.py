@@ -127,7 +127,7 @@ def grouped_gemm_kernel(
     GATHER: tl.constexpr = 0, SWIGLU: tl.constexpr = False, AMAX_OUT: tl.constexpr = False,
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
-    ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2,
+    ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
 ):
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
@@ -188,7 +188,7 @@ def grouped_gemm_kernel(
             out = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                                    stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                    W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, TILE_N, BLOCK_K,
-                                   GEMV_PREFETCH)
+                                   GEMV_PREFETCH, GEMV_KSPLIT)
         elif GEMV:
             out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -223,7 +223,7 @@ def grouped_gemm_kernel(
                 up = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                       stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                       W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                      GEMV_PREFETCH)
+                                      GEMV_PREFETCH, GEMV_KSPLIT)
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -646,7 +646,9 @@ def _field_scale(W_BITS: tl.constexpr):
 def _split8(t):
     """``[..., 8]`` (last axis in-thread) to its eight ``[...]`` slices, in index order."""
     shp: tl.constexpr = t.shape
-    if len(shp) == 3:
+    if len(shp) == 4:
+        v = tl.reshape(t, (shp[0], shp[1], shp[2], 2, 2, 2))
+    elif len(shp) == 3:
         v = tl.reshape(t, (shp[0], shp[1], 2, 2, 2))
     else:
         v = tl.reshape(t, (shp[0], 2, 2, 2))
@@ -662,25 +664,28 @@ def _split8(t):
 
 @triton.jit
 def _dot8(q, x, acc):
-    """``acc + sum_i q[:, :, i] * x[None, :, i]`` for ``q`` ``[R, W, 8]``, ``x`` ``[W, 8]``, as one
-    multiply-add chain (a tree reduction takes a multiply and an add for half the products)."""
+    """``acc + sum_i q[..., i] * x[..., i]`` (``x`` broadcast against ``q``, both ending in an
+    axis of 8) as one multiply-add chain: a tree reduction takes a multiply and an add for half
+    the products."""
     q0, q1, q2, q3, q4, q5, q6, q7 = _split8(q)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-    acc += q0 * x0[None, :]
-    acc += q1 * x1[None, :]
-    acc += q2 * x2[None, :]
-    acc += q3 * x3[None, :]
-    acc += q4 * x4[None, :]
-    acc += q5 * x5[None, :]
-    acc += q6 * x6[None, :]
-    acc += q7 * x7[None, :]
+    acc += q0 * x0
+    acc += q1 * x1
+    acc += q2 * x2
+    acc += q3 * x3
+    acc += q4 * x4
+    acc += q5 * x5
+    acc += q6 * x6
+    acc += q7 * x7
     return acc
 
 
 @triton.jit
 def _gemv_words(words, w_rows32, wn, n_mask, k_words):
-    """``[BLOCK_N, WORDS]`` 32-bit words of packed codes at word columns ``wn`` (zeros past the row)."""
-    return tl.load(words + w_rows32[:, None] + wn[None, :], mask=n_mask[:, None] & (wn < k_words)[None, :], other=0)
+    """``[KSPLIT, BLOCK_N, WORDS]`` 32-bit words of packed codes at word columns ``wn``
+    (``[KSPLIT, WORDS]``; zeros past the row)."""
+    return tl.load(words + w_rows32[None, :, None] + wn[:, None, :],
+                   mask=n_mask[None, :, None] & (wn < k_words)[:, None, :], other=0)
 
 
 @triton.jit
@@ -688,7 +693,8 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
                      stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                      W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
                      UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                     KSPLIT: tl.constexpr):
     """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores. Needs W's
     stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS``, the
@@ -705,51 +711,59 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     CPW: tl.constexpr = 32 // W_BITS  # codes per 32-bit word
     WORDS: tl.constexpr = BLOCK_K // CPW  # words of a row per K tile
+    STEP: tl.constexpr = KSPLIT * BLOCK_K  # K columns a loop iteration (KSPLIT tiles side by side)
     words = w_base.to(tl.pointer_type(tl.uint32))
     w_rows32 = w_rows // 4
+    rs = tl.arange(0, KSPLIT)
     rw = tl.arange(0, WORDS)
-    rk = tl.arange(0, BLOCK_K)
+    tile_words = rs[:, None] * WORDS + rw[None, :]  # [KSPLIT, WORDS] word columns of an iteration
+    tile_k = rs[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # [KSPLIT, BLOCK_K]
     k_words = K // CPW
     # field i is code i times f_i (a power of two): (2^23 + f_i q) - (2^23 + f_i z) = f_i (q - z)
     # exactly, and x is multiplied by 1 / f_i (exact) once per K tile for all rows
     f = _field_scale(W_BITS)
-    inv_f = (1.0 / f)[None, :]
+    inv_f = (1.0 / f)[None, None, :]
     if ZERO_MODE != 2:
-        zf_const = (8388608.0 + IMPLICIT_ZERO * f)[None, None, :]
+        zf_const = (8388608.0 + IMPLICIT_ZERO * f)[None, None, None, :]
     tl.static_assert(BLOCK_M == 1, "the packed gemv tile takes one row")
     # 0x4B000000 in a register (expert >> 31 is 0, which the compiler cannot fold): the field
     # masks are then the LOP3s' immediates, not registers rematerialized per mask and K tile
     magic = (expert.to(tl.uint32) >> 31) | 0x4B000000
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-    # the weight stream prefetched PREFETCH - 1 K tiles ahead in registers (Triton's pipeliner
-    # does not stage loads that feed no dot)
+    acc = tl.zeros((KSPLIT, BLOCK_N, WORDS), dtype=tl.float32)
+    # the weight stream prefetched PREFETCH - 1 iterations ahead in registers (Triton's
+    # pipeliner does not stage loads that feed no dot)
     if PREFETCH >= 2:
-        w_a = _gemv_words(words, w_rows32, rw, n_mask, k_words)
+        w_a = _gemv_words(words, w_rows32, tile_words, n_mask, k_words)
     if PREFETCH >= 3:
-        w_b = _gemv_words(words, w_rows32, WORDS + rw, n_mask, k_words)
-    for k0 in range(0, K, BLOCK_K):
+        w_b = _gemv_words(words, w_rows32, STEP // CPW + tile_words, n_mask, k_words)
+    for k0 in range(0, K, STEP):
         if PREFETCH >= 3:
             word = w_a
             w_a = w_b
-            w_b = _gemv_words(words, w_rows32, (k0 + 2 * BLOCK_K) // CPW + rw, n_mask, k_words)
+            w_b = _gemv_words(words, w_rows32, (k0 + 2 * STEP) // CPW + tile_words, n_mask, k_words)
         elif PREFETCH == 2:
             word = w_a
-            w_a = _gemv_words(words, w_rows32, (k0 + BLOCK_K) // CPW + rw, n_mask, k_words)
+            w_a = _gemv_words(words, w_rows32, (k0 + STEP) // CPW + tile_words, n_mask, k_words)
         else:
-            word = _gemv_words(words, w_rows32, k0 // CPW + rw, n_mask, k_words)
-        xa = tl.load(x_ptr + xrow[:, None] * stride_xm + (k0 + rk)[None, :].to(tl.int64) * stride_xk,
-                     mask=m_mask[:, None] & (k0 + rk < K)[None, :], other=0.0).to(tl.float32)
-        xa = tl.reshape(xa, (WORDS, CPW)) * inv_f
+            word = _gemv_words(words, w_rows32, k0 // CPW + tile_words, n_mask, k_words)
+        kk = k0 + tile_k
+        xa = tl.load(x_ptr + xrow[:, None] * stride_xm + kk.to(tl.int64) * stride_xk,
+                     mask=m_mask[:, None] & (kk < K), other=0.0).to(tl.float32)
+        xa = tl.reshape(xa, (KSPLIT, 1, WORDS, CPW)) * inv_f[None, :, :, :]
+        # each K tile's scale (and zero) per row; tiles past K read nothing (their x is 0)
+        g_off = ((k0 + rs * BLOCK_K) // UNIT_K) * stride_sk
+        g_ok = (k0 + rs * BLOCK_K < K)[:, None] & n_mask[None, :]
         if ZERO_MODE == 2:
-            z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0).to(tl.float32)
-            zf = 8388608.0 + z[:, None, None] * f[None, None, :]
+            z = tl.load(z_base + s_rows[None, :] + g_off[:, None], mask=g_ok, other=0).to(tl.float32)
+            zf = 8388608.0 + z[:, :, None, None] * f[None, None, None, :]
         else:
             zf = zf_const
-        s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)
-        q = (_fields_in_place(word, W_BITS) | magic).to(tl.float32, bitcast=True) - zf
+        sc = tl.load(s_base + s_rows[None, :] + g_off[:, None], mask=g_ok, other=0.0)
+        fields = _fields_in_place(tl.reshape(word, (KSPLIT * BLOCK_N, WORDS)), W_BITS)
+        q = tl.reshape(fields | magic, (KSPLIT, BLOCK_N, WORDS, CPW)).to(tl.float32, bitcast=True) - zf
         if CPW == 8:
-            part = _dot8(q, xa, tl.zeros((BLOCK_N, WORDS), dtype=tl.float32))
+            part = _dot8(q, xa, tl.zeros((KSPLIT, BLOCK_N, WORDS), dtype=tl.float32))
         else:
-            part = tl.sum(q * xa[None, :, :], 2)  # [BLOCK_N, WORDS]
-        acc += part * s[:, None]
-    return tl.sum(acc, 1)[None, :]
+            part = tl.sum(q * xa, 3)  # [KSPLIT, BLOCK_N, WORDS]
+        acc += part * sc[:, :, None]
+    return tl.sum(tl.sum(acc, 2), 0)[None, :]

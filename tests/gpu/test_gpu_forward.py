@@ -97,14 +97,16 @@ def test_forward_int4_decode_16bit_codes(fmt, dtype, config):
 
 
 @pytest.mark.parametrize("config", [KernelConfig(1, 32, 128, 4, 2, group_m=1, gemv=True),
-                                    KernelConfig(1, 64, 64, 2, 3, group_m=1, gemv=True)])
+                                    KernelConfig(1, 64, 64, 2, 3, group_m=1, gemv=True),
+                                    KernelConfig(1, 32, 128, 4, 3, group_m=1, gemv=True, k_split=2),
+                                    KernelConfig(1, 16, 128, 8, 2, group_m=1, gemv=True, k_split=4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt,gran", [("int4_asym", "group"), ("int4_sym", "group"), ("int4_asym", "channel"),
                                       ("int2_asym", "group"), ("int2_sym", "channel")])
 def test_forward_packed_gemv(fmt, gran, dtype, config):
     """int4/int2 codes read as 32-bit words on the CUDA cores (one row a tile, the weight words
-    prefetched 1-2 K tiles ahead), at the shape where gemv tiles are chosen: 7 rows over 64
-    experts, K = 512 (four 128-column groups)."""
+    prefetched 1-2 K tiles ahead, 1-4 K tiles a step), at the shape where gemv tiles are chosen:
+    7 rows over 64 experts, K = 512 (four 128-column groups)."""
     M, E, N, K = SHAPES["gemv"]
     x, w, offs = _case(hash((fmt, gran, str(dtype), config.block_n, "packed_gemv")) % 10000, M, E, N, K)
     _run_tile(x.to(dtype), moe_ops.quantize_weight(w.to(dtype), fmt, gran, 128 if gran == "group" else 0), offs,

@@ -17,7 +17,9 @@ CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32,
 # and two K tiles ahead (num_stages 2 and 3)
 GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
 GEMV_PACKED = {"gemv_packed": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True),
-               "gemv_packed_prefetch2": KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)}
+               "gemv_packed_prefetch2": KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True),
+               # two K tiles a step (K = 96: the last step half past K)
+               "gemv_packed_k_split": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, k_split=2)}
 # the dequantized weight as the MMA's left operand (weight-only formats), both tile shapes
 W_LHS = {"w_lhs_decode": KernelConfig(16, 16, 32, 4, 1, w_lhs=True),
          "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True)}
@@ -49,7 +51,8 @@ def test_forward_weight_only(fmt, gran, gs, dtype, cfg):
     _check_weight_only(fmt, gran, gs, dtype, GEMV if cfg == "gemv" else CONFIGS[cfg])
 
 
-@pytest.mark.parametrize("cfg,dtype", [("gemv_packed", torch.bfloat16), ("gemv_packed_prefetch2", torch.float16)])
+@pytest.mark.parametrize("cfg,dtype", [("gemv_packed", torch.bfloat16), ("gemv_packed_prefetch2", torch.float16),
+                                       ("gemv_packed_k_split", torch.float16)])
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f[:4] in ("int4", "int2")]))
 def test_forward_packed_gemv(fmt, gran, gs, dtype, cfg):
     """int4/int2 codes read as 32-bit words, fields left in place (``_fields_in_place``), x
