@@ -79,9 +79,13 @@ PACKED_GEMV_MAX_ROWS_PER_EXPERT = 0.5
 
 
 def _packed_gemv_config(K: int, scale_k_unit: int) -> KernelConfig:
-    """The packed-code CUDA-core decode tile: one row, 32 columns, 2 warps, the weight words
-    prefetched two K tiles ahead (num_stages 3), the K tile within a scale group."""
-    return KernelConfig(1, 32, _block_k(K, scale_k_unit, 128), 2, 3, group_m=1, gemv=True)
+    """The packed-code CUDA-core decode tile: one row, 32 columns, two K tiles a loop step
+    (k_split, 2 warps each), the weight words prefetched two steps ahead where K >= 4096 (else
+    one), the K tile within a scale group. tune_forward.py --packed-gemv with k_split
+    (results/tune_packed_gemv_k_split_h100.*), T=1: Qwen3-30B-A3B gate_up 11.4 -> 11.1 us,
+    down 7.5 -> 7.2, DeepSeek-V3 E=32 75.2 -> 63.7, Mixtral 73.8 -> 64.7 against k_split 1."""
+    return KernelConfig(1, 32, _block_k(K, scale_k_unit, 128), 4, 3 if K >= 4096 else 2, group_m=1, gemv=True,
+                        k_split=2)
 
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
@@ -190,8 +194,12 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         # (tune_moe_layer.py --gemv, the fused MLP graph-timed with the table's down tile;
         # results/tune_moe_layer_gemv_h100.log): Qwen3-30B-A3B T=1 25.6 -> 23.3 us, T=8 95.9 ->
         # 90.4 us, DeepSeek-V3 E=32 T=1 132.6 -> 116.9 us. The down launch keeps its w_lhs tile:
-        # its gemv tile took 26.6 / 98.4 / 131.7 us there (the scatter epilogue, one row a tile)
-        gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2, 2, group_m=1, gemv=True, one_loop=True)
+        # its gemv tile took 26.6 / 98.4 / 131.7 us there (the scatter epilogue, one row a tile).
+        # Two K tiles a step (k_split) up to 1/4 row per expert (results/tune_moe_layer_gemv_k_split_
+        # h100.log): Qwen3 T=1 22.5 -> 21.6 us, DeepSeek-V3 T=1 114.8 -> 106.5; not at T=8
+        split = 2 if rows_per_expert_hint(M, E) <= 0.25 else 1
+        gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, 2, group_m=1, gemv=True,
+                               one_loop=True, k_split=split)
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)

@@ -22,7 +22,7 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            # gate and up rows interleaved in one K loop (the down launch is not a SwiGLU launch)
            "one_loop_decode": (KernelConfig(16, 16, 32, 4, 1, one_loop=True), KernelConfig(16, 32, 32, 4, 1)),
            "one_loop_prefill": (KernelConfig(32, 32, 32, 4, 1, one_loop=True), KernelConfig(32, 32, 32, 4, 1)),
-           "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True),
+           "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True, k_split=2),
                              KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
                               KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
