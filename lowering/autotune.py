@@ -20,6 +20,7 @@ function, and each launch writes every output element, so timing runs need no re
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -37,14 +38,22 @@ def enabled() -> bool:
     return bool(inductor_config.max_autotune)
 
 
-def forward_candidates(default: KernelConfig, K: int, scale_k_unit: int, max_block_n: int = 256) -> list:
+def forward_candidates(default: KernelConfig, K: int, scale_k_unit: int, max_block_n: int = 256,
+                       packed: bool = False) -> list:
     """Tile configs to time against ``default`` (first in the list) for a reduction of ``K``
     with scales constant over ``scale_k_unit`` columns; tiles at most ``max_block_n`` wide (the
     SwiGLU launch keeps two accumulators). The CUDA-core (gemv) tile is offered only where
     the static choice made it (weight-only, K-contiguous weights); the operand arrangement
-    (``w_lhs``) and the SwiGLU loop structure (``one_loop``) are the static choice's."""
+    (``w_lhs``) and the SwiGLU loop structure (``one_loop``) are the static choice's, except
+    that a packed-code (``packed``: int4/int2) gemv default is timed against its own K-split and
+    prefetch variants and the tensor-core decode tiles with the weight as the register operand."""
     C = functools.partial(KernelConfig, w_lhs=default.w_lhs, one_loop=default.one_loop)
-    if default.decode:
+    if default.gemv and packed:
+        out = [dataclasses.replace(default, num_warps=2 * ks, num_stages=st, k_split=ks)
+               for ks in (1, 2) for st in (2, 3)]
+        out += [KernelConfig(16, bn, _block_k(K, scale_k_unit, 128), 4, s, group_m=1, w_lhs=True,
+                             one_loop=default.one_loop) for bn, s in ((32, 3), (64, 4))]
+    elif default.decode:
         out = [C(16, bn, _block_k(K, scale_k_unit, bk), w, s, group_m=1)
                for bn in (32, 64, 128) for bk in (128, 256) for w, s in ((4, 3), (2, 4))]
     else:

@@ -243,8 +243,8 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
                                        k_contiguous=w.stride(2) == 1,
                                        packed_gemv=gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
         if autotune.enabled():
-            candidates = _feasible(autotune.forward_candidates(config, K, tile_unit), act, pack, unit_k,
-                                   gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
+            candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
+                                   unit_k, gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
     bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile
@@ -337,8 +337,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
             for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
                 unit = min(units[i][1], act_unit_k, max(red, 1))
-                tuned[i] = _feasible(autotune.forward_candidates(configs[i], red, unit, cap), act, pack,
-                                     units[i][1], gemv_layout_ok(w.stride(), w.storage_offset(), red, pack))
+                tuned[i] = _feasible(autotune.forward_candidates(configs[i], red, unit, cap, packed=pack > 1), act,
+                                     pack, units[i][1], gemv_layout_ok(w.stride(), w.storage_offset(), red, pack))
     cfgs = []
     for i, cfg in enumerate(configs):
         bk = _tile_k(cfg, act, pack)

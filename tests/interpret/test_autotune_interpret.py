@@ -34,6 +34,27 @@ def test_candidates_stay_in_the_bucket(M, unit, cap):
     assert all(unit % c.block_k == 0 or c.block_k == 16 for c in cands)  # a K tile never straddles scales
 
 
+def test_packed_gemv_candidates():
+    """A packed-code CUDA-core default (1 row over 4 experts) is timed against its K-split and
+    prefetch variants and the tensor-core decode tiles with the weight as the register operand."""
+    default = choose_forward_config(1, N, K, E, 4, 128)
+    assert default.gemv and default.block_m == 1
+    cands = autotune.forward_candidates(default, K, 128, packed=True)
+    assert cands[0] == default and len(set(cands)) == len(cands) > 1
+    assert {c.k_split for c in cands if c.gemv} == {1, 2} and any(c.w_lhs and not c.gemv for c in cands)
+    assert all(c.decode and 128 % c.block_k == 0 for c in cands)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(E, N, K, generator=g).half()
+    x = torch.randn(1, K, generator=g).half()
+    args = moe_ops.quantize_weight(w, "int4_asym", "group", 128).op_args()
+    offs = torch.tensor([0, 0, 1, 1], dtype=torch.int32)
+    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+    for cfg, bk in dispatch._feasible(cands, 0, 2, 128, True):
+        out = torch.full((1, N), float("nan"), dtype=torch.float16)
+        y = dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none", config=cfg, out=out)
+        assert rel_err(y, ref) < 1e-3, cfg
+
+
 def test_off_by_default_no_tuner(monkeypatch):
     monkeypatch.delenv("MOE_OPS_AUTOTUNE", raising=False)
     g = torch.Generator().manual_seed(1)
