@@ -239,12 +239,12 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     candidates = None
     if config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
+        words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
-                                       k_contiguous=w.stride(2) == 1,
-                                       packed_gemv=gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
+                                       k_contiguous=w.stride(2) == 1, packed_gemv=words_ok)
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
-                                   unit_k, gemv_layout_ok(w.stride(), w.storage_offset(), K, pack))
+                                   unit_k, words_ok)
     bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile

@@ -644,14 +644,9 @@ def _field_scale(W_BITS: tl.constexpr):
 
 @triton.jit
 def _split8(t):
-    """``[..., 8]`` (last axis in-thread) to its eight ``[...]`` slices, in index order."""
+    """``[A, B, C, 8]`` (last axis in-thread) to its eight ``[A, B, C]`` slices, in index order."""
     shp: tl.constexpr = t.shape
-    if len(shp) == 4:
-        v = tl.reshape(t, (shp[0], shp[1], shp[2], 2, 2, 2))
-    elif len(shp) == 3:
-        v = tl.reshape(t, (shp[0], shp[1], 2, 2, 2))
-    else:
-        v = tl.reshape(t, (shp[0], 2, 2, 2))
+    v = tl.reshape(t, (shp[0], shp[1], shp[2], 2, 2, 2))
     c0, c1 = tl.split(v)  # last axis: index bit 0
     c00, c01 = tl.split(c0)  # bit 1
     c10, c11 = tl.split(c1)
@@ -664,8 +659,8 @@ def _split8(t):
 
 @triton.jit
 def _dot8(q, x, acc):
-    """``acc + sum_i q[..., i] * x[..., i]`` (``x`` broadcast against ``q``, both ending in an
-    axis of 8) as one multiply-add chain: a tree reduction takes a multiply and an add for half
+    """``acc + sum_i q[..., i] * x[..., i]`` (``x`` broadcast against ``q``, both 4-D ending in
+    an axis of 8) as one multiply-add chain: a tree reduction takes a multiply and an add for half
     the products."""
     q0, q1, q2, q3, q4, q5, q6, q7 = _split8(q)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
