@@ -3,12 +3,13 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv]`` (default: Qwen3-30B-A3B's
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine]`` (default: Qwen3-30B-A3B's
 layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
 whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
 the gate/up launch, over tiles that read x once for the gate and up rows; ``--pipeline``: both
 launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/int2 decode on the
-CUDA cores, codes read as 32-bit words). Prints the fastest configs per
+CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
+combine, against the row-tile w_lhs down tile and its separate sum). Prints the fastest configs per
 (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -61,6 +62,15 @@ GEMV_SPACE = [KernelConfig(1, bn, 128, 2 * ks, st, group_m=1, gemv=True, one_loo
               for bn, ks, st, ol in itertools.product((16, 32), (1, 2, 4), (2, 3), (False, True))]
 
 
+# the down launch token-major with the combine (KernelConfig.combine: the token's slots side by
+# side, one K tile a step, num_stages the prefetch depth), and the table's row-tile w_lhs down
+# tile with the separate sum as the reference row
+COMBINE_SPACE = [KernelConfig(1, bn, bk, w, st, group_m=1, gemv=True, combine=True)
+                 for bn, w, st in itertools.product((4, 8, 16, 32), (2, 4, 8), (2, 3)) for bk in (128,)] + [
+    KernelConfig(1, bn, 64, 4, 3, group_m=1, gemv=True, combine=True) for bn in (8, 16)] + [
+    KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True)]
+
+
 def _weight_only(fname: str) -> bool:
     return FORMATS[fname] is not None and FORMATS[fname][3] in (None, "none")
 
@@ -85,7 +95,8 @@ def main(args):
             default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act)
             base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
-            for which in ((0,) if args.one_loop and not args.pipeline else (0, 1)):
+            launches = (0,) if args.one_loop and not args.pipeline else ((1,) if args.combine else (0, 1))
+            for which in launches:
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
                     fn = lambda: dispatch.expert_mlp(*args_, configs=cfgs)  # noqa: E731
@@ -96,6 +107,8 @@ def main(args):
                     # the table's tile with other K tiles and pipeline depths (bytes in flight)
                     space = [dataclasses.replace(default[which], block_k=bk, num_stages=st)
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
+                elif args.combine:
+                    space = COMBINE_SPACE
                 elif args.gemv:
                     space = [c for c in GEMV_SPACE if which == 0 or not c.one_loop]
                 elif args.one_loop:
@@ -118,6 +131,8 @@ if __name__ == "__main__":
     p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
     p.add_argument("--one-loop", action="store_true", help="only the gate/up launch, its one-loop tiles")
     p.add_argument("--gemv", action="store_true", help="decode, packed int4/int2: the CUDA-core tiles")
+    p.add_argument("--combine", action="store_true",
+                   help="decode, packed int4/int2: only the down launch, token-major with the combine")
     p.add_argument("--pipeline", action="store_true",
                    help="both launches: the table's tile over K tiles 64-256 and 2-8 pipeline stages")
     main(p.parse_args())

@@ -29,6 +29,10 @@ class KernelConfig:
     # packed-code gemv tiles: K tiles a loop step, side by side across warps (more warps a row
     # block; the partial sums are added after the loop)
     k_split: int = 1
+    # the fused expert MLP's down launch token-major (packed-code gemv tiles): one program per
+    # token and column block sums the token's top_k slots side by side, so the [T * top_k, H]
+    # rows and the combine's separate reduction are gone (grouped_gemm COMBINE)
+    combine: bool = False
 
     @property
     def decode(self) -> bool:
@@ -146,13 +150,26 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3)
 
 
+# the fused expert MLP's down launch token-major with the combine (KernelConfig.combine) up to
+# this many rows per expert: each slot reads its expert's weights (as the gemv tiles do), which
+# costs nothing extra while nearly every expert has at most one row
+COMBINE_MAX_ROWS_PER_EXPERT = 0.25
+
+
+def _combine_config(K: int, scale_k_unit: int) -> KernelConfig:
+    """The token-major down tile: the token's slots side by side over 8 output columns, one
+    K tile (within a scale group) a step, prefetched one step ahead."""
+    return KernelConfig(1, 8, _block_k(K, scale_k_unit, 128), 4, 2, group_m=1, gemv=True, combine=True)
+
+
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
-                              act_bits: int = 16, packed_gemv: bool = True):
+                              act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
     and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
-    tiles are at most 128 wide. ``packed_gemv``: w1's packed codes can be read as 32-bit words
-    (``dispatch.gemv_layout_ok``; only the gate/up launch takes the packed-code gemv tile)."""
+    tiles are at most 128 wide. ``packed_gemv`` / ``packed_gemv_down``: w1's / w2's packed codes
+    can be read as 32-bit words (``dispatch.gemv_layout_ok``): the gate/up launch may take the
+    packed-code gemv tile, the down launch its token-major ``combine`` form."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
     # the 16-bit gemv tile is ruled out by k_contiguous=False (see GEMV_MAX_ROWS_PER_EXPERT);
@@ -200,6 +217,9 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         split = 2 if rows_per_expert_hint(M, E) <= 0.25 else 1
         gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, 2, group_m=1, gemv=True,
                                one_loop=True, k_split=split)
+    if (w_bits < 8 and act_bits == 16 and packed_gemv_down
+            and rows_per_expert_hint(M, E) <= COMBINE_MAX_ROWS_PER_EXPERT):
+        return gate_up, _combine_config(I, min(unit2, I))
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)

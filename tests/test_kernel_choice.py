@@ -55,7 +55,13 @@ def test_packed_gemv_tiles_only_where_the_word_reader_serves():
                 assert bits < 8 and act == 16 and contiguous and words, cfg
                 assert cfg.block_m == 1 and unit % cfg.block_k == 0 and cfg.block_k % (32 // bits) == 0, cfg
                 assert T * k <= 0.5 * E, (T, cfg)
-        gate_up, down = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act_bits=act, packed_gemv=words)
-        if gate_up.gemv:
-            assert bits < 8 and act == 16 and words and gate_up.block_m == 1, gate_up
-        assert not (down.gemv and bits < 16), down  # measured slower than the w_lhs down tile
+        for words_down in (True, False):
+            gate_up, down = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act_bits=act, packed_gemv=words,
+                                                      packed_gemv_down=words_down)
+            if gate_up.gemv:
+                assert bits < 8 and act == 16 and words and gate_up.block_m == 1, gate_up
+            # on the CUDA cores the down launch is only the token-major one with the combine
+            assert down.combine == (down.gemv and bits < 16), down
+            if down.combine:
+                assert bits < 8 and act == 16 and words_down and down.block_m == 1 and down.k_split == 1, down
+                assert T * k <= 0.25 * E and 128 % down.block_k == 0, (T, down)

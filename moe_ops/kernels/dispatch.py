@@ -132,6 +132,8 @@ def _feasible(configs, act: int, pack: int, unit_k: int, gemv_layout: bool) -> l
             continue
         if cfg.gemv and not (act == 0 and gemv_layout and scale_tile and (pack == 1 or cfg.block_m == 1)):
             continue
+        if cfg.combine and not (cfg.gemv and pack > 1 and cfg.k_split == 1):
+            continue
         out.append((cfg, bk))
     return out
 
@@ -185,11 +187,15 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
                          f"contiguous along K (packed codes: 4-byte aligned rows, K a multiple of {4 * pack}, "
                          f"one row a tile) and scales constant over a {bk}-column K tile")
     f = fused or {}
-    xrow, dst, rw, amax = (f.get(k) for k in ("xrow", "dst", "rw", "amax"))
+    xrow, dst, rw, amax, slot = (f.get(k) for k in ("xrow", "dst", "rw", "amax", "slot"))
     amax_cols = f.get("amax_cols", 1)
+    top_k = f.get("combine", 0)
+    if config.combine != bool(top_k) or (top_k and not _feasible([config], act, pack, unit_k, True)):
+        raise ValueError(f"config {config}: combine=True is the fused expert MLP's token-major down launch, "
+                         "packed int4/int2 weight-only codes on the gemv tile with k_split 1, and only that launch")
     args = (xq, xs, w, ws, wz, y, offs,
             offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
-            xs if amax is None else amax,
+            xs if amax is None else amax, offs if slot is None else slot,
             M, N, K,
             xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
             w_strides[0], w_strides[1], w_strides[2],
@@ -203,7 +209,8 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         UPCAST_DOT=_INTERPRET or xq.dtype == torch.float32, POST_SCALE=post_scale, PACK=pack,
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
-        AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols))
+        AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols), SLOT_OUT=bool(f.get("slot_out")),
+        COMBINE=top_k, COMBINE_POW2=next_power_of_2(max(top_k, 1)))
     weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
     if candidates is not None and len(candidates) > 1:
         tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only).items()), c.num_warps, c.num_stages)
@@ -213,7 +220,10 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
             return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
         return y
-    grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
+    if top_k:  # token-major: one program per token and column block
+        grid = (M // top_k * cdiv(N, config.block_n),)
+    else:
+        grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
     wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
                                            num_warps=config.num_warps, num_stages=config.num_stages)
     return y
@@ -304,15 +314,16 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
 
 
 def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
-                       packed_gemv: bool = True):
+                       packed_gemv: bool = True, packed_gemv_down: bool = True):
     """The (gate/up, down) tile configs the fused expert MLP picks from static shapes;
-    ``packed_gemv``: w1's packed codes can be read as 32-bit words (:func:`gemv_layout_ok`)."""
+    ``packed_gemv`` / ``packed_gemv_down``: w1's / w2's packed codes can be read as 32-bit words
+    (:func:`gemv_layout_ok`)."""
     spec = None if w_format == "none" else formats.get_format(w_format)
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
     return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
                                      *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16,
-                                     packed_gemv=packed_gemv)
+                                     packed_gemv=packed_gemv, packed_gemv_down=packed_gemv_down)
 
 
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -333,7 +344,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     tuned = [None, None]  # feasible candidates per launch for the opt-in tuner
     if configs is None:
         configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
-                                     gemv_layout_ok(w1.stride(), w1.storage_offset(), H, pack))
+                                     gemv_layout_ok(w1.stride(), w1.storage_offset(), H, pack),
+                                     gemv_layout_ok(w2.stride(), w2.storage_offset(), I, pack))
         if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
             for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
                 unit = min(units[i][1], act_unit_k, max(red, 1))
@@ -345,7 +357,10 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         if act and not (units[i][1] >= _HUGE or units[i][1] % bk == 0):
             return None
         cfgs.append((cfg, bk))
-    out_rows = torch.empty(M, H, dtype=x.dtype, device=x.device)
+    combine = cfgs[1][0].combine  # token-major down launch: no [M, H] rows, no separate sum
+    if combine:
+        tuned[1] = None  # the tuner's down candidates are row-tile launches
+    out_rows = torch.empty(T if combine else M, H, dtype=x.dtype, device=x.device)
     if M and H and I:
         rows = sorted_rows.contiguous()
         # gate/up: gathered token rows (quantized once per token), SwiGLU epilogue -> h [M, I]
@@ -356,12 +371,14 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         int8 = act_quant == "int8_token" and cfgs[1][0].decode
         amax_cols = cdiv(I, cfgs[0][0].block_n)
         amax = torch.empty(M, amax_cols, dtype=torch.float32, device=x.device) if int8 else None
+        slot = torch.empty(M, dtype=torch.int32, device=x.device) if combine else None  # slot -> row of h
         ws, wz, st = _scale_operands(w1, w1_scale, w1_zero, granularity, transposed=False)
         _launch(xq, xs, w1, (w1.stride(0), w1.stride(1), w1.stride(2)), ws, wz, st, h, offs, M, I, H, E, spec,
                 *units[0], act, act_unit_k, act == 1 and w_format == "int8_asym",
                 act == 0 and w1_scale is not None and units[0][1] >= _HUGE, cfgs[0][0], cfgs[0][1],
                 fused=dict(xrow=rows, swiglu=True, amax_out=int8, amax=amax, amax_cols=amax_cols,
-                           gather=top_k), candidates=None if int8 else tuned[0])  # amax_cols: fixed tile
+                           gather=top_k, slot=slot, slot_out=combine),
+                candidates=None if int8 else tuned[0])  # amax_cols: fixed tile
         # down: h quantized in the loads (int8 at decode sizes) or by the act-quant kernel (fp8;
         # int8 at prefill sizes); routing weight and the token-major store in the epilogue
         if int8:
@@ -372,13 +389,15 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
             hq, hs, act2 = h, h, 0
         ws, wz, st = _scale_operands(w2, w2_scale, w2_zero, granularity, transposed=False)
         rw = topk_weights.to(torch.float32).contiguous().reshape(-1)
+        fused = dict(slot=slot, rw=rw, combine=top_k) if combine else dict(dst=rows, rw=rw, amax=amax,
+                                                                               amax_cols=amax_cols)
         _launch(hq, hs, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), ws, wz, st, out_rows, offs, M, H, I, E,
                 spec, *units[1], act2, act_unit_k, act2 in (1, 3) and w_format == "int8_asym",
                 act2 == 0 and w2_scale is not None and units[1][1] >= _HUGE, cfgs[1][0], cfgs[1][1],
-                fused=dict(dst=rows, rw=rw, amax=amax, amax_cols=amax_cols), candidates=tuned[1])
+                fused=fused, candidates=tuned[1])
     elif M:
         out_rows.zero_()
-    return out_rows.view(T, top_k, H).sum(dim=1)
+    return out_rows if combine else out_rows.view(T, top_k, H).sum(dim=1)
 
 
 def _topk_warps(block_t: int) -> int:

@@ -53,6 +53,13 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
               two), for ACT 3 downstream.
 ``SCATTER``   row r is stored at output row ``dst[r]`` (token-major ``t * top_k + j``), and
               with ``ROW_WEIGHT`` multiplied first by ``rw[dst[r]]`` (the routing weight).
+``SLOT_OUT``  (with ``GATHER``) also store the inverse of ``xrow``: ``slot[xrow[r]] = r`` (int32
+              ``[M]``), for a ``COMBINE`` launch downstream.
+``COMBINE``   (= top_k, > 0; packed int4/int2 weight-only on the gemv tile) the down launch
+              token-major, combine included: program ``(t, n block)`` sums ``rw[s] * x[slot[s]] @
+              W[e]^T`` over the token's top_k slots s (``COMBINE_POW2`` its next power of two),
+              side by side, and stores ``y[t]`` (``[M / top_k, N]``); grid ``T * cdiv(N,
+              BLOCK_N)``, not the row tiles below (:func:`_combine_program`).
 
 Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + min(E, M) + 1) * cdiv(N, BLOCK_N)``
 programs, a static upper bound (each expert with rows adds at most one part-filled tile, and
@@ -112,7 +119,7 @@ def _tiles_of_expert(offs_ptr, expert, E: tl.constexpr, E_POW2: tl.constexpr, BL
 
 @triton.jit
 def grouped_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr, slot_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_we, stride_wn, stride_wk,
@@ -128,7 +135,15 @@ def grouped_gemm_kernel(
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
+    SLOT_OUT: tl.constexpr = False, COMBINE: tl.constexpr = 0, COMBINE_POW2: tl.constexpr = 1,
 ):
+    if COMBINE:
+        _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
+                         stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                         stride_ym, stride_yn, E, E_POW2, W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
+                         PACK, GEMV, BLOCK_M, BLOCK_N, BLOCK_K, GEMV_PREFETCH, GEMV_KSPLIT, ACT, SWIGLU, COMBINE,
+                         COMBINE_POW2)
+        return
     # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
     # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
     pid = tl.program_id(0)
@@ -158,11 +173,18 @@ def grouped_gemm_kernel(
         if AMAX_OUT:
             tl.store(amax_ptr + zr.to(tl.int64) * AMAX_COLS + pid_n, tl.zeros((BLOCK_M,), dtype=tl.float32),
                      mask=z_ok)
+        if SLOT_OUT:
+            if pid_n == 0:
+                tl.store(slot_ptr + tl.load(xrow_ptr + zr, mask=z_ok, other=0), zr, mask=z_ok)
     else:
         rm = row0 + tl.arange(0, BLOCK_M)
         m_mask = rm < row_end
         if GATHER:
-            xrow = (tl.load(xrow_ptr + rm, mask=m_mask, other=0) // GATHER).to(tl.int64)
+            slot = tl.load(xrow_ptr + rm, mask=m_mask, other=0)
+            xrow = (slot // GATHER).to(tl.int64)
+            if SLOT_OUT:
+                if pid_n == 0:
+                    tl.store(slot_ptr + slot, rm, mask=m_mask)
         else:
             xrow = rm.to(tl.int64)
         if ACT == 3:
@@ -188,7 +210,8 @@ def grouped_gemm_kernel(
             out = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                                    stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                    W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, TILE_N, BLOCK_K,
-                                   GEMV_PREFETCH, GEMV_KSPLIT)
+                                   GEMV_PREFETCH, GEMV_KSPLIT, 0)
+            out = tl.sum(out, 0)[None, :]
         elif GEMV:
             out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -223,7 +246,8 @@ def grouped_gemm_kernel(
                 up = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                       stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                       W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                      GEMV_PREFETCH, GEMV_KSPLIT)
+                                      GEMV_PREFETCH, GEMV_KSPLIT, 0)
+                up = tl.sum(up, 0)[None, :]
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -676,11 +700,12 @@ def _dot8(q, x, acc):
 
 
 @triton.jit
-def _gemv_words(words, w_rows32, wn, n_mask, k_words):
-    """``[KSPLIT, BLOCK_N, WORDS]`` 32-bit words of packed codes at word columns ``wn``
-    (``[KSPLIT, WORDS]``; zeros past the row)."""
-    return tl.load(words + w_rows32[None, :, None] + wn[:, None, :],
-                   mask=n_mask[None, :, None] & (wn < k_words)[:, None, :], other=0)
+def _gemv_words(words, w_rows32, row_ok, wn, k_words):
+    """``[D0, BLOCK_N, WORDS]`` 32-bit words of packed codes: rows at word offsets ``w_rows32``
+    (``[D0 or 1, BLOCK_N]``, masked by ``row_ok``), word columns ``wn`` (``[D0 or 1, WORDS]``;
+    zeros past the row)."""
+    return tl.load(words + w_rows32[:, :, None] + wn[:, None, :],
+                   mask=row_ok[:, :, None] & (wn < k_words)[:, None, :], other=0)
 
 
 @triton.jit
@@ -689,30 +714,49 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
                      W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
                      UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                     KSPLIT: tl.constexpr):
-    """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words: the float32
-    ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores. Needs W's
-    stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS``, the
-    scale constant over the K tile and one row (``BLOCK_M == 1``). Word w of a row holds codes
-    ``CPW*w + i`` at bits ``W_BITS*i`` (low bits first). Each code stays in place
-    (:func:`_fields_in_place`): ``field | 0x4B000000`` is the float ``2^23 + f_i q`` (``f_i`` a
-    power of two, :func:`_field_scale`), so ``f_i (q - z)`` is one LOP3 and one exact FADD, and x
-    is multiplied by ``1 / f_i`` (exact) once per K tile for all rows of the tile. Per K tile and
+                     KSPLIT: tl.constexpr, SLOTS: tl.constexpr):
+    """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words, on the CUDA
+    cores: float32 ``[D0, BLOCK_N]`` partial sums of ``x[xrow] @ W[expert][rn]^T``, their sum
+    over the first axis the tile. ``SLOTS == 0``: one row (``xrow``, ``m_mask`` of shape
+    ``[1]``, ``expert`` a scalar) and ``D0 = KSPLIT`` K tiles side by side a loop step, each
+    entry of the first axis the sum over its K tiles. ``SLOTS > 0`` (``KSPLIT == 1``): ``D0 =
+    SLOTS`` rows of possibly different experts side by side (``expert``, ``xrow``, ``m_mask``
+    of shape ``[SLOTS]``; masked slots read nothing and give 0), entry s row s's products.
+    Needs W's stored rows and expert blocks 4-byte aligned, ``K`` a multiple of ``32 // W_BITS``
+    and the scale constant over the K tile. Word w of a row holds codes ``CPW*w + i`` at bits
+    ``W_BITS*i`` (low bits first). Each code stays in place (:func:`_fields_in_place`):
+    ``field | 0x4B000000`` is the float ``2^23 + f_i q`` (``f_i`` a power of two,
+    :func:`_field_scale`), so ``f_i (q - z)`` is one LOP3 and one exact FADD, and x is
+    multiplied by ``1 / f_i`` (exact) once per K tile for all rows of the tile. Per K tile and
     output element ``acc += s * sum_k (q_k - z) x_k``, the K sum an FMA chain per word for int4
     (:func:`_dot8`): the sums of the tensor-core decode tile, without the MMA's 16-row padding
     and operand shuffles. ``PREFETCH``: the weight words are loaded ``PREFETCH - 1`` K tiles
     ahead (1: not ahead)."""
-    w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
-                                                              stride_wn, stride_se, stride_sn, UNIT_N)
+    tl.static_assert((SLOTS == 0) | (KSPLIT == 1), "slots side by side take one K tile a step")
     CPW: tl.constexpr = 32 // W_BITS  # codes per 32-bit word
     WORDS: tl.constexpr = BLOCK_K // CPW  # words of a row per K tile
     STEP: tl.constexpr = KSPLIT * BLOCK_K  # K columns a loop iteration (KSPLIT tiles side by side)
-    words = w_base.to(tl.pointer_type(tl.uint32))
+    D0: tl.constexpr = SLOTS if SLOTS else KSPLIT
+    words = w_ptr.to(tl.pointer_type(tl.uint32))
+    rn64 = rn.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    if SLOTS:  # [SLOTS, BLOCK_N] rows of each slot's expert
+        w_rows = e64[:, None] * stride_we + rn64[None, :] * stride_wn
+        s_rows = e64[:, None] * stride_se + (rn64 // UNIT_N)[None, :] * stride_sn
+        row_ok = m_mask[:, None] & n_mask[None, :]
+        tile_words = tl.arange(0, WORDS)[None, :]  # [1, WORDS]: every slot at the same K
+        tile_k = tl.arange(0, BLOCK_K)[None, :]
+        k_first = tl.zeros((1,), dtype=tl.int32)  # [1]: the first K column of each entry, minus k0
+    else:  # [1, BLOCK_N] rows of the expert, [KSPLIT, WORDS] word columns
+        w_rows = e64 * stride_we + rn64[None, :] * stride_wn
+        s_rows = e64 * stride_se + (rn64 // UNIT_N)[None, :] * stride_sn
+        row_ok = n_mask[None, :]
+        rs = tl.arange(0, KSPLIT)
+        tile_words = rs[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+        tile_k = rs[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # [KSPLIT, BLOCK_K]
+        k_first = rs * BLOCK_K
+        tl.static_assert(BLOCK_M == 1, "the packed gemv tile takes one row")
     w_rows32 = w_rows // 4
-    rs = tl.arange(0, KSPLIT)
-    rw = tl.arange(0, WORDS)
-    tile_words = rs[:, None] * WORDS + rw[None, :]  # [KSPLIT, WORDS] word columns of an iteration
-    tile_k = rs[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # [KSPLIT, BLOCK_K]
     k_words = K // CPW
     # field i is code i times f_i (a power of two): (2^23 + f_i q) - (2^23 + f_i z) = f_i (q - z)
     # exactly, and x is multiplied by 1 / f_i (exact) once per K tile for all rows
@@ -720,45 +764,86 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
     inv_f = (1.0 / f)[None, None, :]
     if ZERO_MODE != 2:
         zf_const = (8388608.0 + IMPLICIT_ZERO * f)[None, None, None, :]
-    tl.static_assert(BLOCK_M == 1, "the packed gemv tile takes one row")
-    # 0x4B000000 in a register (expert >> 31 is 0, which the compiler cannot fold): the field
+    # 0x4B000000 in a register (pid >> 31 is 0, which the compiler cannot fold): the field
     # masks are then the LOP3s' immediates, not registers rematerialized per mask and K tile
-    magic = (expert.to(tl.uint32) >> 31) | 0x4B000000
-    acc = tl.zeros((KSPLIT, BLOCK_N, WORDS), dtype=tl.float32)
+    magic = (tl.program_id(0).to(tl.uint32) >> 31) | 0x4B000000
+    acc = tl.zeros((D0, BLOCK_N, WORDS), dtype=tl.float32)
     # the weight stream prefetched PREFETCH - 1 iterations ahead in registers (Triton's
     # pipeliner does not stage loads that feed no dot)
     if PREFETCH >= 2:
-        w_a = _gemv_words(words, w_rows32, tile_words, n_mask, k_words)
+        w_a = _gemv_words(words, w_rows32, row_ok, tile_words, k_words)
     if PREFETCH >= 3:
-        w_b = _gemv_words(words, w_rows32, STEP // CPW + tile_words, n_mask, k_words)
+        w_b = _gemv_words(words, w_rows32, row_ok, STEP // CPW + tile_words, k_words)
     for k0 in range(0, K, STEP):
         if PREFETCH >= 3:
             word = w_a
             w_a = w_b
-            w_b = _gemv_words(words, w_rows32, (k0 + 2 * STEP) // CPW + tile_words, n_mask, k_words)
+            w_b = _gemv_words(words, w_rows32, row_ok, (k0 + 2 * STEP) // CPW + tile_words, k_words)
         elif PREFETCH == 2:
             word = w_a
-            w_a = _gemv_words(words, w_rows32, (k0 + STEP) // CPW + tile_words, n_mask, k_words)
+            w_a = _gemv_words(words, w_rows32, row_ok, (k0 + STEP) // CPW + tile_words, k_words)
         else:
-            word = _gemv_words(words, w_rows32, k0 // CPW + tile_words, n_mask, k_words)
+            word = _gemv_words(words, w_rows32, row_ok, k0 // CPW + tile_words, k_words)
         kk = k0 + tile_k
         xa = tl.load(x_ptr + xrow[:, None] * stride_xm + kk.to(tl.int64) * stride_xk,
                      mask=m_mask[:, None] & (kk < K), other=0.0).to(tl.float32)
-        xa = tl.reshape(xa, (KSPLIT, 1, WORDS, CPW)) * inv_f[None, :, :, :]
+        xa = tl.reshape(xa, (D0, 1, WORDS, CPW)) * inv_f[None, :, :, :]
         # each K tile's scale (and zero) per row; tiles past K read nothing (their x is 0)
-        g_off = ((k0 + rs * BLOCK_K) // UNIT_K) * stride_sk
-        g_ok = (k0 + rs * BLOCK_K < K)[:, None] & n_mask[None, :]
+        g_off = ((k0 + k_first) // UNIT_K) * stride_sk
+        g_ok = (k0 + k_first < K)[:, None] & row_ok
         if ZERO_MODE == 2:
-            z = tl.load(z_base + s_rows[None, :] + g_off[:, None], mask=g_ok, other=0).to(tl.float32)
+            z = tl.load(wz_ptr + s_rows + g_off[:, None], mask=g_ok, other=0).to(tl.float32)
             zf = 8388608.0 + z[:, :, None, None] * f[None, None, None, :]
         else:
             zf = zf_const
-        sc = tl.load(s_base + s_rows[None, :] + g_off[:, None], mask=g_ok, other=0.0)
-        fields = _fields_in_place(tl.reshape(word, (KSPLIT * BLOCK_N, WORDS)), W_BITS)
-        q = tl.reshape(fields | magic, (KSPLIT, BLOCK_N, WORDS, CPW)).to(tl.float32, bitcast=True) - zf
+        sc = tl.load(ws_ptr + s_rows + g_off[:, None], mask=g_ok, other=0.0)
+        fields = _fields_in_place(tl.reshape(word, (D0 * BLOCK_N, WORDS)), W_BITS)
+        q = tl.reshape(fields | magic, (D0, BLOCK_N, WORDS, CPW)).to(tl.float32, bitcast=True) - zf
         if CPW == 8:
-            part = _dot8(q, xa, tl.zeros((KSPLIT, BLOCK_N, WORDS), dtype=tl.float32))
+            part = _dot8(q, xa, tl.zeros((D0, BLOCK_N, WORDS), dtype=tl.float32))
         else:
-            part = tl.sum(q * xa, 3)  # [KSPLIT, BLOCK_N, WORDS]
+            part = tl.sum(q * xa, 3)  # [D0, BLOCK_N, WORDS]
         acc += part * sc[:, :, None]
-    return tl.sum(tl.sum(acc, 2), 0)[None, :]
+    return tl.sum(acc, 2)
+
+
+@triton.jit
+def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
+                     stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                     stride_ym, stride_yn, E: tl.constexpr, E_POW2: tl.constexpr,
+                     W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr,
+                     IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, PACK: tl.constexpr,
+                     GEMV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PREFETCH: tl.constexpr, KSPLIT: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
+                     TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr):
+    """One program of the token-major down launch (``COMBINE``): output columns
+    ``pid % cdiv(N, BLOCK_N)`` of token ``t = pid // cdiv(N, BLOCK_N)``, ``y[t] = sum_j rw[s]
+    * x[p] @ W[e]^T`` over the token's slots ``s = t * TOP_K + j``, ``p = slot[s]`` the slot's
+    row of x (expert-sorted), ``e`` the expert holding row p (the number of ``offs`` entries
+    at or below p; rows at or past ``offs[-1]`` add nothing). The slots run side by side
+    (:func:`_gemv_packed_acc` with ``SLOTS``), summed in a fixed order: deterministic, and the
+    ``[T * top_k, N]`` rows never go to memory."""
+    tl.static_assert(GEMV and (W_KIND == 1) and (PACK > 1) and (ACT == 0) and (not SWIGLU) and (KSPLIT == 1),
+                     "COMBINE: packed int4/int2 weight-only codes on the gemv tile, one K tile a step")
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    t = pid // num_n
+    rn = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    j = tl.arange(0, TOP_K_POW2)
+    s = t * TOP_K + j
+    s_ok = j < TOP_K
+    p = tl.load(slot_ptr + s, mask=s_ok, other=0)
+    ex = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + ex, mask=ex < E, other=0x7FFFFFFF)
+    expert = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), 1)
+    s_ok = s_ok & (expert < E)
+    expert = tl.where(s_ok, expert, 0)
+    part = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K,
+                            stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                            W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                            PREFETCH, 1, TOP_K_POW2)
+    rw = tl.load(rw_ptr + s, mask=s_ok, other=0.0)
+    out = tl.sum(part * rw[:, None], 0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_ym + rn.to(tl.int64) * stride_yn, out.to(y_ptr.dtype.element_ty),
+             mask=n_mask)

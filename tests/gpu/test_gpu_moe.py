@@ -93,6 +93,21 @@ def test_fused_expert_mlp_one_loop(fmt, gran, gs, act, T, which):
     _check_fused(fmt, gran, gs, act, T, (ONE_LOOP[T][which], down))
 
 
+# the down launch token-major with the combine (packed codes; the table's choice at T=1 here):
+# more rows than the table gives it, and other tiles
+COMBINE = [KernelConfig(1, 8, 128, 4, 2, group_m=1, gemv=True, combine=True),
+           KernelConfig(1, 32, 64, 8, 3, group_m=1, gemv=True, combine=True),
+           KernelConfig(1, 4, 128, 2, 1, group_m=1, gemv=True, combine=True)]
+
+
+@pytest.mark.parametrize("cfg", range(len(COMBINE)))
+@pytest.mark.parametrize("T", [3, 1])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2, 6)])
+def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
+    gate_up = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[0]
+    _check_fused(fmt, gran, gs, act, T, (gate_up, COMBINE[cfg]))
+
+
 def test_expert_mlp_backward_matches_cpu():
     """bf16 on the GPU against float64 on the CPU: grads of x, routing weights, w1 and w2."""
     T = 256

@@ -1,6 +1,8 @@
 """The fused expert-MLP launches (gather + SwiGLU epilogue, fused int8 requantization, routing
 weight + token-major scatter) in Triton's interpreter against the unfused composition of the
 reference operators, on small ragged routing with an empty expert and dropped slots."""
+import itertools
+
 import pytest
 import torch
 
@@ -67,6 +69,56 @@ def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     # one rounding) differs from the composition's (rounded gate/up, then SwiGLU) by fp16
     # rounding, which can move an int8 code of h by one step: 1/127 of the row's range
     assert rel_err(out, ref) < (6e-3 if act == "int8_token" else 2e-3)  # measured 4.0e-3 / 8.5e-4
+
+
+# the token-major down launch with the combine (packed codes, gemv tile): after a gemv gate/up
+# launch and after a tensor-core one (both write the slot map), prefetch 2 / 3 / none
+COMBINE_CONFIGS = [
+    (KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, one_loop=True),
+     KernelConfig(1, 8, 32, 4, 2, group_m=1, gemv=True, combine=True)),
+    (KernelConfig(16, 16, 32, 4, 1, w_lhs=True, one_loop=True),
+     KernelConfig(1, 16, 32, 2, 3, group_m=1, gemv=True, combine=True)),
+    (KernelConfig(16, 32, 32, 4, 1), KernelConfig(1, 32, 32, 2, 1, group_m=1, gemv=True, combine=True))]
+
+
+@pytest.mark.parametrize("cfgs,fmt,gran,gs,top_k", [
+    (0, fmt, gran, gs, top_k) for (fmt, gran, gs), top_k in itertools.product(
+        (("int4_asym", "group", 32), ("int4_sym", "channel", 0), ("int2_asym", "group", 64)), (2, 3))] + [
+    (c, "int4_asym", "group", 32, 3) for c in range(1, len(COMBINE_CONFIGS))])
+def test_fused_expert_mlp_combine(fmt, gran, gs, top_k, cfgs):
+    """COMBINE: program (token, column block) sums the token's slots (top_k 3: a masked fourth
+    slot), a dropped slot adds nothing, an expert with no rows costs nothing."""
+    g = torch.Generator().manual_seed(hash((fmt, top_k, cfgs)) % 991)
+    logits = torch.randn(T, E, generator=g)
+    logits[:, 1] = -1e4
+    tw, ids = torch.ops.moe_ops.topk_route(logits, top_k, "softmax", True)
+    ids[3, 1] = E  # dropped
+    rows, offs = torch.ops.moe_ops.sort_rows(ids, E)
+    x = torch.randn(T, H, generator=g).half()
+    (w1, s1, z1), (w2, s2, z2) = _weights(g, fmt, gran, gs, torch.float16)
+    args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, fmt, gran, gs, gs, "none", "none")
+    out = dispatch.expert_mlp(*args, configs=COMBINE_CONFIGS[cfgs])
+    assert out is not None and out.shape == (T, H) and not torch.isnan(out).any()
+    # fp16 h; the slots summed in float32 and rounded once (the composition rounds each row)
+    assert rel_err(out, em.composed(*args)) < 2e-3
+
+
+def test_combine_is_refused_where_it_cannot_serve():
+    g, tw, rows, offs = _routing(7)
+    x = torch.randn(T, H, generator=g).half()
+    gate_up, down = COMBINE_CONFIGS[0]
+    for fmt, gran, gs in (("int8_sym", "channel", 0), ("none", "none", 0)):  # unpacked weights
+        (w1, s1, z1), (w2, s2, z2) = _weights(g, fmt, gran, gs, torch.float16)
+        args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, fmt, gran, gs, gs, "none", "none")
+        with pytest.raises(ValueError, match="combine"):
+            dispatch.expert_mlp(*args, configs=(gate_up, down))
+    (w1, s1, z1), (w2, s2, z2) = _weights(g, "int4_asym", "group", 32, torch.float16)
+    args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, "int4_asym", "group", 32, 32, "none", "none")
+    with pytest.raises(ValueError, match="combine"):  # only the down launch is token-major
+        dispatch.expert_mlp(*args, configs=(down, down))
+    with pytest.raises(ValueError, match="combine"):  # one K tile a step
+        dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(1, 8, 32, 4, 2, gemv=True, combine=True,
+                                                                  k_split=2)))
 
 
 def test_int8_requant_in_loads_is_exact_to_its_rule():
