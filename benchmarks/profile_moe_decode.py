@@ -37,6 +37,15 @@ def main(args):
                 torch.cuda.synchronize()
         print(f"== {args.layer} T={args.T} {fname}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        # the layer's kernels in launch order, each one's mean duration over the calls
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and e.name not in ("Memset (Device)", "Memcpy DtoD (Device -> Device)")]
+        per_call = len(kernels) // 20
+        for i in range(per_call):
+            us = sum(e.device_time_total for e in kernels[i::per_call]) / 20
+            print(f"  launch {i}: {us:7.2f} us  {kernels[i].name[:70]}")
+        us = sum(e.device_time_total for e in kernels) / 20
+        print(f"  all {per_call} launches: {us:.2f} us of kernel time a call")
 
 
 if __name__ == "__main__":

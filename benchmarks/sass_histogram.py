@@ -1,7 +1,7 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
-[--swiglu] [--w-lhs]``. Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with
+[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]]``. Compiles :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with
 Triton's bundled ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit
 strides as constants, 16-divisible pointers and row strides), and prints the registers and
 spills ``ptxas -v`` reports, then for each loop of the kernel its instruction count per thread
@@ -73,7 +73,10 @@ def ptxas_report(ptx: str, arch: int) -> str:
 
 
 def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
-    names = list(inspect.signature(grouped_gemm_kernel.fn).parameters)
+    params = inspect.signature(grouped_gemm_kernel.fn).parameters
+    names = list(params)
+    # constexprs the caller leaves out take their defaults (as a launch that does not pass them)
+    consts = {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}, **consts}
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:
@@ -126,17 +129,21 @@ def main():
     p.add_argument("--one-loop", action="store_true", help="with --swiglu: gate and up rows in one K loop")
     p.add_argument("--gemv", action="store_true", help="the CUDA-core decode tile (KernelConfig.gemv)")
     p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
+    p.add_argument("--combine", type=int, default=0, metavar="TOP_K",
+                   help="with --gemv on packed codes: the token-major down launch over TOP_K slots")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
-    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split)
+    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split,
+                  COMBINE=a.combine, COMBINE_POW2=triton.next_power_of_2(max(a.combine, 1)))
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch)
     print(regs)
     rows = a.tile[1] * (2 if a.swiglu and a.one_loop else 1)  # weight rows of one K loop
-    per_thread = rows * a.tile[2] * a.k_split / (32 * a.tile[3])  # weight elements of a loop step per thread
+    # weight elements of a loop step per thread (the combine launch: all slots a step)
+    per_thread = rows * a.tile[2] * a.k_split * max(consts["COMBINE_POW2"] if a.combine else 1, 1) / (32 * a.tile[3])
     for n, ops in loops(sass):
         if n > 1:
             print(f"loop: {n} instructions per thread-iteration, {n / per_thread:.2f} per weight element")

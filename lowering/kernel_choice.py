@@ -151,15 +151,22 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 
 
 # the fused expert MLP's down launch token-major with the combine (KernelConfig.combine) up to
-# this many rows per expert: each slot reads its expert's weights (as the gemv tiles do), which
-# costs nothing extra while nearly every expert has at most one row
-COMBINE_MAX_ROWS_PER_EXPERT = 0.25
+# this many rows per expert and this expert intermediate size (the down launch's K): each slot
+# reads its expert's weights (as the gemv tiles do), and a program runs top_k * K codes.
+# benchmarks/tune_moe_layer.py --combine, int4 g128, the fused MLP graph-timed on an H100
+# (results/tune_combine_h100.log): Qwen3-30B-A3B (I 768) T=1 20.8 us against more than 21.6
+# with the w_lhs row-tile down launch and its separate sum, T=2 33.7 against more than 34.3;
+# DeepSeek-V3 E=32 (I 2048) T=1 120.3 against 108.5 (the row tile wins there); at Qwen3 T=4
+# (1/4 row per expert) the two were even (61.1 / 60.2 us, before a register fix of this tile)
+COMBINE_MAX_ROWS_PER_EXPERT = 0.125
+COMBINE_MAX_K = 1024
 
 
 def _combine_config(K: int, scale_k_unit: int) -> KernelConfig:
-    """The token-major down tile: the token's slots side by side over 8 output columns, one
-    K tile (within a scale group) a step, prefetched one step ahead."""
-    return KernelConfig(1, 8, _block_k(K, scale_k_unit, 128), 4, 2, group_m=1, gemv=True, combine=True)
+    """The token-major down tile: the token's slots side by side over 16 output columns, one
+    K tile (within a scale group) a step, prefetched one step ahead, 8 warps (same sweep: Qwen3
+    T=1 20.8 us, the 8-column 4-warp tile 21.2)."""
+    return KernelConfig(1, 16, _block_k(K, scale_k_unit, 128), 8, 2, group_m=1, gemv=True, combine=True)
 
 
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
@@ -217,7 +224,7 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         split = 2 if rows_per_expert_hint(M, E) <= 0.25 else 1
         gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, 2, group_m=1, gemv=True,
                                one_loop=True, k_split=split)
-    if (w_bits < 8 and act_bits == 16 and packed_gemv_down
+    if (w_bits < 8 and act_bits == 16 and packed_gemv_down and I <= COMBINE_MAX_K
             and rows_per_expert_hint(M, E) <= COMBINE_MAX_ROWS_PER_EXPERT):
         return gate_up, _combine_config(I, min(unit2, I))
     if down.decode and down.w_lhs:

@@ -764,9 +764,10 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
     inv_f = (1.0 / f)[None, None, :]
     if ZERO_MODE != 2:
         zf_const = (8388608.0 + IMPLICIT_ZERO * f)[None, None, None, :]
-    # 0x4B000000 in a register (pid >> 31 is 0, which the compiler cannot fold): the field
-    # masks are then the LOP3s' immediates, not registers rematerialized per mask and K tile
-    magic = (tl.program_id(0).to(tl.uint32) >> 31) | 0x4B000000
+    # 0x4B000000 in a register (an expert id >> 31 is 0, which the compiler cannot fold: unlike
+    # the program id's, a loaded value's range is unknown to it): the field masks are then the
+    # LOP3s' immediates, not registers rematerialized per mask and K tile
+    magic = (tl.max(expert, 0) if SLOTS else expert).to(tl.uint32) >> 31 | 0x4B000000
     acc = tl.zeros((D0, BLOCK_N, WORDS), dtype=tl.float32)
     # the weight stream prefetched PREFETCH - 1 iterations ahead in registers (Triton's
     # pipeliner does not stage loads that feed no dot)
