@@ -96,6 +96,25 @@ def test_tuned_expert_mlp_matches_composition(monkeypatch):
     assert rel_err(out, em.composed(*args)) < 2e-3
 
 
+def test_tuned_expert_mlp_with_the_combine(monkeypatch):
+    """Packed int4 at 1/8 row per expert: the table's token-major down launch (not tuned: the
+    tuner's down candidates are row-tile launches) after a tuned gate/up launch that also
+    writes the slot map."""
+    from moe_ops import expert_mlp as em
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    g = torch.Generator().manual_seed(6)
+    T, H, I, E16, top_k = 1, 128, 64, 16, 2
+    tw, ids = torch.ops.moe_ops.topk_route(torch.randn(T, E16, generator=g), top_k, "softmax", True)
+    rows, offs = torch.ops.moe_ops.sort_rows(ids, E16)
+    x = torch.randn(T, H, generator=g).half()
+    q1 = moe_ops.quantize_weight(torch.randn(E16, 2 * I, H, generator=g).half() * H ** -0.5, "int4_asym", "group", 32)
+    q2 = moe_ops.quantize_weight(torch.randn(E16, H, I, generator=g).half() * I ** -0.5, "int4_asym", "group", 32)
+    assert dispatch.expert_mlp_configs(T * top_k, H, I, E16, "int4_asym", "group", 32, 32, "none")[1].combine
+    args = (x, tw, rows, offs, *q1.op_args()[:3], *q2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
+    out = dispatch.expert_mlp(*args)
+    assert rel_err(out, em.composed(*args)) < 2e-3
+
+
 def test_explicit_config_is_never_tuned(monkeypatch):
     monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
     g = torch.Generator().manual_seed(4)
