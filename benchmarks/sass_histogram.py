@@ -4,13 +4,15 @@ Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --ti
 [--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]]``. Compiles
 :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
 ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
-16-divisible pointers and row strides), and prints the registers and spills ``ptxas -v`` reports, then for each loop of the kernel its instruction count per thread
-and iteration and the most frequent opcodes. With the K tile's weight elements per thread,
-that gives instructions per weight element: the number that bounds a dequantizing tile that
-is not memory-bound (see benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up
-launch (two accumulators, gathered rows; with ``--one-loop`` one loop over the interleaved
-gate/up rows, ``KernelConfig.one_loop``); ``--w-lhs``: the weight-only kernel with the
-dequantized weight as the MMA's register operand (``KernelConfig.w_lhs``).
+16-divisible pointers and row strides), and prints the registers and spills ``ptxas -v`` reports,
+then for each loop of the kernel its instruction count per thread and iteration and the most
+frequent opcodes. With the K tile's weight elements per thread, that gives instructions per weight
+element: the number that bounds a dequantizing tile that is not memory-bound (see
+benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up launch (two accumulators,
+gathered rows; with ``--one-loop`` one loop over the interleaved gate/up rows,
+``KernelConfig.one_loop``); ``--w-lhs``: the weight-only kernel with the dequantized weight as the
+MMA's register operand (``KernelConfig.w_lhs``); ``--gemv --combine TOP_K``: the fused expert MLP's token-major down
+launch (``KernelConfig.combine``).
 """
 from __future__ import annotations
 
