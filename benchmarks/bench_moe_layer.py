@@ -20,7 +20,8 @@ the number of GPU kernels one call launches (torch.profiler). ``act_MB`` is the 
 bytes the expert path moves (reads + writes of x, its permuted copy, the gate/up output, h,
 the down output, and the combined output; weights excluded), computed from the shapes.
 
-Usage (GPU): ``python benchmarks/bench_moe_layer.py [--out DIR] [--layers qwen3,dsv3]``.
+Usage (GPU): ``python benchmarks/bench_moe_layer.py [--out DIR] [--layers qwen3,dsv3] [--tokens 4096,1,8,64]
+[--no-loop]``.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def run(args):
             m.load_state_dict(base.state_dict())
             fmt, gran, gs, act = spec
             quantized[fname] = moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
-        for T in TOKENS:
+        for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
             res = {}
             with torch.no_grad():
@@ -125,4 +126,5 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--layers", default="qwen3,dsv3")
     p.add_argument("--no-loop", action="store_true")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated T values")
     run(p.parse_args())

@@ -193,6 +193,15 @@ def check_act_quant(x: torch.Tensor, mode: str) -> None:
 SCORINGS = ("softmax", "sigmoid")  # router score functions of moe_ops::topk_route
 
 
+def _check_top_k_and_bias(top_k: int, E, bias: Optional[torch.Tensor], ref: torch.Tensor, ref_arg: str) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k: must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != E:
+            raise ValueError(f"bias: expected shape ({E},) (one per expert), got {tuple(bias.shape)}")
+        check_same_device(bias, ref, "bias", ref_arg)
+
+
 def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optional[torch.Tensor],
                      num_groups: int = 1, topk_groups: int = 1) -> None:
     check_2d(logits, "logits")
@@ -206,12 +215,31 @@ def check_topk_route(logits: torch.Tensor, top_k: int, scoring: str, bias: Optio
     if num_groups > 1 and top_k > topk_groups * (E // num_groups):
         raise ValueError(f"top_k: {top_k} exceeds the {topk_groups * (E // num_groups)} experts of the "
                          f"{topk_groups} kept groups")
-    if not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k: must be an int in [1, {E}] (the number of experts), got {top_k!r}")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != E:
-            raise ValueError(f"bias: expected shape ({E},) (one per expert), got {tuple(bias.shape)}")
-        check_same_device(bias, logits, "bias", "logits")
+    _check_top_k_and_bias(top_k, E, bias, logits, "logits")
+
+
+def check_router_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, scoring: str,
+                       bias: Optional[torch.Tensor], semaphore: Optional[torch.Tensor]) -> None:
+    """``x`` ``[T, H]``, ``router_weight`` ``[E, H]`` of ``x``'s dtype and device, the routing
+    arguments as :func:`check_topk_route` (no group-limited selection), ``semaphore`` int32
+    ``[1]`` on the same device."""
+    check_2d(x, "x")
+    check_float_input(x, "x")
+    check_2d(router_weight, "router_weight")
+    if router_weight.dtype != x.dtype:
+        raise ValueError(f"router_weight: expected x's dtype {x.dtype}, got {router_weight.dtype}")
+    if router_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"router_weight: expected [E, {x.shape[1]}] (x's hidden size), got "
+                         f"{tuple(router_weight.shape)}")
+    check_same_device(router_weight, x, "router_weight", "x")
+    E = router_weight.shape[0]
+    check_choice(scoring, SCORINGS, "scoring")
+    _check_top_k_and_bias(top_k, E, bias, x, "x")
+    if semaphore is not None:
+        if semaphore.dtype != torch.int32 or semaphore.numel() != 1:
+            raise ValueError(f"semaphore: expected one int32 element, got {semaphore.dtype} of shape "
+                             f"{tuple(semaphore.shape)}")
+        check_same_device(semaphore, x, "semaphore", "x")
 
 
 def check_row_index(t: torch.Tensor, arg: str, allowed=(torch.int32,)) -> None:

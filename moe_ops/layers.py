@@ -145,6 +145,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
         nn.init.normal_(self.router.weight, std=hidden ** -0.5, generator=g)
         self.register_buffer("e_score_bias", torch.zeros(num_experts, dtype=torch.float32) if router_bias else None)
+        # moe_ops::router_route's launch counter (always 0 between calls; not saved)
+        self.register_buffer("router_semaphore", torch.zeros(1, dtype=torch.int32), persistent=False)
         self.gate_up = ExpertWeights((torch.randn(num_experts, 2 * intermediate, hidden, generator=g)
                                       * hidden ** -0.5).to(dtype))
         self.down = ExpertWeights((torch.randn(num_experts, hidden, intermediate, generator=g)
@@ -158,8 +160,18 @@ class MoE(nn.Module):
         return cls(hidden, intermediate, num_experts, top_k, **{**MOE_STYLES[style], **kwargs})
 
     def route(self, x: torch.Tensor) -> Routing:
-        r = route(self.router(x), self.top_k, self.scoring, self.renormalize, self.e_score_bias, self.num_groups,
-                  self.topk_groups)
+        """Routing of tokens ``x`` ``[T, H]``. On GPUs, when no gradient is wanted (inference)
+        and the selection is not group-limited, the router GEMM and the routing run as the one
+        ``moe_ops::router_route`` operator (one launch at decode sizes); otherwise as
+        ``nn.Linear`` then :func:`route`."""
+        wr = self.router.weight
+        if (x.device.type in ("cuda", "xpu") and self.num_groups == 1 and self.router.bias is None
+                and not (torch.is_grad_enabled() and (x.requires_grad or wr.requires_grad))):
+            r = Routing(*torch.ops.moe_ops.router_route(x, wr, self.top_k, self.scoring, self.renormalize,
+                                                        self.e_score_bias, self.router_semaphore)[1:])
+        else:
+            r = route(self.router(x), self.top_k, self.scoring, self.renormalize, self.e_score_bias,
+                      self.num_groups, self.topk_groups)
         if self.scale_routing:  # a bool, so that dynamic=True does not trace a float comparison
             r = r._replace(weights=r.weights * self.routed_scaling)
         return r

@@ -144,6 +144,10 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormaliz
     ``dispatch.topk_sort_fits``; no group-limited selection) take one launch, the picks kept in
     registers between the two. Differentiable in ``logits`` through the weights."""
     checks.check_topk_route(logits, top_k, scoring, bias, num_groups, topk_groups)
+    return _route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
+
+
+def _route(logits, top_k, scoring, renormalize, bias, num_groups=1, topk_groups=1):
     T, E = logits.shape
     if logits.device.type in ("cuda", "xpu") and num_groups == 1:
         from .kernels import dispatch
@@ -151,6 +155,35 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormaliz
             return dispatch.topk_sort(logits, top_k, scoring, renormalize, bias)
     w, ids = _topk_route(logits, top_k, scoring, renormalize, bias, num_groups, topk_groups)
     return [w, ids] + _sort_rows(ids, E)
+
+
+# ----------------------------------------------------------------------------- router + route
+@triton_op("moe_ops::router_route", mutates_args=("semaphore",))
+def router_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, scoring: str = "softmax",
+                 renormalize: bool = True, bias: Optional[torch.Tensor] = None,
+                 semaphore: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """``[logits, weights, ids, sorted_rows, offs]``: the router GEMM ``logits = x @
+    router_weight.T`` (``x`` ``[T, H]``, ``router_weight`` ``[E, H]``, logits ``[T, E]`` in
+    ``x``'s dtype, float32 accumulation) then :func:`route` of those logits. Inference only (no
+    autograd: the semaphore makes the op mutable; training routes through ``nn.Linear`` and
+    :func:`route`).
+
+    On GPUs, decode-sized inputs (``dispatch.topk_sort_fits``) take one launch: the GEMM split
+    over about a hundred programs, the last of them (counted on ``semaphore``) summing the
+    partial logits in a fixed order and routing them. ``semaphore`` is an int32 ``[1]`` tensor
+    holding 0, which the launch leaves at 0 (``moe_ops.MoE`` keeps one as a buffer); None
+    allocates a zeroed one per call. Launches sharing a semaphore must not run concurrently
+    (on two streams). Elsewhere: ``F.linear`` then :func:`route`, the semaphore untouched."""
+    checks.check_router_route(x, router_weight, top_k, scoring, bias, semaphore)
+    T, E = x.shape[0], router_weight.shape[0]
+    if x.device.type in ("cuda", "xpu"):
+        from .kernels import dispatch
+        if dispatch.topk_sort_fits(T, E, top_k):
+            if semaphore is None:
+                semaphore = torch.zeros(1, dtype=torch.int32, device=x.device)
+            return dispatch.router_topk_sort(x, router_weight, top_k, scoring, renormalize, bias, semaphore)
+    logits = torch.nn.functional.linear(x, router_weight)
+    return [logits] + _route(logits, top_k, scoring, renormalize, bias)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -136,6 +136,31 @@ def test_route_is_topk_route_then_sort_rows(scoring, bias, groups):
     torch.autograd.gradcheck(lambda l: ops.route(l, 2, scoring, True, b, *groups)[0], (logits,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_route_is_linear_then_route(dtype):
+    """CPU: the router GEMM in x's dtype, then :func:`route` of those logits; the semaphore is
+    left alone (the one-launch GPU kernel runs in tests/interpret and tests/gpu)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 24, generator=g).to(dtype)
+    wr = torch.randn(10, 24, generator=g).to(dtype)
+    b = torch.randn(10, generator=g)
+    sem = torch.zeros(1, dtype=torch.int32)
+    logits, w, ids, rows, offs = ops.router_route(x, wr, 3, "sigmoid", True, b, sem)
+    assert logits.dtype == dtype and torch.equal(logits, torch.nn.functional.linear(x, wr))
+    for got, want in zip((w, ids, rows, offs), ops.route(logits, 3, "sigmoid", True, b)):
+        assert torch.equal(got, want)
+    assert sem.tolist() == [0]
+
+
+def test_moe_on_the_cpu_keeps_linear_then_route():
+    """``MoE.route`` takes ``router_route`` on GPUs only (tests/gpu checks that side): on the
+    CPU the traced graph keeps the router ``nn.Linear`` and ``route``."""
+    m = moe_ops.MoE(16, 8, 4, 2)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: m.route(x))(torch.randn(3, 16))
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "moe_ops.router_route.default" not in targets and "moe_ops.route.default" in targets
+
+
 def test_opcheck_routing_ops():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(11, 6, generator=g, requires_grad=True)
@@ -144,6 +169,9 @@ def test_opcheck_routing_ops():
     _check(ops.topk_route.default, (logits, 2, "sigmoid", True, torch.randn(6, generator=g), 3, 2))
     _check(ops.route.default, (logits, 2, "softmax", True, None))
     _check(ops.route.default, (logits, 2, "sigmoid", True, torch.randn(6, generator=g), 3, 2))
+    x, wr = torch.randn(11, 5, generator=g), torch.randn(6, 5, generator=g)
+    _check(ops.router_route.default, (x, wr, 2, "softmax", True, None, torch.zeros(1, dtype=torch.int32)))
+    _check(ops.router_route.default, (x, wr, 3, "sigmoid", False, torch.randn(6, generator=g), None))
     w, ids = ops.topk_route(logits.detach(), 2, "softmax", True)
     _check(ops.sort_rows.default, (ids, 6))
     rows, offs = ops.sort_rows(ids, 6)
@@ -162,6 +190,12 @@ def test_routing_errors_name_the_argument():
     _both(ops.topk_route, [logits, 2, "sigmoid", True, None, 2, 3], ValueError, r"^topk_groups: must be an int")
     _both(ops.topk_route, [logits, 3, "sigmoid", True, None, 2, 1], ValueError, r"^top_k: 3 exceeds the 2 experts")
     _both(ops.route, [logits, 5, "softmax", True, None], ValueError, r"^top_k: must be an int in \[1, 4\]")
+    x, wr, sem = torch.randn(5, 3), torch.randn(4, 3), torch.zeros(1, dtype=torch.int32)
+    _both(ops.router_route, [x, wr.double(), 2], ValueError, r"^router_weight: expected x's dtype")
+    _both(ops.router_route, [x, wr[:, :2], 2], ValueError, r"^router_weight: expected \[E, 3\]")
+    _both(ops.router_route, [x, wr, 5], ValueError, r"^top_k: must be an int in \[1, 4\]")
+    _both(ops.router_route, [x, wr, 2, "sigmoid", True, torch.zeros(3)], ValueError, r"^bias: expected shape")
+    _both(ops.router_route, [x, wr, 2, "softmax", True, None, sem.long()], ValueError, r"^semaphore: expected one")
     _both(ops.sort_rows, [ids.float(), 4], ValueError, r"^topk_ids: expected dtype")
     _both(ops.permute, [torch.randn(5, 3), rows[:9], 2], ValueError, r"^sorted_rows: expected shape")
     _both(ops.permute, [torch.randn(5, 3), rows.long(), 2], ValueError, r"^sorted_rows: expected dtype")

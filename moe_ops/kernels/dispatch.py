@@ -21,7 +21,7 @@ from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_confi
 from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
 from .host_math import cdiv, next_power_of_2
-from .routing_kernels import count_sort_kernel, topk_kernel, topk_sort_kernel
+from .routing_kernels import count_sort_kernel, router_topk_sort_kernel, topk_kernel, topk_sort_kernel
 
 _HUGE = 1 << 30
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -462,6 +462,48 @@ def topk_sort(logits, top_k, scoring, renormalize, bias):
         SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
         num_warps=_topk_warps(T))
     return [w, ids, rows, offs]
+
+
+ROUTER_PROGRAMS = 128  # router GEMM programs aimed at: about one a streaming multiprocessor
+ROUTER_MAX_SPLIT = 64  # hidden-dimension splits the last program sums (unrolled loads)
+
+
+def router_split(E: int, H: int):
+    """``(BLOCK_H, H_STEPS, SPLIT)`` of :func:`router_topk_sort`: 16 experts a program, the
+    hidden dimension in ``SPLIT`` ranges of ``H_STEPS`` tiles of ``BLOCK_H`` so that about
+    :data:`ROUTER_PROGRAMS` programs each read a few KB of the router weight."""
+    block_h = min(128, max(16, next_power_of_2(H)))
+    n_h = cdiv(H, block_h)
+    split = min(n_h, max(1, ROUTER_PROGRAMS // cdiv(E, 16)), ROUTER_MAX_SPLIT)
+    steps = cdiv(n_h, split)
+    return block_h, steps, cdiv(n_h, steps)
+
+
+def router_topk_sort(x, router_weight, top_k, scoring, renormalize, bias, semaphore):
+    """Triton :func:`moe_ops.routing.router_route` in one launch: ``[logits (x.dtype), weights
+    float32, ids int32, sorted_rows int32, offs int32]`` for inputs within
+    :func:`topk_sort_fits`. ``semaphore``: int32 ``[1]`` holding 0 (left holding 0)."""
+    T, H = x.shape
+    E = router_weight.shape[0]
+    dev = x.device
+    logits = torch.empty(T, E, dtype=x.dtype, device=dev)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
+    rows = torch.empty(T * top_k, dtype=torch.int32, device=dev)
+    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    if T == 0:
+        return [logits, w, ids, rows, offs.zero_()]
+    xc = x if x.stride(1) == 1 else x.contiguous()
+    wc = router_weight if router_weight.stride(1) == 1 else router_weight.contiguous()
+    block_h, steps, split = router_split(E, H)
+    part = torch.empty(split, T, E, dtype=torch.float32, device=dev)
+    wrap_triton(router_topk_sort_kernel)[(cdiv(E, 16), split)](
+        xc, wc, xc if bias is None else bias, part, semaphore, logits, w, ids, rows, offs, T, E, H, xc.stride(0),
+        wc.stride(0), TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=next_power_of_2(E),
+        T_POW2=next_power_of_2(T), BLOCK_T=max(16, next_power_of_2(T)), BLOCK_E=16, BLOCK_H=block_h, H_STEPS=steps, SPLIT=split,
+        SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
+        UPCAST_DOT=_INTERPRET or x.dtype == torch.float32, num_warps=_topk_warps(T))
+    return [logits, w, ids, rows, offs]
 
 
 def count_sort(topk_ids, num_experts):

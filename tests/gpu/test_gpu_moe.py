@@ -143,6 +143,77 @@ def test_routing_deterministic_and_sync_free(T):
     torch.testing.assert_close(a.weights.cpu(), ref.weights, rtol=1e-5, atol=1e-7)
 
 
+def _cuda_kernels(fn) -> list:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# Qwen3-30B-A3B's router (128 experts, H 2048) and DeepSeek-V3's hidden size over 32 experts
+@pytest.mark.parametrize("Er,Hr", [(128, 2048), (32, 7168)])
+@pytest.mark.parametrize("T", [1, 5, 16])
+@pytest.mark.parametrize("scoring,bias", [("softmax", False), ("sigmoid", True)])
+def test_router_route_one_launch(Er, Hr, T, scoring, bias):
+    """The router GEMM + top-k + sort in one launch: logits within one bf16 rounding of the
+    float64 product, the routing equal to the routing kernel's of those logits, two calls
+    bitwise equal with no host sync, the semaphore back at 0, freed blocks poisoned first."""
+    g = torch.Generator().manual_seed(Er * T + Hr)
+    x = torch.randn(T, Hr, generator=g).bfloat16().to(DEV)
+    wr = (torch.randn(Er, Hr, generator=g) * Hr ** -0.5 + 0.02 * torch.randn(Er, 1, generator=g)).bfloat16().to(DEV)
+    b = (torch.randn(Er, generator=g) * 0.1).to(DEV) if bias else None
+    sem = torch.zeros(1, dtype=torch.int32, device=DEV)
+    torch.full((1 << 20,), float("nan"), device=DEV)  # poison freed blocks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = ops.router_route(x, wr, K_TOP, scoring, True, b, sem)
+        c = ops.router_route(x, wr, K_TOP, scoring, True, b, sem)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sem.item() == 0
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)
+    ref = x.double() @ wr.double().t()
+    torch.testing.assert_close(a[0].double(), ref, rtol=2 ** -8, atol=1e-3)
+    for got, want in zip(a[1:], ops.route(a[0], K_TOP, scoring, True, b)):
+        assert torch.equal(got, want)
+    names = _cuda_kernels(lambda: ops.router_route(x, wr, K_TOP, scoring, True, b, sem))
+    assert len(names) == 1 and "router_topk_sort_kernel" in names[0], names
+
+
+def test_router_route_compiled_is_one_launch():
+    """Under torch.compile the generated code launches the one kernel itself, mutating the
+    semaphore in place (no copy of it)."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    x = torch.randn(1, H, device=DEV, dtype=torch.bfloat16)
+    wr = torch.randn(128, H, device=DEV, dtype=torch.bfloat16) * H ** -0.5
+    sem = torch.zeros(1, dtype=torch.int32, device=DEV)
+    f = torch.compile(lambda x, w, s: ops.router_route(x, w, K_TOP, "softmax", True, None, s), fullgraph=True)
+    out, codes = run_and_get_code(f, x, wr, sem)
+    launches = [ln.strip() for code in codes for ln in code.splitlines() if ".run(" in ln]
+    assert len(launches) == 1 and "router_topk_sort" in launches[0], launches
+    assert sem.item() == 0
+    for u, v in zip(out, ops.router_route(x, wr, K_TOP, "softmax", True, None, sem)):
+        assert torch.equal(u, v)
+
+
+def test_moe_decode_routes_in_one_launch():
+    """Without gradients, a GPU MoE layer's router GEMM and routing are the one launch: int4
+    decode T=1 is three kernels (router + routing, gate/up, down with the combine)."""
+    m = moe_ops.MoE.from_style("qwen3", H, I, 128, K_TOP, dtype=torch.bfloat16, seed=5).to(DEV)
+    moe_ops.quantize_experts(m, "int4_asym", "group", 128)
+    x = torch.randn(1, H, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        names = _cuda_kernels(lambda: m(x))
+    assert len(names) == 3 and "router_topk_sort_kernel" in names[0], names
+    names = _cuda_kernels(lambda: m(x))  # grad mode: nn.Linear, then the routing kernel
+    assert "router_topk_sort_kernel" not in " ".join(names) and "topk_sort_kernel" in " ".join(names), names
+
+
 @pytest.mark.parametrize("fmt", [None, "int4_asym", "int8_sym"])
 def test_decode_reduce_overhead_no_sync(fmt):
     """Decode steps T=1 of a Qwen3-style layer compiled with CUDA graphs; the replayed steps run
@@ -154,4 +225,7 @@ def test_decode_reduce_overhead_no_sync(fmt):
                                  act_quant="int8_token" if fmt == "int8_sym" else None)
     step = torch.compile(m, mode="reduce-overhead", fullgraph=True)
     xs = [torch.randn(1, H, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
+    from torch._dynamo.utils import counters
+    counters.clear()
     replays_without_sync(step, m, xs, 1e-2)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # CUDA graphs were used

@@ -72,3 +72,34 @@ def test_topk_sort_kernel(T, E, k, scoring, renorm, bias):
 def test_topk_sort_fits_decode_sizes_only():
     assert dispatch.topk_sort_fits(16, 128, 8) and not dispatch.topk_sort_fits(17, 128, 8)
     assert not dispatch.topk_sort_fits(64, 256, 8)
+
+
+@pytest.mark.parametrize("T,E,H,k,dtype,scoring,bias,programs", [
+    (1, 128, 512, 8, torch.bfloat16, "softmax", False, 128),
+    (5, 12, 40, 3, torch.float32, "softmax", False, 128),  # E, H off the tiles
+    (16, 32, 300, 4, torch.float16, "sigmoid", True, 128),
+    (3, 20, 700, 2, torch.bfloat16, "softmax", False, 4),  # several tiles a split
+])
+def test_router_topk_sort_kernel(T, E, H, k, dtype, scoring, bias, programs, monkeypatch):
+    """The one-launch router GEMM + top-k + sort: logits within the dtype's rounding of the
+    float64 product, then routing equal to the routing kernel's on those very logits; the
+    semaphore back at 0, so a second launch works alike."""
+    monkeypatch.setattr(dispatch, "ROUTER_PROGRAMS", programs)
+    if programs < 128:
+        assert dispatch.router_split(E, H)[1] > 1
+    g = torch.Generator().manual_seed(T * E + H)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    wr = (torch.randn(E, H, generator=g) * H ** -0.5).to(dtype)
+    b = torch.randn(E, generator=g) * 0.1 if bias else None
+    sem = torch.zeros(1, dtype=torch.int32)
+    for _ in range(2):
+        logits, w, ids, rows, offs = dispatch.router_topk_sort(x, wr, k, scoring, True, b, sem)
+        assert sem.item() == 0
+        ref = (x.double() @ wr.double().t())
+        # one rounding to the dtype; the interpreter casts to bfloat16 by truncation: up to 2 ulp
+        tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -6}[dtype]
+        assert logits.dtype == dtype
+        torch.testing.assert_close(logits.double(), ref, rtol=tol, atol=tol)
+        exp = dispatch.topk_sort(logits, k, scoring, True, b)
+        for got, want in zip((w, ids, rows, offs), exp):
+            assert torch.equal(got, want)
