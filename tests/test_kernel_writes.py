@@ -1,4 +1,4 @@
-"""What Inductor believes our routing kernels write (its TTIR mutation analysis, run on the CPU
+"""What Inductor believes our kernels write (its TTIR mutation analysis, run on the CPU
 for an sm_90 target): exactly the outputs. A pointer it wrongly counts as written makes
 ``torch.compile`` copy that tensor before each launch, and when it is a graph input (the layer's
 ``x``), ``mode="reduce-overhead"`` gives up CUDA graphs ("mutated inputs")."""
@@ -8,7 +8,11 @@ import torch
 triton = pytest.importorskip("triton")
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors  # noqa: E402
 
+import moe_ops  # noqa: E402
+from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.kernels import routing_kernels as rk  # noqa: E402
+from moe_ops.kernels.grouped_wgrad import grouped_wgrad_fp8_kernel  # noqa: E402
+from moe_ops.kernels.token_block_quant import token_block_quant_kernel  # noqa: E402
 
 
 class _Sm90Target:
@@ -60,3 +64,71 @@ def test_topk_sort_kernel_writes_its_outputs_only(has_bias):
                        w_ptr=torch.empty(T, K), ids_ptr=_i32(T, K), rows_ptr=_i32(T * K), offs_ptr=_i32(E), T=T, E=E,
                        stride_lt=E, **ROUTING, HAS_BIAS=has_bias)
     assert written == sorted(["w_ptr", "ids_ptr", "rows_ptr", "offs_ptr"])
+
+
+def _launches(monkeypatch, fn):
+    """``[(kernel, kwargs)]`` of the ``wrap_triton`` launches ``fn`` makes through
+    :mod:`moe_ops.kernels.dispatch` (captured, not run)."""
+    seen = []
+
+    class _Capture:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(self.kernel.arg_names, args))
+                named.update({k: v for k, v in kwargs.items() if k in self.kernel.arg_names})
+                seen.append((self.kernel, named))
+            return launch
+
+    monkeypatch.setattr(dispatch, "wrap_triton", _Capture)
+    fn()
+    return seen
+
+
+# (weight format, granularity, act_quant, tokens, experts): the table's tiles for a decode launch
+# pair with the combine (int4, 1/16 row an expert), the int8 pair that writes the row amax, and
+# prefill-sized row tiles
+@pytest.mark.parametrize("fmt,gran,act,T,E_", [("int4_asym", "group", "none", 1, 32),
+                                               ("int8_sym", "channel", "int8_token", 2, 8),
+                                               ("none", "none", "none", 64, 8)])
+def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, monkeypatch):
+    H_, I_, k = 256, 128, 2
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(E_, 2 * I_, H_, generator=g), torch.randn(E_, H_, I_, generator=g)
+    args = [(w.bfloat16(), None, None) if fmt == "none" else moe_ops.quantize_weight(w, fmt, gran, 128).op_args()[:3]
+            for w in (w1, w2)]
+    r = moe_ops.route(torch.randn(T, E_, generator=g), k)
+    x = torch.randn(T, H_, generator=g).bfloat16()
+    launches = _launches(monkeypatch, lambda: dispatch.expert_mlp(x, r.weights, r.sorted_rows, r.offs, *args[0],
+                                                                   *args[1], fmt, gran, 128, 128, act, "none"))
+    gemms = [(kern, kw) for kern, kw in launches if kern.fn.__name__ == "grouped_gemm_kernel"]
+    assert len(gemms) == 2
+    if fmt == "int4_asym":
+        assert gemms[1][1]["COMBINE"] == k  # the case covers the token-major down launch
+    for kern, kw in gemms:
+        want = ["y_ptr"] + ["slot_ptr"] * kw["SLOT_OUT"] + ["amax_ptr"] * kw["AMAX_OUT"]
+        assert _written(kern, **kw) == sorted(want)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_training_kernels_write_their_outputs_only(per_expert):
+    M_, C, E_ = 64, 32, 4
+    offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
+    bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)
+    blocks = M_ // bm + E_
+    written = _written(token_block_quant_kernel, t_ptr=torch.empty(M_, C, dtype=torch.bfloat16),
+                       q_ptr=torch.empty(C, blocks * bm, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(blocks, C),
+                       offs_ptr=offs, C=C, stride_tm=C, stride_qc=blocks * bm, stride_sb=C, E=E_, E_POW2=E_,
+                       BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert)
+    assert written == ["q_ptr", "s_ptr"]
+    N_, K_ = 32, 32
+    written = _written(grouped_wgrad_fp8_kernel, qdy_ptr=torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn),
+                       qx_ptr=torch.empty(K_, blocks * bm, dtype=torch.float8_e4m3fn),
+                       dw_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16), offs_ptr=offs,
+                       sdy_ptr=torch.empty(blocks, N_), sx_ptr=torch.empty(blocks, K_), N=N_, K=K_,
+                       stride_dyn=blocks * bm, stride_xk=blocks * bm, stride_we=N_ * K_, stride_wn=K_, stride_wk=1,
+                       stride_sdy=N_, stride_sx=K_, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32,
+                       PER_EXPERT=per_expert)
+    assert written == ["dw_ptr"]

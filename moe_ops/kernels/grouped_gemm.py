@@ -77,23 +77,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _expert_tiles(offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per expert (``[E_POW2]``, zeros past E): first row, end row, number of BLOCK_M tiles."""
+def _expert_tiles(prev, ends, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per expert (``[E_POW2]``, zeros past E): index, number of BLOCK_M tiles.
+
+    The tile helpers take ``offs`` as values (``prev`` = ``offs[e - 1]``, 0 for e = 0, ``ends``
+    = ``offs[e]``, both ``[E_POW2]`` int32, zeros past E), loaded by the kernels themselves:
+    Inductor's mutation analysis counts a pointer handed to a helper whose results feed a
+    store address as written, and would copy ``offs`` before every launch under
+    torch.compile (``tests/test_kernel_writes.py``)."""
     idx = tl.arange(0, E_POW2)
     valid = idx < E
-    ends = tl.load(offs_ptr + idx, mask=valid, other=0)
-    prev = tl.load(offs_ptr + idx - 1, mask=valid & (idx > 0), other=0)
     sizes = tl.maximum(ends - prev, 0)
     ntiles = tl.where(valid, (sizes + BLOCK_M - 1) // BLOCK_M, 0)
-    return idx, prev, ends, ntiles
+    return idx, ntiles
 
 
 @triton.jit
-def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _expert_of_tile(prev, ends, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(expert, first row of the tile, end row of the expert, number of used tiles, end row of
     the last expert). Tiles are numbered expert by expert, ``cdiv(rows, BLOCK_M)`` each, every
     tile starting ``BLOCK_M * j`` rows after its expert's first row."""
-    idx, prev, ends, ntiles = _expert_tiles(offs_ptr, E, E_POW2, BLOCK_M)
+    idx, ntiles = _expert_tiles(prev, ends, E, E_POW2, BLOCK_M)
     cum = tl.cumsum(ntiles, 0)
     expert = tl.sum((cum <= tile).to(tl.int32), 0)
     total = tl.sum(ntiles, 0)
@@ -107,10 +111,10 @@ def _expert_of_tile(offs_ptr, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _tiles_of_expert(offs_ptr, expert, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tiles_of_expert(prev, ends, expert, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(first row, end row, index of the first tile, number of tiles) of ``expert``, tiles
     numbered as in :func:`_expert_of_tile`."""
-    idx, prev, ends, ntiles = _expert_tiles(offs_ptr, E, E_POW2, BLOCK_M)
+    idx, ntiles = _expert_tiles(prev, ends, E, E_POW2, BLOCK_M)
     sel = idx == expert
     first_tile = tl.sum(tl.where(idx < expert, ntiles, 0), 0)
     return (tl.sum(tl.where(sel, prev, 0), 0), tl.sum(tl.where(sel, ends, 0), 0), first_tile,
@@ -154,7 +158,10 @@ def grouped_gemm_kernel(
     group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
     tile = first_tile + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    expert, row0, row_end, total, last_end = _expert_of_tile(offs_ptr, tile, E, E_POW2, BLOCK_M)
+    e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
+    expert, row0, row_end, total, last_end = _expert_of_tile(prev, ends, tile, E, E_POW2, BLOCK_M)
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N

@@ -74,7 +74,10 @@ def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr,
     num_k = tl.cdiv(K, BLOCK_K)
     pid_n = pid // num_k
     pid_k = pid % num_k
-    _start, _end, first, count = _tiles_of_expert(offs_ptr, e, E, E_POW2, BLOCK_M)
+    e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
+    _start, _end, first, count = _tiles_of_expert(prev, ends, e, E, E_POW2, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = rn < N

@@ -51,8 +51,11 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     ri = tl.arange(0, BLOCK_M)
+    e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
     if PER_EXPERT:  # program pid = expert
-        start, end, first, count = _tiles_of_expert(offs_ptr, pid, E, E_POW2, BLOCK_M)
+        start, end, first, count = _tiles_of_expert(prev, ends, pid, E, E_POW2, BLOCK_M)
         amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for j in range(0, count):
             rm = start + j * BLOCK_M + ri
@@ -68,7 +71,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                         mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
             _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M)
     else:  # program pid = token block
-        _e, row0, end, total, _last = _expert_of_tile(offs_ptr, pid, E, E_POW2, BLOCK_M)
+        _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
             rm = row0 + ri
             v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
