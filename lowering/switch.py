@@ -11,12 +11,13 @@ import contextlib
 import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import passes
+from . import passes, routing_pass
 
 
 class MoEGraphPass(CustomGraphPass):
-    """:func:`moe_ops.lowering.passes.rewrite_grouped_mm` as an Inductor custom pass (with a
-    ``uuid`` over the pass source and its policy, so Inductor's caches stay correct)."""
+    """Passes 1-5 (:mod:`moe_ops.lowering.passes`, :mod:`moe_ops.lowering.routing_pass`) as an
+    Inductor custom pass (with a ``uuid`` over the passes' source and the policy, so Inductor's
+    caches stay correct)."""
 
     def __init__(self, policy: str = "auto", then=None):
         if policy not in ("auto", "always"):
@@ -27,11 +28,12 @@ class MoEGraphPass(CustomGraphPass):
     def __call__(self, graph) -> None:
         self.rewrites += passes.rewrite_grouped_mm(graph, self.policy)
         self.rewrites += passes.fuse_moe_patterns(graph)
+        self.rewrites += routing_pass.fuse_routing(graph)
         if self.then is not None:
             self.then(graph)
 
     def uuid(self):
-        return (get_hash_for_files((passes.__file__, __file__)), self.policy,
+        return (get_hash_for_files((passes.__file__, routing_pass.__file__, __file__)), self.policy,
                 None if self.then is None or not hasattr(self.then, "uuid") else self.then.uuid())
 
 

@@ -203,15 +203,16 @@ class BlockGraphTest(TestCase):
 
 
 def test_plain_moe_block_compiled_with_passes():
-    """No graph break; the expert path becomes our fused operator, forward and backward (the
-    compiled graph's extern calls are our reference's segment GEMM); numerics as eager."""
+    """No graph break; the expert path becomes our fused operator and the routing our route
+    operator, forward and backward (the compiled graph's extern calls are our reference's
+    segment GEMM); numerics as eager."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     block = PlainMoEBlock()
     x = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
     ref = block(x).float().pow(2).sum()
     ref.backward()
-    gx, gw = x.grad.clone(), block.gate_up.grad.clone()
+    gx, gw, gr = x.grad.clone(), block.gate_up.grad.clone(), block.router.weight.grad.clone()
     x.grad = None
     block.zero_grad()
     opts = lowering.compile_options("always")
@@ -219,13 +220,14 @@ def test_plain_moe_block_compiled_with_passes():
     step = torch.compile(lambda a: block(a).float().pow(2).sum(), fullgraph=True, options=opts)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         loss, code = run_and_get_code(lambda: step(x).backward() or step(x))
-    assert opts["pre_grad_custom_pass"].rewrites == 4  # 2 GEMMs, the SwiGLU pair, the combine
+    assert opts["pre_grad_custom_pass"].rewrites == 5  # 2 GEMMs, the SwiGLU pair, the combine, the routing
     assert "segment_mm" in "\n".join(code)
     x.grad = None
     block.zero_grad()
     step(x).backward()
     # bf16 outputs and gradients, rounded at different points than aten's: bf16 noise
     assert rel_err(x.grad, gx) < 2e-2 and rel_err(block.gate_up.grad, gw) < 2e-2
+    assert rel_err(block.router.weight.grad, gr) < 2e-2  # through moe_ops::route's autograd
     assert abs(float(loss) - float(ref)) < 1e-2 * float(ref)
 
 
