@@ -9,7 +9,8 @@ whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-l
 the gate/up launch, over tiles that read x once for the gate and up rows; ``--pipeline``: both
 launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/int2 decode on the
 CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
-combine, against the row-tile w_lhs down tile and its separate sum). Prints the fastest configs per
+combine, against the row-tile w_lhs down tile and its separate sum; for bf16 against the tensor-core
+decode tile and its sum). Prints the fastest configs per
 (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -69,6 +70,11 @@ COMBINE_SPACE = [KernelConfig(1, bn, bk, w, st, group_m=1, gemv=True, combine=Tr
                  for bn, w, st in itertools.product((4, 8, 16, 32), (2, 4, 8), (2, 3)) for bk in (128,)] + [
     KernelConfig(1, bn, 64, 4, 3, group_m=1, gemv=True, combine=True) for bn in (8, 16)] + [
     KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True)]
+# the same for 16-bit weights (grouped_gemm._gemv16_slots_acc), and session 10's table tile for
+# the bf16 down launch (tensor-core decode tile, then the sum) as the reference row
+COMBINE16_SPACE = [KernelConfig(1, bn, bk, w, st, group_m=1, gemv=True, combine=True)
+                   for bn, bk, w, st in itertools.product((8, 16, 32), (32, 64), (4, 8), (1, 2))] + [
+    KernelConfig(16, 64, 64, 2, 4, group_m=1)]
 
 
 def _weight_only(fname: str) -> bool:
@@ -108,7 +114,7 @@ def main(args):
                     space = [dataclasses.replace(default[which], block_k=bk, num_stages=st)
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
                 elif args.combine:
-                    space = COMBINE_SPACE
+                    space = COMBINE16_SPACE if FORMATS[fname] is None else COMBINE_SPACE
                 elif args.gemv:
                     space = [c for c in GEMV_SPACE if which == 0 or not c.one_loop]
                 elif args.one_loop:
@@ -117,6 +123,10 @@ def main(args):
                 else:
                     space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
                 best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
+                if args.combine:  # the reference row (the last of the space), wherever it ranks
+                    ref = [(ms, c) for ms, c in best if c == space[-1]]
+                    print(f"{fname} T={T} reference {space[-1]}: "
+                          + (f"{ref[0][0] * 1e3:.1f} us" if ref else "not served"), flush=True)
                 results[f"{fname}/T{T}/{which}"] = [(ms, vars(c)) for ms, c in best[:5]]
         m = None
     harness.write_json(os.path.join(args.out, "tune_moe_layer.json"), results)

@@ -169,6 +169,16 @@ def _combine_config(K: int, scale_k_unit: int) -> KernelConfig:
     return KernelConfig(1, 16, _block_k(K, scale_k_unit, 128), 8, 2, group_m=1, gemv=True, combine=True)
 
 
+def _combine16_config(K: int) -> KernelConfig:
+    """The token-major down tile for 16-bit weights (grouped_gemm._gemv16_slots_acc): the slots
+    side by side over 8 output columns, 64-wide K tiles prefetched one step ahead, 8 warps.
+    tune_moe_layer.py --combine --formats bf16 (results/tune_combine16_h100.log), the fused MLP
+    graph-timed, Qwen3-30B-A3B T=1: 35.0 us (16 columns: 35.5-35.9) against session 10's
+    tensor-core decode tile and its sum (not in the top five, above 35.7); T=2: 58.3 us."""
+    return KernelConfig(1, 8, min(64, max(16, 1 << (K - 1).bit_length())), 8, 2, group_m=1, gemv=True,
+                        combine=True)
+
+
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
                               act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
@@ -224,9 +234,9 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         split = 2 if rows_per_expert_hint(M, E) <= 0.25 else 1
         gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, 2, group_m=1, gemv=True,
                                one_loop=True, k_split=split)
-    if (w_bits < 8 and act_bits == 16 and packed_gemv_down and I <= COMBINE_MAX_K
+    if ((w_bits < 8 or w_bits == 16) and act_bits == 16 and packed_gemv_down and I <= COMBINE_MAX_K
             and rows_per_expert_hint(M, E) <= COMBINE_MAX_ROWS_PER_EXPERT):
-        return gate_up, _combine_config(I, min(unit2, I))
+        return gate_up, (_combine_config(I, min(unit2, I)) if w_bits < 8 else _combine16_config(I))
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)

@@ -132,7 +132,7 @@ def _feasible(configs, act: int, pack: int, unit_k: int, gemv_layout: bool) -> l
             continue
         if cfg.gemv and not (act == 0 and gemv_layout and scale_tile and (pack == 1 or cfg.block_m == 1)):
             continue
-        if cfg.combine and not (cfg.gemv and pack > 1 and cfg.k_split == 1):
+        if cfg.combine and not (cfg.gemv and cfg.k_split == 1):
             continue
         out.append((cfg, bk))
     return out
@@ -190,9 +190,12 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     xrow, dst, rw, amax, slot = (f.get(k) for k in ("xrow", "dst", "rw", "amax", "slot"))
     amax_cols = f.get("amax_cols", 1)
     top_k = f.get("combine", 0)
-    if config.combine != bool(top_k) or (top_k and not _feasible([config], act, pack, unit_k, True)):
+    combine_weights = w_kind == 0 or (w_kind == 1 and pack > 1 and ws is not w)  # 16-bit, or packed codes
+    if config.combine != bool(top_k) or (top_k and not (combine_weights and act == 0
+                                                        and _feasible([config], act, pack, unit_k, True))):
         raise ValueError(f"config {config}: combine=True is the fused expert MLP's token-major down launch, "
-                         "packed int4/int2 weight-only codes on the gemv tile with k_split 1, and only that launch")
+                         "16-bit weights or packed int4/int2 weight-only codes on the gemv tile with k_split 1, "
+                         "and only that launch")
     args = (xq, xs, w, ws, wz, y, offs,
             offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
             xs if amax is None else amax, offs if slot is None else slot,

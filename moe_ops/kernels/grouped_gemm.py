@@ -816,6 +816,37 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
 
 
 @triton.jit
+def _gemv16_slots_acc(x_ptr, w_ptr, expert, xrow, s_ok, rn, n_mask, K, stride_xm, stride_xk, stride_we, stride_wn,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SLOTS: tl.constexpr):
+    """float32 ``[SLOTS, BLOCK_N]``: entry (s, n) is ``x[xrow[s]] . W[expert[s]][rn[n]]`` for
+    16-bit weights whose K stride is 1, on the CUDA cores (the combine's slots side by side,
+    each from its own expert; masked slots read nothing and give 0). Products accumulate
+    elementwise over the K tiles and are summed along K once at the end. ``PREFETCH`` 2: the
+    weight tile is loaded one K tile ahead in registers (1: not ahead)."""
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = expert.to(tl.int64)[:, None] * stride_we + rn.to(tl.int64)[None, :] * stride_wn  # [SLOTS, BLOCK_N]
+    row_ok = s_ok[:, None] & n_mask[None, :]
+    acc = tl.zeros((SLOTS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH >= 2:
+        w_next = tl.load(w_ptr + w_rows[:, :, None] + rk[None, None, :], mask=row_ok[:, :, None] & (rk < K)[None, None, :],
+                         other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        if PREFETCH >= 2:
+            w = w_next
+            kn = kk + BLOCK_K
+            w_next = tl.load(w_ptr + w_rows[:, :, None] + kn[None, None, :],
+                             mask=row_ok[:, :, None] & (kn < K)[None, None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + w_rows[:, :, None] + kk[None, None, :], mask=row_ok[:, :, None] & (kk < K)[None, None, :],
+                        other=0.0)
+        xa = tl.load(x_ptr + xrow[:, None] * stride_xm + kk.to(tl.int64)[None, :] * stride_xk,
+                     mask=s_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xa[:, None, :]
+    return tl.sum(acc, 2)
+
+
+@triton.jit
 def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
                      stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                      stride_ym, stride_yn, E: tl.constexpr, E_POW2: tl.constexpr,
@@ -824,15 +855,17 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
                      GEMV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREFETCH: tl.constexpr, KSPLIT: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
                      TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr):
-    """One program of the token-major down launch (``COMBINE``): output columns
+    """One program of the token-major down launch (``COMBINE``; 16-bit weights, or packed
+    int4/int2 codes): output columns
     ``pid % cdiv(N, BLOCK_N)`` of token ``t = pid // cdiv(N, BLOCK_N)``, ``y[t] = sum_j rw[s]
     * x[p] @ W[e]^T`` over the token's slots ``s = t * TOP_K + j``, ``p = slot[s]`` the slot's
     row of x (expert-sorted), ``e`` the expert holding row p (the number of ``offs`` entries
     at or below p; rows at or past ``offs[-1]`` add nothing). The slots run side by side
     (:func:`_gemv_packed_acc` with ``SLOTS``), summed in a fixed order: deterministic, and the
     ``[T * top_k, N]`` rows never go to memory."""
-    tl.static_assert(GEMV and (W_KIND == 1) and (PACK > 1) and (ACT == 0) and (not SWIGLU) and (KSPLIT == 1),
-                     "COMBINE: packed int4/int2 weight-only codes on the gemv tile, one K tile a step")
+    tl.static_assert(GEMV and (((W_KIND == 1) and (PACK > 1)) or (W_KIND == 0)) and (ACT == 0) and (not SWIGLU)
+                     and (KSPLIT == 1),
+                     "COMBINE: 16-bit weights or packed int4/int2 weight-only codes on the gemv tile, one K tile a step")
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     t = pid // num_n
@@ -847,10 +880,14 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
     expert = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), 1)
     s_ok = s_ok & (expert < E)
     expert = tl.where(s_ok, expert, 0)
-    part = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K,
-                            stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
-                            W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                            PREFETCH, 1, TOP_K_POW2)
+    if W_KIND == 0:
+        part = _gemv16_slots_acc(x_ptr, w_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K, stride_xm, stride_xk,
+                                 stride_we, stride_wn, BLOCK_N, BLOCK_K, PREFETCH, TOP_K_POW2)
+    else:
+        part = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K,
+                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                                W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                PREFETCH, 1, TOP_K_POW2)
     rw = tl.load(rw_ptr + s, mask=s_ok, other=0.0)
     out = tl.sum(part * rw[:, None], 0)
     tl.store(y_ptr + t.to(tl.int64) * stride_ym + rn.to(tl.int64) * stride_yn, out.to(y_ptr.dtype.element_ty),

@@ -93,16 +93,17 @@ def test_fused_expert_mlp_one_loop(fmt, gran, gs, act, T, which):
     _check_fused(fmt, gran, gs, act, T, (ONE_LOOP[T][which], down))
 
 
-# the down launch token-major with the combine (packed codes; the table's choice up to 1/8 row
-# per expert, below this test's 1/4 at T=1): the table's tile and others
+# the down launch token-major with the combine (packed codes and 16-bit weights; the table's
+# choice up to 1/8 row per expert, below this test's 1/4 at T=1): the table's tiles and others
 COMBINE = [KernelConfig(1, 16, 128, 8, 2, group_m=1, gemv=True, combine=True),
            KernelConfig(1, 32, 64, 8, 3, group_m=1, gemv=True, combine=True),
-           KernelConfig(1, 4, 128, 2, 1, group_m=1, gemv=True, combine=True)]
+           KernelConfig(1, 4, 128, 2, 1, group_m=1, gemv=True, combine=True),
+           KernelConfig(1, 8, 64, 8, 2, group_m=1, gemv=True, combine=True)]
 
 
 @pytest.mark.parametrize("cfg", range(len(COMBINE)))
 @pytest.mark.parametrize("T", [3, 1])
-@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2, 6)])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (0, 1, 2, 6)])
 def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
     gate_up = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[0]
     _check_fused(fmt, gran, gs, act, T, (gate_up, COMBINE[cfg]))

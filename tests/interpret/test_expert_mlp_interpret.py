@@ -71,8 +71,10 @@ def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     assert rel_err(out, ref) < (6e-3 if act == "int8_token" else 2e-3)  # measured 4.0e-3 / 8.5e-4
 
 
-# the token-major down launch with the combine (packed codes, gemv tile): after a gemv gate/up
-# launch and after a tensor-core one (both write the slot map), prefetch 2 / 3 / none
+# the token-major down launch with the combine (packed codes or 16-bit weights, gemv tile): after
+# a gemv gate/up launch and after a tensor-core one (both write the slot map), prefetch 2 / 3 /
+# none (the gemv gate/up tile of COMBINE_CONFIGS[0] is for packed codes: 16-bit weights take its
+# row-tile 16-bit gemv form there)
 COMBINE_CONFIGS = [
     (KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, one_loop=True),
      KernelConfig(1, 8, 32, 4, 2, group_m=1, gemv=True, combine=True)),
@@ -84,10 +86,12 @@ COMBINE_CONFIGS = [
 @pytest.mark.parametrize("cfgs,fmt,gran,gs,top_k", [
     (0, fmt, gran, gs, top_k) for (fmt, gran, gs), top_k in itertools.product(
         (("int4_asym", "group", 32), ("int4_sym", "channel", 0), ("int2_asym", "group", 64)), (2, 3))] + [
-    (c, "int4_asym", "group", 32, 3) for c in range(1, len(COMBINE_CONFIGS))])
+    (c, "int4_asym", "group", 32, 3) for c in range(1, len(COMBINE_CONFIGS))] + [
+    (c, "none", "none", 0, top_k) for c, top_k in ((0, 2), (1, 3), (2, 3))])
 def test_fused_expert_mlp_combine(fmt, gran, gs, top_k, cfgs):
     """COMBINE: program (token, column block) sums the token's slots (top_k 3: a masked fourth
-    slot), a dropped slot adds nothing, an expert with no rows costs nothing."""
+    slot), a dropped slot adds nothing, an expert with no rows costs nothing; packed codes and
+    16-bit weights."""
     g = torch.Generator().manual_seed(hash((fmt, top_k, cfgs)) % 991)
     logits = torch.randn(T, E, generator=g)
     logits[:, 1] = -1e4
@@ -107,7 +111,7 @@ def test_combine_is_refused_where_it_cannot_serve():
     g, tw, rows, offs = _routing(7)
     x = torch.randn(T, H, generator=g).half()
     gate_up, down = COMBINE_CONFIGS[0]
-    for fmt, gran, gs in (("int8_sym", "channel", 0), ("none", "none", 0)):  # unpacked weights
+    for fmt, gran, gs in (("int8_sym", "channel", 0), ("fp8_e4m3", "channel", 0)):  # 8-bit codes
         (w1, s1, z1), (w2, s2, z2) = _weights(g, fmt, gran, gs, torch.float16)
         args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, fmt, gran, gs, gs, "none", "none")
         with pytest.raises(ValueError, match="combine"):
