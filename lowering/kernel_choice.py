@@ -173,8 +173,8 @@ def _combine16_config(K: int) -> KernelConfig:
     """The token-major down tile for 16-bit weights (grouped_gemm._gemv16_slots_acc): the slots
     side by side over 8 output columns, 64-wide K tiles prefetched one step ahead, 8 warps.
     tune_moe_layer.py --combine --formats bf16 (results/tune_combine16_h100.log), the fused MLP
-    graph-timed, Qwen3-30B-A3B T=1: 35.0 us (16 columns: 35.5-35.9) against session 10's
-    tensor-core decode tile and its sum (not in the top five, above 35.7); T=2: 58.3 us."""
+    graph-timed, Qwen3-30B-A3B T=1: 34.4 us (16 columns: 35.5) against 36.5 for session 10's
+    tensor-core decode tile and its sum in the same run; T=2: 58.3 us."""
     return KernelConfig(1, 8, min(64, max(16, 1 << (K - 1).bit_length())), 8, 2, group_m=1, gemv=True,
                         combine=True)
 
