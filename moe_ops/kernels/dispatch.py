@@ -503,8 +503,8 @@ def router_topk_sort(x, router_weight, top_k, scoring, renormalize, bias, semaph
     wrap_triton(router_topk_sort_kernel)[(cdiv(E, 16), split)](
         xc, wc, xc if bias is None else bias, part, semaphore, logits, w, ids, rows, offs, T, E, H, xc.stride(0),
         wc.stride(0), TOP_K=top_k, K_POW2=next_power_of_2(top_k), E_POW2=next_power_of_2(E),
-        T_POW2=next_power_of_2(T), BLOCK_T=max(16, next_power_of_2(T)), BLOCK_E=16, BLOCK_H=block_h, H_STEPS=steps, SPLIT=split,
-        SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
+        T_POW2=next_power_of_2(T), BLOCK_T=max(16, next_power_of_2(T)), BLOCK_E=16, BLOCK_H=block_h,
+        H_STEPS=steps, SPLIT=split, SOFTMAX=scoring == "softmax", RENORM=renormalize, HAS_BIAS=bias is not None,
         UPCAST_DOT=_INTERPRET or x.dtype == torch.float32, num_warps=_topk_warps(T))
     return [logits, w, ids, rows, offs]
 

@@ -828,8 +828,8 @@ def _gemv16_slots_acc(x_ptr, w_ptr, expert, xrow, s_ok, rn, n_mask, K, stride_xm
     row_ok = s_ok[:, None] & n_mask[None, :]
     acc = tl.zeros((SLOTS, BLOCK_N, BLOCK_K), dtype=tl.float32)
     if PREFETCH >= 2:
-        w_next = tl.load(w_ptr + w_rows[:, :, None] + rk[None, None, :], mask=row_ok[:, :, None] & (rk < K)[None, None, :],
-                         other=0.0)
+        w_next = tl.load(w_ptr + w_rows[:, :, None] + rk[None, None, :],
+                         mask=row_ok[:, :, None] & (rk < K)[None, None, :], other=0.0)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         if PREFETCH >= 2:
@@ -838,8 +838,8 @@ def _gemv16_slots_acc(x_ptr, w_ptr, expert, xrow, s_ok, rn, n_mask, K, stride_xm
             w_next = tl.load(w_ptr + w_rows[:, :, None] + kn[None, None, :],
                              mask=row_ok[:, :, None] & (kn < K)[None, None, :], other=0.0)
         else:
-            w = tl.load(w_ptr + w_rows[:, :, None] + kk[None, None, :], mask=row_ok[:, :, None] & (kk < K)[None, None, :],
-                        other=0.0)
+            w = tl.load(w_ptr + w_rows[:, :, None] + kk[None, None, :],
+                        mask=row_ok[:, :, None] & (kk < K)[None, None, :], other=0.0)
         xa = tl.load(x_ptr + xrow[:, None] * stride_xm + kk.to(tl.int64)[None, :] * stride_xk,
                      mask=s_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * xa[:, None, :]
@@ -865,7 +865,8 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
     ``[T * top_k, N]`` rows never go to memory."""
     tl.static_assert(GEMV and (((W_KIND == 1) and (PACK > 1)) or (W_KIND == 0)) and (ACT == 0) and (not SWIGLU)
                      and (KSPLIT == 1),
-                     "COMBINE: 16-bit weights or packed int4/int2 weight-only codes on the gemv tile, one K tile a step")
+                     "COMBINE: 16-bit weights or packed int4/int2 weight-only codes on the gemv tile, "
+                     "one K tile a step")
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     t = pid // num_n
