@@ -132,7 +132,7 @@ def main():
     p.add_argument("--gemv", action="store_true", help="the CUDA-core decode tile (KernelConfig.gemv)")
     p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
     p.add_argument("--combine", type=int, default=0, metavar="TOP_K",
-                   help="with --gemv on packed codes: the token-major down launch over TOP_K slots")
+                   help="with --gemv: the token-major down launch over TOP_K slots (bf16 or packed codes)")
     a = p.parse_args()
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)

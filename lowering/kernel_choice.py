@@ -29,7 +29,7 @@ class KernelConfig:
     # packed-code gemv tiles: K tiles a loop step, side by side across warps (more warps a row
     # block; the partial sums are added after the loop)
     k_split: int = 1
-    # the fused expert MLP's down launch token-major (packed-code gemv tiles): one program per
+    # the fused expert MLP's down launch token-major (16-bit or packed-code gemv tiles): one program per
     # token and column block sums the token's top_k slots side by side, so the [T * top_k, H]
     # rows and the combine's separate reduction are gone (grouped_gemm COMBINE)
     combine: bool = False
@@ -157,7 +157,8 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
 # (results/tune_combine_h100.log): Qwen3-30B-A3B (I 768) T=1 20.8 us against more than 21.6
 # with the w_lhs row-tile down launch and its separate sum, T=2 33.7 against more than 34.3;
 # DeepSeek-V3 E=32 (I 2048) T=1 120.3 against 108.5 (the row tile wins there); at Qwen3 T=4
-# (1/4 row per expert) the two were even (61.1 / 60.2 us, before a register fix of this tile)
+# (1/4 row per expert) the two were even (61.1 / 60.2 us, before a register fix of this tile).
+# 16-bit weights take it within the same bounds (measured at Qwen3 T=1 and 2: _combine16_config)
 COMBINE_MAX_ROWS_PER_EXPERT = 0.125
 COMBINE_MAX_K = 1024
 

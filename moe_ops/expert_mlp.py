@@ -14,7 +14,7 @@ gate/up output never goes to memory, only ``h`` ``[M, I]``); under ``int8_token`
 x once per token (T rows, not T * top_k) and writes per-row absmax partials of h, from which
 the second launch quantizes h to int8 while loading it (no separate quantization pass). The
 second multiplies by the routing weight and stores each row at its token-major slot; the
-combine is a sum over the top_k slots. Packed int4/int2 weight-only at decode sizes (the
+combine is a sum over the top_k slots. 16-bit and packed int4/int2 weight-only at decode sizes (the
 ``combine`` config of :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`): the
 gate/up launch also writes each slot's row of ``h``, and the down launch is token-major, one
 program per token and column block summing the token's slots in float32 (combine included:

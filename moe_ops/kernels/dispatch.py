@@ -447,15 +447,20 @@ def topk_sort_fits(T: int, E: int, top_k: int) -> bool:
     return next_power_of_2(max(T, 1)) * next_power_of_2(top_k) * next_power_of_2(E) <= TOPK_SORT_MAX_ELEMENTS
 
 
+def _routing_outputs(T: int, top_k: int, E: int, dev):
+    """Uninitialised ``[weights float32 [T, top_k], ids int32 [T, top_k], sorted_rows int32
+    [T * top_k], offs int32 [E]]``."""
+    return [torch.empty(T, top_k, dtype=torch.float32, device=dev),
+            torch.empty(T, top_k, dtype=torch.int32, device=dev),
+            torch.empty(T * top_k, dtype=torch.int32, device=dev),
+            torch.empty(E, dtype=torch.int32, device=dev)]
+
+
 def topk_sort(logits, top_k, scoring, renormalize, bias):
     """Triton :func:`moe_ops.routing.route` in one launch: ``[weights float32, ids int32,
     sorted_rows int32, offs int32]`` (inputs within :func:`topk_sort_fits`)."""
     T, E = logits.shape
-    dev = logits.device
-    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
-    rows = torch.empty(T * top_k, dtype=torch.int32, device=dev)
-    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    w, ids, rows, offs = _routing_outputs(T, top_k, E, logits.device)
     if T == 0:
         return [w, ids, rows, offs.zero_()]
     lc = logits if logits.stride(1) == 1 else logits.contiguous()
@@ -490,10 +495,7 @@ def router_topk_sort(x, router_weight, top_k, scoring, renormalize, bias, semaph
     E = router_weight.shape[0]
     dev = x.device
     logits = torch.empty(T, E, dtype=x.dtype, device=dev)
-    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
-    rows = torch.empty(T * top_k, dtype=torch.int32, device=dev)
-    offs = torch.empty(E, dtype=torch.int32, device=dev)
+    w, ids, rows, offs = _routing_outputs(T, top_k, E, dev)
     if T == 0:
         return [logits, w, ids, rows, offs.zero_()]
     xc = x if x.stride(1) == 1 else x.contiguous()

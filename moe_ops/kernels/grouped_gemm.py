@@ -55,7 +55,7 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
               with ``ROW_WEIGHT`` multiplied first by ``rw[dst[r]]`` (the routing weight).
 ``SLOT_OUT``  (with ``GATHER``) also store the inverse of ``xrow``: ``slot[xrow[r]] = r`` (int32
               ``[M]``), for a ``COMBINE`` launch downstream.
-``COMBINE``   (= top_k, > 0; packed int4/int2 weight-only on the gemv tile) the down launch
+``COMBINE``   (= top_k, > 0; 16-bit or packed int4/int2 weight-only on the gemv tile) the down launch
               token-major, combine included: program ``(t, n block)`` sums ``rw[s] * x[slot[s]] @
               W[e]^T`` over the token's top_k slots s (``COMBINE_POW2`` its next power of two),
               side by side, and stores ``y[t]`` (``[M / top_k, N]``); grid ``T * cdiv(N,
@@ -83,8 +83,8 @@ def _expert_tiles(prev, ends, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl
     The tile helpers take ``offs`` as values (``prev`` = ``offs[e - 1]``, 0 for e = 0, ``ends``
     = ``offs[e]``, both ``[E_POW2]`` int32, zeros past E), loaded by the kernels themselves:
     Inductor's mutation analysis counts a pointer handed to a helper whose results feed a
-    store address as written, and would copy ``offs`` before every launch under
-    torch.compile (``tests/test_kernel_writes.py``)."""
+    store address as written, so under torch.compile ``offs`` would count as mutated by
+    every launch (``tests/test_kernel_writes.py``)."""
     idx = tl.arange(0, E_POW2)
     valid = idx < E
     sizes = tl.maximum(ends - prev, 0)
@@ -856,13 +856,13 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
                      PREFETCH: tl.constexpr, KSPLIT: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
                      TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr):
     """One program of the token-major down launch (``COMBINE``; 16-bit weights, or packed
-    int4/int2 codes): output columns
-    ``pid % cdiv(N, BLOCK_N)`` of token ``t = pid // cdiv(N, BLOCK_N)``, ``y[t] = sum_j rw[s]
-    * x[p] @ W[e]^T`` over the token's slots ``s = t * TOP_K + j``, ``p = slot[s]`` the slot's
-    row of x (expert-sorted), ``e`` the expert holding row p (the number of ``offs`` entries
-    at or below p; rows at or past ``offs[-1]`` add nothing). The slots run side by side
-    (:func:`_gemv_packed_acc` with ``SLOTS``), summed in a fixed order: deterministic, and the
-    ``[T * top_k, N]`` rows never go to memory."""
+    int4/int2 codes): output columns ``pid % cdiv(N, BLOCK_N)`` of token ``t = pid //
+    cdiv(N, BLOCK_N)``, ``y[t] = sum_j rw[s] * x[p] @ W[e]^T`` over the token's slots ``s = t
+    * TOP_K + j``, ``p = slot[s]`` the slot's row of x (expert-sorted), ``e`` the expert
+    holding row p (the number of ``offs`` entries at or below p; rows at or past ``offs[-1]``
+    add nothing). The slots run side by side (:func:`_gemv_packed_acc` with ``SLOTS``, or
+    :func:`_gemv16_slots_acc`), summed in a fixed order: deterministic, and the ``[T * top_k,
+    N]`` rows never go to memory."""
     tl.static_assert(GEMV and (((W_KIND == 1) and (PACK > 1)) or (W_KIND == 0)) and (ACT == 0) and (not SWIGLU)
                      and (KSPLIT == 1),
                      "COMBINE: 16-bit weights or packed int4/int2 weight-only codes on the gemv tile, "
