@@ -86,6 +86,8 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
             continue
         sig[n] = (w_ptr if n == "w_ptr" else "*u8" if n == "wz_ptr" else "*fp32" if n == "ws_ptr"
                   else "*i32" if n in ("offs_ptr", "xrow_ptr", "dst_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
+        if n in ("x_desc", "w_desc"):  # TMA off: plain pointers in the descriptors' places
+            sig[n] = "*bf16"
         if n.endswith("_ptr") or n in _DIV16:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=grouped_gemm_kernel, signature=sig, attrs=attrs,

@@ -1,11 +1,13 @@
 """Sweep the forward kernel's tile configs on the benchmark shapes; print the best per case.
 
 Usage (GPU): ``python benchmarks/tune_forward.py [--out DIR] [--focus | --gemv | --w-lhs [--shapes ...]
-[--tokens ...] [--variants ...] | --packed-gemv]``. The winners
+[--tokens ...] [--variants ...] | --packed-gemv | --tma]``. The winners
 inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays static: no tuning
 at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 ``--w-lhs``: weight-only formats with the dequantized weight as the MMA's register operand.
 ``--packed-gemv``: int4 decode on the CUDA cores, codes read as 32-bit words, against the table.
+``--tma [--shapes ...] [--tokens ...]``: prefill tiles with x and W by TMA descriptors (Hopper)
+against the table's pointer-load tiles, forward and bf16 dgrad.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ GEMV_CASES = [(s, t, v) for s, ts, vs in (
     ("qwen3_gate_up", (1, 16), ("bf16", "int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch")),
     ("qwen3_down", (1, 16), ("bf16", "int4_asym_g128", "fp8_e4m3_ch")),
     ("dsv3_gate_up_e32", (1, 16), ("bf16", "int4_asym_g128"))) for t in ts for v in vs]
-_BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8}
+_BITS = {"bf16": 16, "int4_asym_g128": 4, "int8_sym_ch": 8, "fp8_e4m3_ch": 8, "w8a8_int8": 8, "w8a8_fp8": 8}
 
 # int4/int2 codes read as 32-bit words on the CUDA cores (grouped_gemm._gemv_packed_acc): one
 # row a tile; num_stages is the register prefetch depth of the weight words (1: none); k_split
@@ -97,6 +99,66 @@ def w_lhs_cases(shapes, variants, tokens) -> list:
                 table = choose_forward_config(t * top_k, N, K, E, _BITS[v], 128 if "g128" in v else K)
                 cases.append((s, t, v, [table] + (W_LHS_DECODE if table.decode else W_LHS_PREFILL)))
     return cases
+
+
+# --tma: the table's prefill tile with x and W by TMA descriptors (KernelConfig.tma), and wider
+# TMA tiles; forward formats whose W tile is one code a stored element, and bf16 dgrad
+TMA_VARIANTS = ["bf16", "w8a8_fp8", "fp8_e4m3_ch"]
+TMA_EXTRA = {16: [C(128, 256, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, tma=True)],
+             8: [C(128, 256, 128, 8, 3, tma=True), C(128, 128, 128, 8, 4, tma=True), C(64, 128, 128, 4, 4, tma=True)]}
+
+
+def _with_tma(cfg, on: bool = True):
+    return KernelConfig(**{**cfg.__dict__, "tma": on})
+
+
+def tma_cases(shapes, tokens) -> list:
+    """``(shape, T, variant, space, dgrad)``: the table's tile with pointer loads, with TMA, then
+    other TMA tiles."""
+    cases = []
+    for s in shapes:
+        E, top_k, K, N = SHAPES[s]
+        for t in tokens:
+            for v in TMA_VARIANTS:
+                act8 = v.startswith("w8a8")
+                table = choose_forward_config(t * top_k, N, K, E, _BITS[v], K, act_bits=8 if act8 else 16)
+                extra = TMA_EXTRA[8] if act8 else (TMA_EXTRA[16] if v == "bf16" else [])
+                cases.append((s, t, v, [_with_tma(table, False), _with_tma(table)]
+                              + [c for c in extra if c != _with_tma(table)], False))
+            table = choose_forward_config(t * top_k, K, N, E, 16, N, k_contiguous=False)
+            cases.append((s, t, "bf16", [_with_tma(table, False), _with_tma(table)]
+                          + [c for c in TMA_EXTRA[16] if c != _with_tma(table)], True))
+    return cases
+
+
+def tune_tma(cases, out_path):
+    """Time each case's configs (eager; prefill kernels outlast the host) and check that the
+    TMA twin of the table tile gives the pointer-load tile's output bit for bit."""
+    import moe_ops
+    dev = torch.device("cuda")
+    results = []
+    for sname, T, lab, space, dgrad in cases:
+        E, top_k, K, N = SHAPES[sname]
+        _, f, gr, gs, act = next(o for o in OURS if o[0] == lab)
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+        wd, ws, wz, fmt, g2, gs2 = moe_ops.quantize_weight(w, f, gr, gs).op_args()
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+        x = torch.randn(T * top_k, N if dgrad else K, device=dev, dtype=torch.bfloat16)
+
+        def make(cfg):
+            if dgrad:
+                return lambda: dispatch.grouped_mm_dgrad(x, wd, ws, wz, offs, fmt, g2, gs2, "none", config=cfg)
+            return lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none", config=cfg)
+        same = torch.equal(make(space[0])(), make(space[1])())
+        label = f"{sname:18s} T={T:5d} {lab:12s} {'dgrad' if dgrad else 'fwd':5s}"
+        ranking = harness.sweep(make, space, label)
+        by_cfg = {cfg: ms for ms, cfg in ranking}
+        ms0, ms1 = by_cfg.get(space[0]), by_cfg.get(space[1])
+        print(f"{label} table tile: pointers {ms0} ms, tma {ms1} ms, bitwise equal: {same}", flush=True)
+        results.append({"shape": sname, "T": T, "variant": lab, "dgrad": dgrad, "tma_equal": same,
+                        "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
+        w = wd = x = None
+        harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 
 def tune(cases, out_path):
@@ -133,8 +195,11 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096], help="--w-lhs: token counts")
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
                    help="--w-lhs: weight-only variants")
+    p.add_argument("--tma", action="store_true", help="TMA-descriptor prefill tiles against the table's")
     a = p.parse_args()
-    if a.w_lhs:
+    if a.tma:
+        tune_tma(tma_cases(a.shapes, a.tokens), os.path.join(a.out, "tune_tma.json"))
+    elif a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
     elif a.packed_gemv:
         tune([(s, t, v, [choose_forward_config(t * SHAPES[s][1], SHAPES[s][3], SHAPES[s][2], SHAPES[s][0], 4, 128)]

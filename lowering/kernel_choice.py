@@ -33,6 +33,10 @@ class KernelConfig:
     # token and column block sums the token's top_k slots side by side, so the [T * top_k, H]
     # rows and the combine's separate reduction are gone (grouped_gemm COMBINE)
     combine: bool = False
+    # tensor-core tiles (plain, unpacked formats): x and W tiles loaded through TMA descriptors
+    # where the device has TMA (CUDA capability >= 9) and the operands' layout allows
+    # (dispatch._tma_operands); elsewhere the same tile with pointer loads
+    tma: bool = False
 
     @property
     def decode(self) -> bool:
@@ -131,10 +135,13 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles
         # benchmarks/tune_recipes.py (forward and dgrad of both FP8 recipes, H100): 64-row
         # tiles up to 512 rows per expert (Qwen3-30B-A3B: 5-15% faster than 128x128x128/8/3),
-        # 128-row tiles with 4 stages above (DeepSeek-V3 E=32: 2-5%); W8A8 inference shares them
+        # 128-row tiles with 4 stages above (DeepSeek-V3 E=32: 2-5%); W8A8 inference shares them.
+        # TMA loads (KernelConfig.tma; benchmarks/tune_forward.py --tma, results/tune_tma_h100.*):
+        # the 128-row tile fp8 W8A8 DeepSeek-V3 E=32 T=4096 2.70 -> 2.60 ms; the 64-row tile
+        # measured slower with them (Qwen3-30B-A3B down 0.380 -> 0.416 ms)
         if rpe <= 512:
             return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3)
-        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4)
+        return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4, tma=True)
     if act_bits == 16 and w_bits < 16 and k_contiguous and rpe >= 512:
         # weight-only formats, many rows per expert: 256-row tiles with the dequantized weight
         # as the register operand (results/tune_w_lhs_int4_h100.log, tune_w_lhs_fp8_h100.json),
@@ -145,9 +152,17 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         return KernelConfig(256, 128, _block_k(K, scale_k_unit, 64), 8, 3, w_lhs=True)
     if act_bits == 8 or w_bits < 8:
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
+    # 16-bit and 8-bit weights under 16-bit x, x and W tiles by TMA (Hopper; int8 codes keep
+    # pointer loads, dispatch._tma_operands). tune_forward.py --tma (results/tune_tma_h100.*),
+    # T=4096 against the same tiles' pointer loads: bf16 DeepSeek-V3 E=32 3.14 -> 3.04 ms, dgrad
+    # (the transposed view) Qwen3-30B-A3B gate_up 0.746 -> 0.473 ms, down 0.263 -> 0.249,
+    # DeepSeek-V3 3.55 -> 3.05; fp8 weight-only Qwen3-30B-A3B gate_up 1.01 -> 0.78 ms. Four
+    # stages up to 512 rows per expert (Qwen3-30B-A3B bf16 gate_up 0.471 -> 0.458 ms, dgrad 0.480
+    # -> 0.461, down 0.280 -> 0.268, its dgrad 0.249 -> 0.234), three above (DeepSeek-V3 E=32
+    # 3.04 against 3.17 ms with four, dgrad 3.05 against 3.12)
     if w_bits == 16:
-        return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 3)
-    return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3)
+        return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 4 if rpe <= 512 else 3, tma=True)
+    return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3, tma=True)
 
 
 # the fused expert MLP's down launch token-major with the combine (KernelConfig.combine) up to

@@ -26,14 +26,14 @@ class _Sm90Target:
         return torch.device("cpu")
 
 
-def _written(kernel, **kwargs):
+def _written(kernel, tma=None, **kwargs):
     if not isinstance(kernel, triton.runtime.jit.JITFunction):
         pytest.skip("TRITON_INTERPRET=1: kernels are interpreted functions, which Inductor does not analyse")
     drivers = triton.runtime.driver
     previous = drivers._active  # None on a machine without a GPU (reset_active would raise there)
     drivers.set_active(_Sm90Target())
     try:
-        acc = identify_accessed_tensors(kernel, kwargs, {})
+        acc = identify_accessed_tensors(kernel, kwargs, tma or {})
     finally:
         drivers._active = previous
     return sorted(d.name for d in acc.read_writes.writes)
@@ -67,8 +67,8 @@ def test_topk_sort_kernel_writes_its_outputs_only(has_bias):
 
 
 def _launches(monkeypatch, fn):
-    """``[(kernel, kwargs)]`` of the ``wrap_triton`` launches ``fn`` makes through
-    :mod:`moe_ops.kernels.dispatch` (captured, not run)."""
+    """``[(kernel, kwargs)]`` of the launches ``fn`` makes through :mod:`moe_ops.kernels.dispatch`
+    (``wrap_triton`` and :func:`moe_ops.kernels.launch.launch`; captured, not run)."""
     seen = []
 
     class _Capture:
@@ -82,7 +82,12 @@ def _launches(monkeypatch, fn):
                 seen.append((self.kernel, named))
             return launch
 
+    def capture_launch(kernel, grid, kwargs, descriptors, **options):
+        named = {k: v for k, v in kwargs.items() if k in kernel.arg_names}
+        seen.append((kernel, {**named, **{k: t for k, (t, _) in descriptors.items()}}))
+
     monkeypatch.setattr(dispatch, "wrap_triton", _Capture)
+    monkeypatch.setattr(dispatch.launch, "launch", capture_launch)
     fn()
     return seen
 
@@ -110,6 +115,30 @@ def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, mon
     for kern, kw in gemms:
         want = ["y_ptr"] + ["slot_ptr"] * kw["SLOT_OUT"] + ["amax_ptr"] * kw["AMAX_OUT"]
         assert _written(kern, **kw) == sorted(want)
+
+
+@pytest.mark.parametrize("dgrad", [False, True])
+def test_tma_launch_writes_its_output_only(dgrad, monkeypatch):
+    """x and W as TMA descriptors (``KernelConfig.tma``; torch's "stable" metadata, as
+    :mod:`moe_ops.kernels.launch` records them when traced): still only ``y`` counts as written."""
+    from moe_ops.lowering.kernel_choice import KernelConfig
+    seen = []
+    monkeypatch.setattr(dispatch, "_tma_device", lambda t: True)
+    monkeypatch.setattr(dispatch.launch, "launch",
+                        lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
+    x, w = torch.randn(256, 128).bfloat16(), torch.randn(4, 192, 128).bfloat16()
+    offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
+    cfg = KernelConfig(64, 64, 64, 4, 3, tma=True)
+    if dgrad:
+        dispatch.grouped_mm_dgrad(torch.randn(256, 192).bfloat16(), w, None, None, offs, "none", "none", 0, "none",
+                                  config=cfg)
+    else:
+        dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=cfg)
+    kernel, kw, descs = seen[0]
+    assert set(descs) == {"x_desc", "w_desc"} and kw["TMA_W"] == (2 if dgrad else 1)
+    meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
+    named = {k: v for k, v in kw.items() if k in kernel.arg_names}
+    assert _written(kernel, tma=meta, **named, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]
 
 
 @pytest.mark.parametrize("per_expert", [False, True])

@@ -18,6 +18,7 @@ from moe_ops import formats
 from moe_ops.lowering import autotune
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
 
+from . import launch
 from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
 from .host_math import cdiv, next_power_of_2
@@ -163,6 +164,44 @@ def _tuned_kernel(tiles: tuple):
     return kern
 
 
+def _tma_device(t: torch.Tensor) -> bool:
+    """Whether launches on ``t``'s device may take TMA descriptors (CUDA capability 9.0 and
+    later; the interpreter emulates them)."""
+    if _INTERPRET:
+        return True
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """A TMA descriptor's layout rules: last dim contiguous, the other strides and the start
+    16-byte aligned (storage offsets stand for the start: storages are allocated aligned)."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+            and t.storage_offset() * size % 16 == 0)
+
+
+def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: dict):
+    """``({param: (tensor, block_shape)}, TMA_X, TMA_W)`` of a launch (see
+    ``grouped_gemm._gemm_acc`` and :mod:`.launch`): TMA for ``config.tma`` tensor-core tiles of
+    16-bit or fp8 weights (int8 codes measured slower: benchmarks/NOTES.md), x when its rows are
+    read in order (no gather), W unless gate and up rows interleave (``ONE_LOOP``)."""
+    if not (config.tma and consts["W_KIND"] != 1 and not consts["COMBINE"] and not meta["GEMV"]
+            and not meta["W_LHS"] and _tma_device(xq)):
+        return {}, False, 0
+    if launch.tracing(xq) and (_INTERPRET or not launch.traced_descriptors_supported()):
+        return {}, False, 0  # (torch traces no interpreted kernel into its higher-order op)
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    descs, tma_w = {}, 0
+    if not consts["GATHER"] and xq.dim() == 2 and _tma_aligned(xq):
+        descs["x_desc"] = (xq, (bm, bk))
+    if w.dim() == 3 and _tma_aligned(w) and not (consts["SWIGLU"] and meta["ONE_LOOP"]):
+        if w_strides[2] == 1:  # stored [E, N, K]
+            descs["w_desc"], tma_w = (w, (1, bn, bk)), 1
+        elif w_strides[1] == 1:  # stored [E, K, N]: the dgrad view
+            descs["w_desc"], tma_w = (w, (1, bk, bn)), 2
+    return descs, "x_desc" in descs, tma_w
+
+
 def _row_tiles(M, block_m: int, E: int):
     """Static bound on the M tiles of :func:`grouped_gemm_kernel` (its ``num_tiles``): each
     expert with rows adds at most one part-filled tile, and at most ``min(E, M)`` experts have
@@ -199,6 +238,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     args = (xq, xs, w, ws, wz, y, offs,
             offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
             xs if amax is None else amax, offs if slot is None else slot,
+            xq, w,  # x_desc, w_desc: the pointers unless _tma_operands gives descriptors
             M, N, K,
             xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
             w_strides[0], w_strides[1], w_strides[2],
@@ -227,8 +267,11 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         grid = (M // top_k * cdiv(N, config.block_n),)
     else:
         grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
-    wrap_triton(grouped_gemm_kernel)[grid](*args, **consts, **_tile_meta(config, bk, unit_k, pack, weight_only),
-                                           num_warps=config.num_warps, num_stages=config.num_stages)
+    meta = _tile_meta(config, bk, unit_k, pack, weight_only)
+    descs, tma_x, tma_w = _tma_operands(xq, w, w_strides, config, meta, consts)
+    kwargs = {**dict(zip(grouped_gemm_kernel.arg_names, args)), **consts, **meta, "TMA_X": tma_x, "TMA_W": tma_w}
+    launch.launch(grouped_gemm_kernel, grid, {k: v for k, v in kwargs.items() if k not in descs}, descs,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 

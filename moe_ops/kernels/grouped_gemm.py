@@ -38,6 +38,10 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
 ``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
               weight as the MMA's left operand, which Hopper's wgmma takes from registers:
               :func:`_dequant_acc_w_lhs`.
+``TMA_X``, ``TMA_W`` (tensor-core tiles of 16-bit or fp8 weights, Hopper and later) x's and
+              W's tiles arrive by TMA descriptors (host-side ``TensorDescriptor``s over x and the
+              stored W) instead of pointer loads: no address arithmetic or masks in the K loop,
+              out-of-range rows and columns read as zero; same values (:func:`_gemm_acc`).
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 ``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
@@ -124,6 +128,7 @@ def _tiles_of_expert(prev, ends, expert, E: tl.constexpr, E_POW2: tl.constexpr, 
 @triton.jit
 def grouped_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr, slot_ptr,
+    x_desc, w_desc,
     M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_we, stride_wn, stride_wk,
@@ -140,6 +145,7 @@ def grouped_gemm_kernel(
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
     SLOT_OUT: tl.constexpr = False, COMBINE: tl.constexpr = 0, COMBINE_POW2: tl.constexpr = 1,
+    TMA_X: tl.constexpr = False, TMA_W: tl.constexpr = 0,
 ):
     if COMBINE:
         _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
@@ -238,7 +244,8 @@ def grouped_gemm_kernel(
                             stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                            UNPACK_JOIN, x_ptr.dtype.element_ty)
+                            UNPACK_JOIN, x_ptr.dtype.element_ty,
+                            x_desc, w_desc, row0, pid_n * BLOCK_N, TMA_X, TMA_W)
         if SWIGLU and ONE_LOOP:
             out, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))  # gate, up
         elif SWIGLU:
@@ -266,7 +273,8 @@ def grouped_gemm_kernel(
                                stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
-                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty)
+                               PACK, UNPACK_JOIN, x_ptr.dtype.element_ty,
+                               x_desc, w_desc, row0, N + pid_n * BLOCK_N, TMA_X, TMA_W)
         if SWIGLU:
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
@@ -328,9 +336,17 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, SCALE_TILE: tl.constexpr, HAS_SCALE: tl.constexpr,
               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr):
+              POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr,
+              x_desc, w_desc, x_row0, w_row0, TMA_X: tl.constexpr, TMA_W: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
-    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3)."""
+    ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3).
+    ``TMA_X``: x's tile is ``x_desc.load([x_row0, k0])`` (a ``[BLOCK_M, BLOCK_K]`` descriptor over
+    ``[M, K]``; rows past the expert's are other experts' rows, masked at the store, and columns
+    past K read as zero), for ``xrow = x_row0 + arange(BLOCK_M)`` and one sub-dot a K tile.
+    ``TMA_W`` (16-bit or fp8 weights): 1, W's tile is ``w_desc.load([expert, w_row0, k0])``
+    over the stored ``[E, N, K]`` (block ``[1, BLOCK_N, BLOCK_K]``), transposed; 2, the stored
+    tensor is ``[E, K, N]`` (the dgrad view: block ``[1, BLOCK_K, BLOCK_N]`` at
+    ``[expert, k0, w_row0]``). ``rn = w_row0 + arange(BLOCK_N)``."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     # packed codes: a K tile is PACK sub-dots of SUB columns each; sub-dot j takes columns
@@ -351,6 +367,10 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     for k0 in range(0, K, BLOCK_K):
+        if TMA_W == 1:
+            w_tile = tl.reshape(w_desc.load([expert, w_row0, k0]), (BLOCK_N, BLOCK_K)).T
+        elif TMA_W == 2:
+            w_tile = tl.reshape(w_desc.load([expert, k0, w_row0]), (BLOCK_K, BLOCK_N))
         if W_KIND == 1:
             rb = k0 // PACK + rs
             byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
@@ -363,8 +383,11 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         for j in tl.static_range(NSUB):
             kk = k0 + rsk * NSUB + j
             k_mask = kk < K
-            a = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if TMA_X:
+                a = x_desc.load([x_row0, k0])
+            else:
+                a = tl.load(x_ptr + xrow[:, None] * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if ACT == 3:  # the int8_token rule, with x / s as x * (1 / s)
                 v = a.to(tl.float32) * inv_scale[:, None]
                 a = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
@@ -378,6 +401,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                     code = (byte >> (j * W_BITS)) & CODE_MASK
                 if (ZERO_MODE == 1) & (not MAGIC):
                     code = code - IMPLICIT_ZERO
+            elif TMA_W:
+                raw = w_tile
             else:
                 raw = tl.load(w_base + kk.to(tl.int64)[:, None] * stride_wk + w_rows[None, :], mask=bmask,
                               other=0.0)

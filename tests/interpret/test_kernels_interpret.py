@@ -321,3 +321,68 @@ def test_fp8_weight_quant_scales(gran, transpose):
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert q.shape == d_ref.shape and q.dtype == d_ref.dtype
     assert torch.equal(s, s_ref)
+
+
+TMA_TILE = KernelConfig(32, 32, 32, 4, 1, tma=True)
+TMA_CASES = [("none", "none", 0, "none"), ("fp8_e4m3", "channel", 0, "none"), ("fp8_e5m2", "tensor", 0, "none"),
+             ("fp8_e4m3", "channel", 0, "fp8_token"), ("fp8_e4m3", "block", 0, "fp8_1x128")]
+
+
+def _spy_tma(monkeypatch):
+    """Record the (TMA_X, TMA_W) each launch takes."""
+    seen, orig = [], dispatch._tma_operands
+
+    def spy(*a):
+        r = orig(*a)
+        seen.append(r[1:])
+        return r
+    monkeypatch.setattr(dispatch, "_tma_operands", spy)
+    return seen
+
+
+@pytest.mark.parametrize("k", [K, 80])  # 80: a partial last K tile
+@pytest.mark.parametrize("fmt,gran,gs,act", TMA_CASES)
+def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
+    """``KernelConfig.tma``: x and W tiles through TMA descriptors (rows of the next expert and
+    columns past K read as zero by the descriptor, masked at the store) give the pointer-load
+    tile's output, forward and dgrad, on ragged experts with an empty one, within float32
+    summation order (the interpreter's float dot is a BLAS call whose order can change with the other rows of the
+    tile, which differ: zeros against the next expert's rows; the GPU test checks bits)."""
+    x, w, offs = _data(hash((fmt, gran, act, k)) % 997, torch.float16, k)
+    args = (w.half(), None, None, "none", "none", 0) if fmt == "none" else \
+        moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
+    seen = _spy_tma(monkeypatch)
+    y = _run(x, args, offs, act, TMA_TILE)
+    assert seen == [(True, 1)]
+    ref = _run(x, args, offs, act, KernelConfig(32, 32, 32, 4, 1))
+    assert rel_err(y, ref) < 1e-4
+    if act == "none":  # dgrad: W's stored [E, N, K] read as [E, K, N] tiles
+        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).half()
+        dx = [dispatch.grouped_mm_dgrad(dy, *args[:3], offs, *args[3:], "none", config=c)
+              for c in (TMA_TILE, KernelConfig(32, 32, 32, 4, 1))]
+        assert seen[-2] == (True, 2) and rel_err(dx[0], dx[1]) < 1e-4
+        assert torch.all(dx[0][int(offs[-1]):] == 0)
+
+
+def test_tma_falls_back_where_the_layout_does_not_allow(monkeypatch):
+    """Rows not 16-byte aligned (K = 84 halves), a gathered x (the expert MLP's gate/up) or
+    interleaved gate/up rows take pointer loads for that operand; integer codes none."""
+    seen = _spy_tma(monkeypatch)
+    x, w, offs = _data(5, torch.float16, 84)
+    _run(x, (w.half(), None, None, "none", "none", 0), offs, "none", TMA_TILE)
+    assert seen[-1] == (False, 0)
+    x, w, offs = _data(5, torch.float16)
+    for fmt, act in (("int4_asym", "none"), ("int8_sym", "none"), ("int8_sym", "int8_token")):
+        _run(x, moe_ops.quantize_weight(w.half(), fmt, "channel", 0).op_args(), offs, act, TMA_TILE)
+        assert seen[-1] == (False, 0)
+    x16 = x[:, :64].contiguous()
+    w1 = torch.randn(E, 2 * 32, 64).half()
+    w2 = torch.randn(E, 64, 32).half()
+    r = moe_ops.route(torch.randn(x16.shape[0] // 2, E), 2)
+    seen.clear()
+    for one_loop in (False, True):
+        cfg = KernelConfig(32, 32, 32, 4, 1, tma=True, one_loop=one_loop)
+        dispatch.expert_mlp(x16[: r.weights.shape[0]], r.weights, r.sorted_rows, r.offs, w1, None, None, w2, None,
+                            None, "none", "none", 0, 0, "none", "none", configs=(cfg, TMA_TILE))
+    # gate/up: x gathered (W by TMA unless the rows interleave); down: both
+    assert seen == [(False, 1), (True, 1), (False, 0), (True, 1)]
