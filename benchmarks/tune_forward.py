@@ -112,26 +112,28 @@ def _with_tma(cfg, on: bool = True):
     return KernelConfig(**{**cfg.__dict__, "tma": on})
 
 
-def tma_cases(shapes, tokens) -> list:
+def tma_cases(shapes, tokens, variants=TMA_VARIANTS, dgrad=True) -> list:
     """``(shape, T, variant, space, dgrad)``: the table's tile with pointer loads, with TMA, then
     other TMA tiles."""
     cases = []
     for s in shapes:
         E, top_k, K, N = SHAPES[s]
         for t in tokens:
-            for v in TMA_VARIANTS:
+            for v in variants:
                 act8 = v.startswith("w8a8")
                 table = choose_forward_config(t * top_k, N, K, E, _BITS[v], K, act_bits=8 if act8 else 16)
                 extra = TMA_EXTRA[8] if act8 else (TMA_EXTRA[16] if v == "bf16" else [])
                 cases.append((s, t, v, [_with_tma(table, False), _with_tma(table)]
                               + [c for c in extra if c != _with_tma(table)], False))
-            table = choose_forward_config(t * top_k, K, N, E, 16, N, k_contiguous=False)
+            if not dgrad:
+                continue
+            table = choose_forward_config(t * top_k, K, N, E, 16, N, k_contiguous=False, dgrad=True)
             cases.append((s, t, "bf16", [_with_tma(table, False), _with_tma(table)]
                           + [c for c in TMA_EXTRA[16] if c != _with_tma(table)], True))
     return cases
 
 
-def tune_tma(cases, out_path):
+def tune_tma(cases, out_path, offs_seed=None):
     """Time each case's configs (eager; prefill kernels outlast the host) and check that the
     TMA twin of the table tile gives the pointer-load tile's output bit for bit."""
     import moe_ops
@@ -142,7 +144,7 @@ def tune_tma(cases, out_path):
         _, f, gr, gs, act = next(o for o in OURS if o[0] == lab)
         w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
         wd, ws, wz, fmt, g2, gs2 = moe_ops.quantize_weight(w, f, gr, gs).op_args()
-        offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=T if offs_seed is None else offs_seed)
         x = torch.randn(T * top_k, N if dgrad else K, device=dev, dtype=torch.bfloat16)
 
         def make(cfg):
@@ -196,9 +198,11 @@ if __name__ == "__main__":
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
                    help="--w-lhs: weight-only variants")
     p.add_argument("--tma", action="store_true", help="TMA-descriptor prefill tiles against the table's")
+    p.add_argument("--offs-seed", type=int, help="--tma: routing seed (default T; bench_training uses 1)")
     a = p.parse_args()
     if a.tma:
-        tune_tma(tma_cases(a.shapes, a.tokens), os.path.join(a.out, "tune_tma.json"))
+        variants = [v for v in a.variants if v in TMA_VARIANTS] or TMA_VARIANTS
+        tune_tma(tma_cases(a.shapes, a.tokens, variants), os.path.join(a.out, "tune_tma.json"), a.offs_seed)
     elif a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
     elif a.packed_gemv:

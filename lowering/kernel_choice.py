@@ -97,12 +97,14 @@ def _packed_gemv_config(K: int, scale_k_unit: int) -> KernelConfig:
 
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
-                          act_bits: int = 16, k_contiguous: bool = True, packed_gemv: bool = True) -> KernelConfig:
+                          act_bits: int = 16, k_contiguous: bool = True, packed_gemv: bool = True,
+                          dgrad: bool = False) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
     transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured;
-    ``packed_gemv``: packed codes can be read as 32-bit words (``dispatch.gemv_layout_ok``).
+    ``packed_gemv``: packed codes can be read as 32-bit words (``dispatch.gemv_layout_ok``);
+    ``dgrad``: the launch is dgrad's, over the transposed weight view.
     The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
     ``--w-lhs`` sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
@@ -152,16 +154,19 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         return KernelConfig(256, 128, _block_k(K, scale_k_unit, 64), 8, 3, w_lhs=True)
     if act_bits == 8 or w_bits < 8:
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 4, 4)
-    # 16-bit and 8-bit weights under 16-bit x, x and W tiles by TMA (Hopper; int8 codes keep
-    # pointer loads, dispatch._tma_operands). tune_forward.py --tma (results/tune_tma_h100.*),
-    # T=4096 against the same tiles' pointer loads: bf16 DeepSeek-V3 E=32 3.14 -> 3.04 ms, dgrad
-    # (the transposed view) Qwen3-30B-A3B gate_up 0.746 -> 0.473 ms, down 0.263 -> 0.249,
-    # DeepSeek-V3 3.55 -> 3.05; fp8 weight-only Qwen3-30B-A3B gate_up 1.01 -> 0.78 ms. Four
-    # stages up to 512 rows per expert (Qwen3-30B-A3B bf16 gate_up 0.471 -> 0.458 ms, dgrad 0.480
-    # -> 0.461, down 0.280 -> 0.268, its dgrad 0.249 -> 0.234), three above (DeepSeek-V3 E=32
-    # 3.04 against 3.17 ms with four, dgrad 3.05 against 3.12)
+    # x and W tiles by TMA (Hopper; int8 codes keep pointer loads, dispatch._tma_operands) where
+    # they measured faster: tune_forward.py --tma (results/tune_tma_h100_run*.json), T=4096,
+    # against the same tiles' pointer loads. bf16 dgrad (the transposed view), in every run and
+    # both routings: Qwen3-30B-A3B gate_up 0.502 -> 0.480 ms, down 0.256 -> 0.240, DeepSeek-V3
+    # E=32 3.51 -> 3.07; with four stages up to 512 rows per expert (gate_up 0.461, down 0.234),
+    # three above (DeepSeek-V3: 3.05 against 3.12 with four). fp8 weight-only (16-bit x):
+    # Qwen3-30B-A3B gate_up 0.57 -> 0.53 ms, down 0.339 -> 0.304. Not the bf16 forward: its
+    # TMA tile won or lost with the routing (DeepSeek-V3 E=32 3.14 -> 3.04 ms with one skewed
+    # router, 3.00 -> 3.27 with another; Qwen3-30B-A3B within 2% either way)
     if w_bits == 16:
-        return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 4 if rpe <= 512 else 3, tma=True)
+        if dgrad:
+            return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 4 if rpe <= 512 else 3, tma=True)
+        return KernelConfig(128, 256, _block_k(K, scale_k_unit, 64), 8, 3)
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3, tma=True)
 
 

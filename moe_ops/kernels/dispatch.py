@@ -337,7 +337,7 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     if config is None:  # scales that vary faster than a 16-wide K tile are gathered per element
         tile_unit = t_unit_k if (has_scale and 16 <= t_unit_k < _HUGE) else max(N, 1)
         config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit,
-                                       k_contiguous=False)
+                                       k_contiguous=False, dgrad=True)
     bk = max(config.block_k, 16)
     y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     if M == 0:
