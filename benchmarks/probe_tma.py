@@ -3,7 +3,8 @@
 Usage (GPU): ``python benchmarks/probe_tma.py``. Launches a copy kernel that reads x through a
 ``TensorDescriptor`` with a fresh x per launch, and prints x's reference count before and after
 one launch and the CUDA memory still allocated after 200 launches (with and without
-``gc.collect()``), against the same kernel reading x through a pointer.
+``gc.collect()``), against the same kernel reading x through a pointer; then the same for ``grouped_mm`` launches
+(fp8 weights, fresh x), and the host time of a ``grouped_mm_dgrad`` call with and without TMA.
 """
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def grouped_mm_leaked_bytes(tma: bool, act: str, n: int = 50) -> int:
     return torch.cuda.memory_allocated() - base
 
 
+def host_us_per_call(tma: bool, n: int = 300) -> float:
+    """Host time of one ``grouped_mm_dgrad`` op call (bf16, a small shape, so the host bounds
+    the loop), TMA descriptors on or off."""
+    import time
+    from moe_ops.kernels import dispatch
+    from moe_ops.lowering.kernel_choice import KernelConfig
+    E, N, K, M = 8, 256, 256, 512
+    w = torch.randn(E, N, K, device="cuda").bfloat16()
+    dy = torch.randn(M, N, device="cuda").bfloat16()
+    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * (M // E)
+    cfg = KernelConfig(128, 256, 64, 8, 4, tma=tma)
+    dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none", config=cfg)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none", config=cfg)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 if __name__ == "__main__":
     print("torch", torch.__version__, "triton", triton.__version__)
     for desc in (False, True):
@@ -88,3 +110,5 @@ if __name__ == "__main__":
         for tma in (False, True):
             print(f"grouped_mm fp8 weights act={act} tma={tma}: bytes still allocated after 50 calls: "
                   f"{grouped_mm_leaked_bytes(tma, act)}", flush=True)
+    for tma in (False, True):
+        print(f"grouped_mm_dgrad host time a call, tma={tma}: {host_us_per_call(tma):.1f} us", flush=True)

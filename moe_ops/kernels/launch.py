@@ -21,6 +21,33 @@ import torch
 from torch.library import wrap_triton
 
 
+def _ensure_cuda_context(device: torch.device) -> None:
+    """Make ``device``'s primary CUDA context current on this thread if none is. Triton encodes a
+    host-side descriptor (``cuTensorMapEncodeTiled``, a driver call) before its launcher makes a
+    context current, and a thread that has not yet touched the device (autograd's backward
+    thread) has none: "Failed to create tensor map descriptor: invalid device context"."""
+    import ctypes
+    lib = _libcuda()
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+        return
+    dev = ctypes.c_int()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if (lib.cuDeviceGet(ctypes.byref(dev), index) != 0 or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0
+            or lib.cuCtxSetCurrent(ctx) != 0):
+        raise RuntimeError(f"could not make the CUDA context of {device} current for a TMA descriptor")
+
+
+_LIBCUDA = []
+
+
+def _libcuda():
+    if not _LIBCUDA:
+        import ctypes
+        _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
+    return _LIBCUDA[0]
+
+
 def tracing(t: torch.Tensor) -> bool:
     """Whether a launch on ``t`` is being traced rather than run (a plain tensor outside
     Dynamo and proxy modes is the cheap common case: ~0.3 us)."""
@@ -59,6 +86,8 @@ def launch(kernel, grid, kwargs: dict, descriptors: dict, **options) -> None:
     probe = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
     if not tracing(probe):
         from triton.tools.tensor_descriptor import TensorDescriptor
+        if descriptors and probe.is_cuda:
+            _ensure_cuda_context(probe.device)
         descs = {name: TensorDescriptor.from_tensor(t, list(block)) for name, (t, block) in descriptors.items()}
         kernel[grid](**kwargs, **descs, **options)
         return

@@ -285,3 +285,34 @@ def test_compiled_forward_tma_tile(monkeypatch):
     assert "grouped_gemm_kernel" in src and "TensorDescriptor" in src
     assert torch.equal(y, dispatch.grouped_mm(xd, wd, None, None, od, "none", "none", 0, "none", "none",
                                               config=tile))
+
+
+def test_tma_launch_from_a_fresh_thread():
+    """A thread that has not touched the device yet (autograd's backward thread) has no current
+    CUDA context, and Triton encodes a host-side TMA descriptor with a driver call before its
+    launcher makes one current: the launch must make it current itself."""
+    if not _tma_capable():
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
+    import threading
+    tile = KernelConfig(128, 256, 64, 8, 4, tma=True)
+    M, E, N, K = 1000, 4, 256, 512
+    _, w, offs = _case(71, M, E, N, K)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(72)).bfloat16().to(DEV)
+    wd, od = w.bfloat16().to(DEV), offs.to(DEV)
+    # the reference first: its freed output block serves the thread's allocation from the cache
+    # (no cudaMalloc there, which would make a context current)
+    ref = dispatch.grouped_mm_dgrad(dy, wd, None, None, od, "none", "none", 0, "none", config=tile).clone()
+    torch.cuda.synchronize()
+    out, err = [], []
+
+    def run():
+        try:
+            out.append(dispatch.grouped_mm_dgrad(dy, wd, None, None, od, "none", "none", 0, "none", config=tile))
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001  (re-raised below, in the test's thread)
+            err.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not err, err
+    assert torch.equal(out[0], ref)
