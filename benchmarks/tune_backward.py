@@ -1,7 +1,7 @@
 """Sweep tile configs of the dgrad (forward kernel over transposed weights) and wgrad kernels.
 
-Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR] [--kinds dgrad,wgrad]``; prints each
-ranking.
+Usage (GPU): ``python benchmarks/tune_backward.py [--out DIR] [--kinds dgrad,wgrad,wgrad_tma]``;
+prints each ranking. ``wgrad_tma``: whole row chunks by TMA descriptors against pointer loads.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import harness  # noqa: E402
 from bench_training import SHAPES  # noqa: E402
 
 from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.kernels.grouped_wgrad import launch_wgrad  # noqa: E402
 from moe_ops.lowering.kernel_choice import KernelConfig as C  # noqa: E402
 
 DGRAD = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 256, 64, 8, 3),
@@ -27,6 +28,11 @@ WGRAD = [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 2
          (64, 64, 128, 4, 3), (32, 128, 256, 8, 2), (64, 256, 64, 8, 3), (16, 128, 128, 4, 4),
          (32, 128, 128, 4, 4), (64, 128, 128, 4, 3)]
 
+# --kinds wgrad_tma: the default wgrad tile with pointer loads against TMA chunks, and TMA tiles
+WGRAD_TMA = [((64, 128, 128, 8, 3), False), ((64, 128, 128, 8, 3), True), ((64, 128, 128, 8, 4), True),
+             ((128, 128, 64, 8, 3), True), ((64, 256, 64, 8, 3), True), ((128, 128, 128, 8, 3), True),
+             ((128, 256, 64, 8, 3), True)]
+
 
 def main(out_dir, kinds):
     dev = torch.device("cuda")
@@ -35,8 +41,13 @@ def main(out_dir, kinds):
         offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev)
         makers = {"dgrad": lambda cfg: (lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0,
                                                                           "none", config=cfg)),
-                  "wgrad": lambda cfg: (lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg))}
-        for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD)):
+                  "wgrad": lambda cfg: (lambda: dispatch.grouped_mm_wgrad(dy, x, offs, "none", config=cfg)),
+                  "wgrad_tma": lambda c: (lambda: launch_wgrad(dy, x, offs, dy.dtype, c[0], tma=c[1]))}
+        if "wgrad_tma" in kinds:
+            print(sname, "wgrad TMA chunks equal pointer loads bit for bit:",
+                  torch.equal(launch_wgrad(dy, x, offs, dy.dtype, tma=True), launch_wgrad(dy, x, offs, dy.dtype,
+                                                                                          tma=False)), flush=True)
+        for kind, space in (("dgrad", DGRAD), ("wgrad", WGRAD), ("wgrad_tma", WGRAD_TMA)):
             if kind not in kinds:
                 continue
             ranking = harness.sweep(makers[kind], space, f"{sname:18s} {kind}")

@@ -123,7 +123,7 @@ def test_tma_launch_writes_its_output_only(dgrad, monkeypatch):
     :mod:`moe_ops.kernels.launch` records them when traced): still only ``y`` counts as written."""
     from moe_ops.lowering.kernel_choice import KernelConfig
     seen = []
-    monkeypatch.setattr(dispatch, "_tma_device", lambda t: True)
+    monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
     monkeypatch.setattr(dispatch.launch, "launch",
                         lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
     x, w = torch.randn(256, 128).bfloat16(), torch.randn(4, 192, 128).bfloat16()
@@ -139,6 +139,21 @@ def test_tma_launch_writes_its_output_only(dgrad, monkeypatch):
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     named = {k: v for k, v in kw.items() if k in kernel.arg_names}
     assert _written(kernel, tma=meta, **named, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]
+
+
+def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
+    """The bf16 wgrad with its row chunks by TMA descriptors: only ``dw`` counts as written."""
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad
+    seen = []
+    monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
+    monkeypatch.setattr(dispatch.launch, "launch",
+                        lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
+    offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
+    launch_wgrad(torch.randn(256, 192).bfloat16(), torch.randn(256, 128).bfloat16(), offs, torch.bfloat16, tma=True)
+    kernel, kw, descs = seen[0]
+    assert set(descs) == {"dy_desc", "x_desc"} and kw["TMA"]
+    meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
+    assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["dw_ptr"]
 
 
 @pytest.mark.parametrize("per_expert", [False, True])

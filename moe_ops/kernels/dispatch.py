@@ -164,37 +164,21 @@ def _tuned_kernel(tiles: tuple):
     return kern
 
 
-def _tma_device(t: torch.Tensor) -> bool:
-    """Whether launches on ``t``'s device may take TMA descriptors (CUDA capability 9.0 and
-    later; the interpreter emulates them)."""
-    if _INTERPRET:
-        return True
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-
-
-def _tma_aligned(t: torch.Tensor) -> bool:
-    """A TMA descriptor's layout rules: last dim contiguous, the other strides and the start
-    16-byte aligned (storage offsets stand for the start: storages are allocated aligned)."""
-    size = t.element_size()
-    return (t.stride(-1) == 1 and all(st * size % 16 == 0 for st in t.stride()[:-1])
-            and t.storage_offset() * size % 16 == 0)
-
-
 def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: dict):
     """``({param: (tensor, block_shape)}, TMA_X, TMA_W)`` of a launch (see
     ``grouped_gemm._gemm_acc`` and :mod:`.launch`): TMA for ``config.tma`` tensor-core tiles of
     16-bit or fp8 weights (int8 codes measured slower: benchmarks/NOTES.md), x when its rows are
     read in order (no gather), W unless gate and up rows interleave (``ONE_LOOP``)."""
     if not (config.tma and consts["W_KIND"] != 1 and not consts["COMBINE"] and not meta["GEMV"]
-            and not meta["W_LHS"] and _tma_device(xq)):
+            and not meta["W_LHS"] and launch.tma_device(xq)):
         return {}, False, 0
-    if launch.tracing(xq) and (_INTERPRET or not launch.traced_descriptors_supported()):
-        return {}, False, 0  # (torch traces no interpreted kernel into its higher-order op)
+    if not launch.descriptors_allowed(xq):
+        return {}, False, 0
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     descs, tma_w = {}, 0
-    if not consts["GATHER"] and xq.dim() == 2 and _tma_aligned(xq):
+    if not consts["GATHER"] and xq.dim() == 2 and launch.tma_aligned(xq):
         descs["x_desc"] = (xq, (bm, bk))
-    if w.dim() == 3 and _tma_aligned(w) and not (consts["SWIGLU"] and meta["ONE_LOOP"]):
+    if w.dim() == 3 and launch.tma_aligned(w) and not (consts["SWIGLU"] and meta["ONE_LOOP"]):
         if w_strides[2] == 1:  # stored [E, N, K]
             descs["w_desc"], tma_w = (w, (1, bn, bk)), 1
         elif w_strides[1] == 1:  # stored [E, K, N]: the dgrad view

@@ -20,16 +20,21 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import launch
 from .grouped_gemm import _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
 from .token_block_quant import BLOCK
 
 
 @triton.jit
-def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, N, K,
+def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, dy_desc, x_desc, N, K,
                          stride_dym, stride_dyn, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
+                         UPCAST_DOT: tl.constexpr, TMA: tl.constexpr = False):
+    """``TMA``: the whole ``BLOCK_M``-row chunks of the expert come by TMA descriptors
+    (``dy_desc`` ``[BLOCK_M, BLOCK_N]`` over dy, ``x_desc`` ``[BLOCK_M, BLOCK_K]`` over x; columns
+    past N / K read as zero) and only the last, part-filled chunk by masked pointer loads (a
+    descriptor cannot stop at the expert's last row)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -42,7 +47,17 @@ def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, N, K,
     n_mask = rn < N
     k_mask = rk < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
+    tail = start
+    if TMA:
+        tail = end - (end - start) % BLOCK_M
+        for m0 in range(start, tail, BLOCK_M):
+            a = dy_desc.load([m0, pid_n * BLOCK_N])
+            b = x_desc.load([m0, pid_k * BLOCK_K])
+            if UPCAST_DOT:
+                acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(a), b, acc)
+    for m0 in range(tail, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_mask = rm < end
         rm64 = rm.to(tl.int64)
@@ -104,10 +119,16 @@ def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr,
     _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stride_wk)
 
 
+# whole row chunks of the bf16 wgrad by TMA descriptors where the device and layout allow
+# (grouped_wgrad_kernel TMA; measured in benchmarks/tune_backward.py --tma)
+WGRAD_TMA = True
+
+
 def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, config=None,
-                 interpret: bool = False) -> torch.Tensor:
+                 interpret: bool = False, tma: bool = None) -> torch.Tensor:
     """``[E, N, K]`` in ``out_dtype`` from 16/32-bit dy ``[M, N]``, x ``[M, K]``. ``config``:
-    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
+    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; ``tma`` (default ``WGRAD_TMA``):
+    TMA descriptors for the whole row chunks, where :mod:`.launch` allows them."""
     M, N = dy.shape
     K = x.shape[1]
     E = offs.shape[0]
@@ -116,11 +137,16 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
         return dw
     bm, bn, bk, warps, stages = config or (64, 128, 128, 8, 3)
     grid = (cdiv(N, bn) * cdiv(K, bk), E)
-    wrap_triton(grouped_wgrad_kernel)[grid](
-        dy, x, dw, offs, N, K, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interpret or dy.dtype == torch.float32,
-        num_warps=warps, num_stages=stages)
+    use_tma = ((WGRAD_TMA if tma is None else tma) and dy.dtype != torch.float32 and launch.tma_device(dy)
+               and launch.tma_aligned(dy) and launch.tma_aligned(x) and launch.descriptors_allowed(dy))
+    descs = {"dy_desc": (dy, (bm, bn)), "x_desc": (x, (bm, bk))} if use_tma else {}
+    kwargs = dict(dy_ptr=dy, x_ptr=x, dw_ptr=dw, offs_ptr=offs, N=N, K=K,
+                  stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
+                  stride_we=dw.stride(0), stride_wn=dw.stride(1), stride_wk=dw.stride(2),
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interpret or dy.dtype == torch.float32, TMA=use_tma)
+    if not use_tma:
+        kwargs.update(dy_desc=dy, x_desc=x)  # plain pointers in the descriptors' places
+    launch.launch(grouped_wgrad_kernel, grid, kwargs, descs, num_warps=warps, num_stages=stages)
     return dw
 
 

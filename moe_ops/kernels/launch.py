@@ -17,8 +17,44 @@ parameter names to ``(tensor, block_shape)``, each passed as
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.library import wrap_triton
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether launches on ``t``'s device may take TMA descriptors (CUDA capability 9.0 and
+    later; the interpreter emulates them)."""
+    if _INTERPRET:
+        return True
+    if not t.is_cuda:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _CAPABLE[index]
+
+
+_CAPABLE: dict = {}  # CUDA device index -> has TMA
+
+
+def tma_aligned(t: torch.Tensor) -> bool:
+    """A TMA descriptor's layout rules: last dim contiguous, the other strides and the start
+    16-byte aligned (storage offsets stand for the start: storages are allocated aligned)."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+            and t.storage_offset() * size % 16 == 0)
+
+
+def descriptors_allowed(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` may pass descriptors now: always when run; when traced, where
+    this torch records their metadata (and not for interpreted kernels, which torch does not
+    trace into its higher-order op)."""
+    return not tracing(t) or (not _INTERPRET and traced_descriptors_supported())
 
 
 def _ensure_cuda_context(device: torch.device) -> None:

@@ -386,3 +386,25 @@ def test_tma_falls_back_where_the_layout_does_not_allow(monkeypatch):
                             None, "none", "none", 0, 0, "none", "none", configs=(cfg, TMA_TILE))
     # gate/up: x gathered (W by TMA unless the rows interleave); down: both
     assert seen == [(False, 1), (True, 1), (False, 0), (True, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgrad_tma_chunks_equal_pointer_loads(dtype, monkeypatch):
+    """The bf16/fp16 wgrad with TMA descriptors for an expert's whole row chunks and masked
+    pointer loads for its last, part-filled chunk: equal to the pointer-load kernel (rows past
+    an expert's range, which the descriptor would read, must not enter its sum); an empty
+    expert gets exact zeros; N and K off the tile."""
+    x, _, offs = _data(13, dtype)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(14)).to(dtype)
+    seen = []
+    orig = dispatch.launch.launch
+    monkeypatch.setattr(dispatch.launch, "launch", lambda k, g, kw, d, **o: seen.append(sorted(d)) or orig(k, g, kw, d, **o))
+    cfg = (16, 32, 32, 4, 1)  # 16-row chunks: every expert of 45 ragged rows has whole and partial ones
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad
+    with_tma = launch_wgrad(dy, x, offs, dtype, cfg, interpret=True, tma=True)
+    plain = launch_wgrad(dy, x, offs, dtype, cfg, interpret=True, tma=False)
+    assert seen == [["dy_desc", "x_desc"], []]
+    assert torch.all(with_tma[1] == 0)
+    assert rel_err(with_tma, plain) < 1e-4
+    ref = reference.grouped_mm_wgrad(dy[: int(offs[-1])].double(), x[: int(offs[-1])].double(), offs, "none")
+    assert rel_err(with_tma, ref) < (1e-3 if dtype == torch.float16 else 1.6e-2)
