@@ -170,9 +170,7 @@ def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: di
     16-bit or fp8 weights (int8 codes measured slower: benchmarks/NOTES.md), x when its rows are
     read in order (no gather), W unless gate and up rows interleave (``ONE_LOOP``)."""
     if not (config.tma and consts["W_KIND"] != 1 and not consts["COMBINE"] and not meta["GEMV"]
-            and not meta["W_LHS"] and launch.tma_device(xq)):
-        return {}, False, 0
-    if not launch.descriptors_allowed(xq):
+            and not meta["W_LHS"] and launch.tma_device(xq) and launch.descriptors_allowed(xq)):
         return {}, False, 0
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     descs, tma_w = {}, 0
