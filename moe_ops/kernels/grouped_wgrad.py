@@ -6,7 +6,9 @@ reduces over it in BLOCK_M chunks. Deterministic (one program per output tile, f
 atomics); an expert with no rows writes exact zeros. fp32 accumulation; output in
 ``out_dtype``. Rows at or past ``offs[-1]`` are read by nobody.
 
-Two kernels: ``grouped_wgrad_kernel`` on 16/32-bit dy ``[M, N]`` and x ``[M, K]``;
+Two kernels: ``grouped_wgrad_kernel`` on 16/32-bit dy ``[M, N]`` and x ``[M, K]`` (on Hopper the
+expert's whole BLOCK_M-row chunks by TMA descriptors, its last part-filled chunk by masked
+loads: ``TMA``, :data:`WGRAD_TMA`);
 ``grouped_wgrad_fp8_kernel`` on the FP8 recipes' operands in the padded token-block layout of
 :mod:`.token_block_quant` (``[N, P]`` and ``[K, P]`` float8, token dim contiguous, every block
 128-column aligned and zero padded), looping over the expert's blocks: per-block scales are
