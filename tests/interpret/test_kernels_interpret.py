@@ -382,10 +382,13 @@ def test_tma_falls_back_where_the_layout_does_not_allow(monkeypatch):
     seen.clear()
     for one_loop in (False, True):
         cfg = KernelConfig(32, 32, 32, 4, 1, tma=True, one_loop=one_loop)
-        dispatch.expert_mlp(x16[: r.weights.shape[0]], r.weights, r.sorted_rows, r.offs, w1, None, None, w2, None,
-                            None, "none", "none", 0, 0, "none", "none", configs=(cfg, TMA_TILE))
+        outs = [dispatch.expert_mlp(x16[: r.weights.shape[0]], r.weights, r.sorted_rows, r.offs, w1, None, None, w2,
+                                    None, None, "none", "none", 0, 0, "none", "none", configs=cfgs)
+                for cfgs in ((cfg, TMA_TILE), (KernelConfig(32, 32, 32, 4, 1, one_loop=one_loop),
+                                               KernelConfig(32, 32, 32, 4, 1)))]
+        assert rel_err(outs[0], outs[1]) < 1e-4  # the gate/up rows [N + n] of the up tile by TMA too
     # gate/up: x gathered (W by TMA unless the rows interleave); down: both
-    assert seen == [(False, 1), (True, 1), (False, 0), (True, 1)]
+    assert [seen[i] for i in (0, 1, 4, 5)] == [(False, 1), (True, 1), (False, 0), (True, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
