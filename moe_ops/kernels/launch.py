@@ -17,6 +17,7 @@ parameter names to ``(tensor, block_shape)``, each passed as
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,13 +34,12 @@ def tma_device(t: torch.Tensor) -> bool:
         return True
     if not t.is_cuda:
         return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _CAPABLE[index]
+    return _has_tma(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-_CAPABLE: dict = {}  # CUDA device index -> has TMA
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def tma_aligned(t: torch.Tensor) -> bool:
@@ -74,25 +74,21 @@ def _ensure_cuda_context(device: torch.device) -> None:
         raise RuntimeError(f"could not make the CUDA context of {device} current for a TMA descriptor")
 
 
-_LIBCUDA = []
-
-
+@functools.cache
 def _libcuda():
-    if not _LIBCUDA:
-        import ctypes
-        _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
-    return _LIBCUDA[0]
+    import ctypes
+    return ctypes.CDLL("libcuda.so.1")
 
 
 def tracing(t: torch.Tensor) -> bool:
     """Whether a launch on ``t`` is being traced rather than run (a plain tensor outside
     Dynamo and proxy modes is the cheap common case: ~0.3 us)."""
-    if (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None):
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+        return True
+    if type(t) is torch.Tensor:
         return False
     from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t) or torch.compiler.is_compiling() or \
-        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    return is_fake(t)
 
 
 def traced_descriptors_supported() -> bool:
