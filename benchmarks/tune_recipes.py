@@ -28,12 +28,20 @@ FWD = [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 128, 128, 4, 4), C(
        C(128, 64, 128, 4, 4), C(128, 256, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 4, 3)]
 WGRAD = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
          (64, 128, 4, 4), (128, 64, 4, 4)]
-ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8)]  # BLOCK_C < K: two passes
+ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),  # BLOCK_C < K: two passes
+           (8, 1024, 8), (4, 1024, 4), (16, 1024, 8), (2, 1024, 2), (16, 256, 4), (32, 256, 8),
+           (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
-TOKEN_BLOCKS = [(32, 4), (64, 8), (64, 4), (32, 2), (16, 2)]
-W_CHANNEL = [(8, 1024, 8), (4, 1024, 4), (8, 2048, 8), (16, 512, 8)]
-W_CHANNEL_T = [(64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 32, 4)]
-W_BLOCK = [(128, 128, 16), (128, 128, 8)]
+# (BLOCK_C, num_warps, column tiles first in the grid)
+TOKEN_BLOCKS = [(bc, w, cf) for bc, w in ((32, 4), (64, 8), (64, 4), (32, 2), (16, 2), (128, 8)) for cf in (False, True)]
+# (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order)
+W_CHANNEL = [(bn, bk, w, f) for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (8, 2048, 8), (16, 512, 8), (8, 256, 4),
+                                              (2, 1024, 4), (4, 512, 4), (2, 2048, 8), (1, 4096, 8))
+             for f in (False, True)]
+W_CHANNEL_T = [(bn, bk, w, f) for bn, bk, w in ((64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 32, 4), (128, 64, 8),
+                                                (64, 128, 8), (256, 32, 8))
+               for f in (False, True)]
+W_BLOCK = [(128, 128, w, f) for w in (16, 8) for f in (False, True)]
 
 
 def main(out_dir, only=""):
@@ -84,29 +92,29 @@ def main(out_dir, only=""):
             rk = harness.sweep(lambda c, p=per_expert, a=(qdy, qx, sdy, sx): (
                 lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c)), WGRAD, f"{sname} {kind}", graph=True)
             record(sname, kind, rk, "flop", 2.0 * M * N * K)
-        if sname == "qwen3_gate_up":  # the casts are bandwidth-bound: one shape says enough
-            act_bytes = M * K * 3
-            sweeps = {
-                "cast_x_fp8_token": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_token", c)), ACT_ROW, act_bytes),
-                "cast_x_fp8_1x128": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_1x128", c)), ACT_1X128,
-                                     act_bytes),
-                "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)), TOKEN_BLOCKS,
-                                            act_bytes),
-                "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
-                                               TOKEN_BLOCKS, act_bytes),
-                "cast_w_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", False, c)), W_CHANNEL,
-                                       E * N * K * 3),
-                "cast_wT_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", True, c)), W_CHANNEL_T,
-                                        E * N * K * 3),
-                "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c)), W_BLOCK,
-                                     E * N * K * 3),
-                "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c)), W_BLOCK,
-                                                E * N * K * 3),
-            }
-            for kind, (make, space, nbytes) in sweeps.items():
-                if only not in kind:
-                    continue
-                record(sname, kind, harness.sweep(make, space, f"{sname} {kind}", graph=True), "byte", nbytes)
+        # the casts: bandwidth-bound, but their best tiles differ with K and N
+        act_bytes = M * K * 3
+        sweeps = {
+            "cast_x_fp8_token": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_token", c)), ACT_ROW, act_bytes),
+            "cast_x_fp8_1x128": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_1x128", c)), ACT_1X128,
+                                 act_bytes),
+            "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)), TOKEN_BLOCKS,
+                                        act_bytes),
+            "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
+                                           TOKEN_BLOCKS, act_bytes),
+            "cast_w_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", False, c)), W_CHANNEL,
+                                   E * N * K * 3),
+            "cast_wT_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", True, c)), W_CHANNEL_T,
+                                    E * N * K * 3),
+            "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c)), W_BLOCK,
+                                 E * N * K * 3),
+            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c)), W_BLOCK,
+                                            E * N * K * 3),
+        }
+        for kind, (make, space, nbytes) in sweeps.items():
+            if only not in kind:
+                continue
+            record(sname, kind, harness.sweep(make, space, f"{sname} {kind}", graph=True), "byte", nbytes)
         x = dy = w = qdy = qx = None
     harness.write_json(os.path.join(out_dir, "tune_recipes.json"), {"env": env, "ceilings": ceil, "results": res})
 

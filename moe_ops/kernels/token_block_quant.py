@@ -45,9 +45,9 @@ def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl
 @triton.jit
 def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
+                             BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr, COLS_FAST: tl.constexpr):
+    pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
+    pid_c = tl.program_id(0 if COLS_FAST else 1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     ri = tl.arange(0, BLOCK_M)
@@ -100,11 +100,15 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     tc = t if t.stride(1) == 1 else t.contiguous()
     # tune_recipes.py on an H100, CUDA-graph timed (Qwen3 gate_up x, 32768 x 2048): every
     # config within 10%; (32, 4): 0.15 ms per block, 0.27 ms per expert (two reads)
-    bc, warps = config or (32, 4)
-    grid = (E if per_expert else nb, cdiv(C, bc))
+    bc, warps, *order = config or (32, 4)
+    cols_fast = bool(order and order[0])
+    units = E if per_expert else nb
+    cols_fast = cols_fast and units < 65536  # the grid's second axis holds at most 65535
+    grid = (cdiv(C, bc), units) if cols_fast else (units, cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
-        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, num_warps=warps)
+        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,
+        num_warps=warps)
     return q, s
 
 

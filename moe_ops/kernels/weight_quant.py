@@ -21,10 +21,19 @@ from .host_math import cdiv
 def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
                             stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                             stride_se, stride_sn, stride_sk,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
+                            FLAT: tl.constexpr):
+    if FLAT:  # a 1-D grid, K tiles fastest, then N tiles, then experts: neighbours read neighbours
+        pid = tl.program_id(0)
+        tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_k = pid % tiles_k
+        pid_n = (pid // tiles_k) % tiles_n
+        e = (pid // (tiles_k * tiles_n)).to(tl.int64)
+    else:
+        e = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
@@ -56,12 +65,17 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
 
 
+def _with_flat(config):
+    return tuple(config) + (False,) * (4 - len(config))
+
+
 def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
     (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
-    ``config``: ``(BLOCK_N, BLOCK_K, num_warps)`` for ``channel`` (rows of one scale each,
-    reduced columns per step); ``block`` tiles are 128 x 128."""
+    ``config``: ``(BLOCK_N, BLOCK_K, num_warps[, flat])`` for ``channel`` (rows of one scale
+    each, reduced columns per step); ``block`` tiles are 128 x 128. ``flat``: a 1-D grid in
+    memory order (a tile's neighbours in W launch together) instead of ``(E, N tiles, K tiles)``."""
     E = w.shape[0]
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
@@ -69,7 +83,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
         # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
-        bn, bk, warps = config or ((64, 64, 4) if transpose else (8, 1024, 8))  # tune_recipes.py, H100
+        bn, bk, warps, flat = _with_flat(config or ((64, 64, 4) if transpose else (8, 1024, 8)))  # tune_recipes.py
         grid, per_row = (E, cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
@@ -85,10 +99,13 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             s = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
             q_strides = (q.stride(0), q.stride(1), q.stride(2))
             s_strides = (s.stride(0), s.stride(1), s.stride(2))
-        grid, bn, bk, per_row = (E, nb, kb), 128, 128, False
-        warps = (config or (128, 128, 16))[2]
+        grid, per_row = (E, nb, kb), False
+        bn, bk, warps, flat = _with_flat(config or (128, 128, 16))
+        bn = bk = 128
+    if flat:
+        grid = (grid[0] * grid[1] * grid[2],)
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
-            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, num_warps=warps)
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, num_warps=warps)
     return q, s

@@ -82,16 +82,17 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
+@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True)])
 @pytest.mark.parametrize("per_expert", [True, False])
-def test_token_block_quant_bit_exact(per_expert):
+def test_token_block_quant_bit_exact(per_expert, config):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
-    for bit; the padding of every used block is zero codes."""
+    for bit; the padding of every used block is zero codes. Default tiles and both grid orders."""
     from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns, token_block_quant
     x, dy, _, offs = _case(5)
     q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, 0 if per_expert else 128)
     # poison the allocator's next block of the codes' size (0x7F: a NaN code)
     torch.full((x.shape[1], padded_blocks(x.shape[0], E) * 128), 0x7F, dtype=torch.uint8, device=DEV)
-    q, s = token_block_quant(x.to(DEV), offs.to(DEV), per_expert)
+    q, s = token_block_quant(x.to(DEV), offs.to(DEV), per_expert, config)
     end = int(offs[-1])
     used = torch.unique(blk[:end])
     assert torch.equal(s.cpu()[used], s_ref[used])
@@ -103,12 +104,16 @@ def test_token_block_quant_bit_exact(per_expert):
     assert torch.all(q8[:, pad] == 0)
 
 
+@pytest.mark.parametrize("flat", [None, False, True])
 @pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])
-def test_fp8_weight_quant_bit_exact(gran, transpose):
+def test_fp8_weight_quant_bit_exact(gran, transpose, flat):
+    """Codes and scales equal ``formats.quantize`` bit for bit: default config, and both grid
+    orders of a fixed one."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant
     w = (torch.randn(4, 300, 520) * 0.05).bfloat16()
     w[1, :, :128] = 0
-    q, s = fp8_weight_quant(w.to(DEV), gran, transpose)
+    config = None if flat is None else (32, 256, 4, flat)
+    q, s = fp8_weight_quant(w.to(DEV), gran, transpose, config)
     src = w.transpose(1, 2).contiguous() if transpose else w
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert torch.equal(s.cpu(), s_ref)
