@@ -1,6 +1,6 @@
 """Sweep the FP8 training recipes' kernels: the fp8 wgrad GEMM and the quantization casts.
 
-Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR] [--only SUBSTRING]``; prints each ranking (wgrad:
+Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR] [--only SUBSTRING[,SUBSTRING..]]``; prints each ranking (wgrad:
 TFLOP/s over the fp8 matmul ceiling; casts: bytes read + written over the copy ceiling) and
 writes ``tune_recipes.json``. The defaults in the kernels' launchers come from these rankings.
 Every config is timed as CUDA-graph replays: an eager launch of these ops costs the host about
@@ -32,19 +32,23 @@ ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),
            (8, 1024, 8), (4, 1024, 4), (16, 1024, 8), (2, 1024, 2), (16, 256, 4), (32, 256, 8),
            (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
-# (BLOCK_C, num_warps, column tiles first in the grid)
-TOKEN_BLOCKS = [(bc, w, cf) for bc, w in ((32, 4), (64, 8), (64, 4), (32, 2), (16, 2), (128, 8)) for cf in (False, True)]
-# (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order)
-W_CHANNEL = [(bn, bk, w, f) for bn, bk, w in ((8, 1024, 8), (4, 1024, 4), (8, 2048, 8), (16, 512, 8), (8, 256, 4),
-                                              (2, 1024, 4), (4, 512, 4), (2, 2048, 8), (1, 4096, 8))
-             for f in (False, True)]
-W_CHANNEL_T = [(bn, bk, w, f) for bn, bk, w in ((64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 32, 4), (128, 64, 8),
-                                                (64, 128, 8), (256, 32, 8))
-               for f in (False, True)]
+# (BLOCK_C, num_warps, column tiles first in the grid, column tiles per program)
+TOKEN_BLOCKS = ([(16, 2, True, s) for s in (1, 2, 4, 8, 16)] + [(32, 4, True, s) for s in (1, 2, 4, 8)]
+                + [(64, 4, True, s) for s in (1, 2, 4)] + [(32, 4, False, 1), (64, 4, False, 1)])
+# (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
+W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False), (2, 2048, 8, True, 2),
+             (2, 2048, 8, True, 4), (4, 1024, 4, True, 4), (4, 1024, 4, True, 8), (8, 256, 4, True, 8)]
+W_CHANNEL_T = ([(32, 64, 4, True), (64, 64, 4, True), (64, 64, 4, False)]
+               + [(32, 64, 4, True, p) for p in (2, 4, 8)] + [(32, 128, 4, True, p) for p in (2, 4)]
+               + [(32, 256, 8, True, p) for p in (1, 2)] + [(64, 64, 4, True, p) for p in (2, 4)]
+               + [(64, 128, 8, True, p) for p in (1, 2)] + [(16, 256, 4, True, p) for p in (2, 4)])
 W_BLOCK = [(128, 128, w, f) for w in (16, 8) for f in (False, True)]
 
 
-def main(out_dir, only=""):
+def main(out_dir, only=("",)):
+    def wanted(kind):
+        return any(o in kind for o in only)
+
     dev = torch.device("cuda")
     env, ceil = harness.environment(dev), harness.ceilings(dev)
     T, res = 4096, []
@@ -60,7 +64,7 @@ def main(out_dir, only=""):
         offs, x, w, dy = harness.training_operands(E, top_k, K, N, T, dev)
         M = T * top_k
         for recipe, act, gran in (("blockwise", "fp8_1x128", "block"), ("rowwise", "fp8_token", "channel")):
-            if only not in f"fwd_{recipe}":
+            if not wanted(f"fwd_{recipe}"):
                 continue
             data, scale = fp8_weight_quant(w, gran)
             rk = harness.sweep(lambda c, a=(data, scale, act, gran): (
@@ -68,7 +72,7 @@ def main(out_dir, only=""):
                 FWD, f"{sname} fwd_{recipe}", graph=True)
             record(sname, f"fwd_{recipe}_incl_x_cast", rk, "flop", 2.0 * M * N * K)
             data = scale = None
-        if only in "dgrad_blockwise_layout":  # W^T's codes (written transposed) or W's codes read transposed
+        if wanted("dgrad_blockwise_layout"):  # W^T's codes (written transposed) or W's codes read transposed
             qt, st = fp8_weight_quant(w, "block", transpose=True)
             q, s = fp8_weight_quant(w, "block")
             layouts = {"wT_codes": (qt, st), "w_codes_transposed_view": (q.transpose(1, 2), s.transpose(1, 2))}
@@ -87,7 +91,7 @@ def main(out_dir, only=""):
             qdy, sdy = token_block_quant(dy, offs, per_expert)
             qx, sx = token_block_quant(x, offs, per_expert)
             kind = "wgrad_fp8_" + ("rowwise" if per_expert else "blockwise")
-            if only not in kind:
+            if not wanted(kind):
                 continue
             rk = harness.sweep(lambda c, p=per_expert, a=(qdy, qx, sdy, sx): (
                 lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c)), WGRAD, f"{sname} {kind}", graph=True)
@@ -112,7 +116,7 @@ def main(out_dir, only=""):
                                             E * N * K * 3),
         }
         for kind, (make, space, nbytes) in sweeps.items():
-            if only not in kind:
+            if not wanted(kind):
                 continue
             record(sname, kind, harness.sweep(make, space, f"{sname} {kind}", graph=True), "byte", nbytes)
         x = dy = w = qdy = qx = None
@@ -122,6 +126,6 @@ def main(out_dir, only=""):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    p.add_argument("--only", default="", help="sweep only the kinds containing this substring")
+    p.add_argument("--only", default="", help="sweep only the kinds containing one of these comma-separated substrings")
     a = p.parse_args()
-    main(a.out, a.only)
+    main(a.out, tuple(a.only.split(",")))

@@ -18,22 +18,11 @@ from .host_math import cdiv
 
 
 @triton.jit
-def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
-                            stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
-                            stride_se, stride_sn, stride_sk,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
-                            FLAT: tl.constexpr):
-    if FLAT:  # a 1-D grid, K tiles fastest, then N tiles, then experts: neighbours read neighbours
-        pid = tl.program_id(0)
-        tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        pid_k = pid % tiles_k
-        pid_n = (pid // tiles_k) % tiles_n
-        e = (pid // (tiles_k * tiles_n)).to(tl.int64)
-    else:
-        e = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
+def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
+                   stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+                   stride_se, stride_sn, stride_sk,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr):
+    """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``), else the tile (pid_n, pid_k)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
@@ -65,17 +54,51 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K,
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
 
 
-def _with_flat(config):
-    return tuple(config) + (False,) * (4 - len(config))
+@triton.jit
+def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
+                            stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+                            stride_se, stride_sn, stride_sk,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
+                            FLAT: tl.constexpr):
+    if FLAT:  # a 1-D grid over the units, K tiles fastest, then N tiles, then experts (memory
+        # order: neighbours read neighbours); a grid smaller than the units loops (persistent)
+        tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        for pid in range(tl.program_id(0), E * tiles_n * tiles_k, tl.num_programs(0)):
+            _quantize_unit(w_ptr, q_ptr, s_ptr, (pid // (tiles_k * tiles_n)).to(tl.int64), (pid // tiles_k) % tiles_n,
+                           pid % tiles_k, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+                           stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW)
+    else:
+        _quantize_unit(w_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), N, K,
+                       stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
+                       stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW)
+
+
+def _grid_options(config):
+    """``config`` padded to ``(BLOCK_N, BLOCK_K, num_warps, flat, programs_per_sm)``."""
+    return tuple(config) + (False, 0)[len(config) - 3:]
+
+
+def _persistent_programs(device: torch.device, per_sm: int) -> int:
+    """``per_sm`` programs per streaming multiprocessor (0: no bound). The CPU (Triton's
+    interpreter) counts as one multiprocessor, so that tests run the persistent loop."""
+    if per_sm <= 0:
+        return 0
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm if device.type == "cpu" else 0
 
 
 def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
     (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
-    ``config``: ``(BLOCK_N, BLOCK_K, num_warps[, flat])`` for ``channel`` (rows of one scale
-    each, reduced columns per step); ``block`` tiles are 128 x 128. ``flat``: a 1-D grid in
-    memory order (a tile's neighbours in W launch together) instead of ``(E, N tiles, K tiles)``."""
+    ``config``: ``(BLOCK_N, BLOCK_K, num_warps[, flat[, programs_per_sm]])``; for ``channel``
+    BLOCK_N rows of one scale each, BLOCK_K reduced columns per step; ``block`` tiles are
+    128 x 128 whatever the config says. ``flat``: a 1-D grid in memory order (a tile's
+    neighbours in W launch together) instead of ``(E, N tiles, K tiles)``; ``programs_per_sm``
+    (flat only, CUDA): that many programs per multiprocessor loop over the units, so that fewer
+    units are in flight (a two-pass unit's second read then stays in L2)."""
     E = w.shape[0]
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
@@ -83,7 +106,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)
         # W^T reads W along its rows' contiguous dim (k): tall tiles keep the reads coalesced
-        bn, bk, warps, flat = _with_flat(config or ((64, 64, 4) if transpose else (8, 1024, 8)))  # tune_recipes.py
+        bn, bk, warps, flat, per_sm = _grid_options(config or ((64, 64, 4) if transpose else (8, 1024, 8)))
         grid, per_row = (E, cdiv(R, bn), 1), True
         q_strides = (q.stride(0), q.stride(1), q.stride(2))
         s_strides = (s.stride(0), s.stride(1), 0)
@@ -100,12 +123,13 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             q_strides = (q.stride(0), q.stride(1), q.stride(2))
             s_strides = (s.stride(0), s.stride(1), s.stride(2))
         grid, per_row = (E, nb, kb), False
-        bn, bk, warps, flat = _with_flat(config or (128, 128, 16))
+        bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 16))
         bn = bk = 128
     if flat:
-        grid = (grid[0] * grid[1] * grid[2],)
+        units = grid[0] * grid[1] * grid[2]
+        grid = (min(units, _persistent_programs(w.device, per_sm) or units),)
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
-            wv, q, s, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
+            wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
             BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, num_warps=warps)
     return q, s

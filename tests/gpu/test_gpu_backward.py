@@ -82,7 +82,7 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
-@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True)])
+@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True, 8)])
 @pytest.mark.parametrize("per_expert", [True, False])
 def test_token_block_quant_bit_exact(per_expert, config):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
@@ -104,15 +104,15 @@ def test_token_block_quant_bit_exact(per_expert, config):
     assert torch.all(q8[:, pad] == 0)
 
 
-@pytest.mark.parametrize("flat", [None, False, True])
+@pytest.mark.parametrize("flat", [None, False, True, 2])
 @pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])
 def test_fp8_weight_quant_bit_exact(gran, transpose, flat):
     """Codes and scales equal ``formats.quantize`` bit for bit: default config, and both grid
-    orders of a fixed one."""
+    orders of a fixed one, and a persistent grid of 2 programs per multiprocessor."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant
     w = (torch.randn(4, 300, 520) * 0.05).bfloat16()
     w[1, :, :128] = 0
-    config = None if flat is None else (32, 256, 4, flat)
+    config = None if flat is None else (32, 256, 4, bool(flat)) + ((flat,) if flat > 1 else ())
     q, s = fp8_weight_quant(w.to(DEV), gran, transpose, config)
     src = w.transpose(1, 2).contiguous() if transpose else w
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)

@@ -304,7 +304,7 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     block_cols = (used.unsqueeze(1) * 128 + torch.arange(128)).flatten()
     pad = block_cols[~written[block_cols]]
     assert pad.numel() > 0 and torch.all(qk[:, pad].float() == 0)
-    for order in ((16, 2, True), (64, 4, False)):  # grid order and column tile change no used unit
+    for order in ((16, 2, True), (64, 4, False), (16, 2, True, 4)):  # grid order, tiles: same used units
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
@@ -325,7 +325,7 @@ def test_fp8_weight_quant_scales(gran, transpose):
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert q.shape == d_ref.shape and q.dtype == d_ref.dtype
     assert torch.equal(s, s_ref)
-    for cfg in ((16, 64, 4, True), (64, 128, 4, False)):  # the flat grid, other tiles: the same bits
+    for cfg in ((16, 64, 4, True), (64, 128, 4, False), (16, 64, 4, True, 3)):  # flat, persistent: same bits
         q2, s2 = fp8_weight_quant(w, gran, transpose, cfg)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
 
