@@ -153,7 +153,7 @@ def test_fp8_activations(mode, fmt, gran):
     assert rel_err(y, ref) < 2e-2
 
 
-@pytest.mark.parametrize("shape", [(300, 1000), (37, 5000)])
+@pytest.mark.parametrize("shape", [(300, 1000), (37, 5000), (50, 768), (9, 2048)])  # every per-row tiling
 @pytest.mark.parametrize("mode", ["int8_token", "fp8_token", "fp8_1x128"])
 def test_act_quant_kernel_bit_exact(mode, shape):
     from moe_ops.kernels import dispatch
