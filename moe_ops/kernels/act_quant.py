@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .scale_division import divide_by_scale
+
 
 @triton.jit
 def _round_half_even(v):
@@ -23,8 +25,8 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constexpr):
-    v = tl.math.div_rn(v, safe)
+def _codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constexpr, RCP: tl.constexpr):
+    v = divide_by_scale(v, safe, RCP)
     if TO_INT8:
         return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
     return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(dtype)
@@ -33,7 +35,7 @@ def _codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constex
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                          UNIT: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr, QMAX: tl.constexpr, TO_INT8: tl.constexpr):
+                         BLOCK_C: tl.constexpr, QMAX: tl.constexpr, TO_INT8: tl.constexpr, RCP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
@@ -46,7 +48,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
             scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
-            tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
+            tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
         else:  # absmax pass, then quantize pass (the rows stay in L2)
             amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for c0 in range(0, K, BLOCK_C):
@@ -60,7 +62,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
                 c = c0 + tl.arange(0, BLOCK_C)
                 m = r_mask[:, None] & (c < K)[None, :]
                 v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
-                tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
+                tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
     else:  # program (row block, unit): a [BLOCK_R, UNIT] tile, one pass
         u = tl.program_id(1)
         c = u * UNIT + tl.arange(0, UNIT)
@@ -69,4 +71,4 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
         scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
         tl.store(s_ptr + rows.to(tl.int64) * stride_sm + u, scale, mask=r_mask)
         safe = tl.where(scale > 0, scale, 1.0)[:, None]
-        tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)

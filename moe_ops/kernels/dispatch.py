@@ -23,6 +23,7 @@ from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
 from .host_math import cdiv, next_power_of_2
 from .routing_kernels import count_sort_kernel, router_topk_sort_kernel, topk_kernel, topk_sort_kernel
+from .scale_division import SIXTEEN_BIT
 
 _HUGE = 1 << 30
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -56,7 +57,7 @@ def quantize_act(x: torch.Tensor, mode: str, config=None):
         wrap_triton(quantize_rows_kernel)[grid](
             xc, q, s, M, K, xc.stride(0), q.stride(0), s.stride(0), UNIT=unit if not per_row else 1,
             PER_ROW=per_row, BLOCK_R=block_r, BLOCK_C=block_c, QMAX=127.0 if to_int8 else 448.0,
-            TO_INT8=to_int8, num_warps=warps)
+            TO_INT8=to_int8, RCP=xc.dtype in SIXTEEN_BIT, num_warps=warps)
     return q, s
 
 

@@ -29,14 +29,15 @@ from moe_ops import formats
 
 from .grouped_gemm import _expert_of_tile, _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
+from .scale_division import SIXTEEN_BIT, divide_by_scale
 
 BLOCK = formats.BLOCK
 
 
 @triton.jit
-def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl.constexpr):
+def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl.constexpr, RCP: tl.constexpr):
     """Codes of the ``[BLOCK_M, BLOCK_C]`` tile ``v`` (zeros in missing rows) to block ``blk``."""
-    qv = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), safe[None, :]), -448.0), 448.0)
+    qv = tl.minimum(tl.maximum(divide_by_scale(v.to(tl.float32), safe[None, :], RCP), -448.0), 448.0)
     ri = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     ptr = q_ptr + cols.to(tl.int64)[None, :] * stride_qc + ri[:, None]
     tl.store(ptr, qv.to(q_ptr.dtype.element_ty), mask=c_mask[None, :])
@@ -46,7 +47,7 @@ def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl
 def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, COL_STEPS: tl.constexpr, PER_EXPERT: tl.constexpr,
-                             COLS_FAST: tl.constexpr):
+                             COLS_FAST: tl.constexpr, RCP: tl.constexpr):
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
     pid_c = tl.program_id(0 if COLS_FAST else 1)  # COL_STEPS column tiles of BLOCK_C
     ri = tl.arange(0, BLOCK_M)
@@ -71,7 +72,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                 rm = start + j * BLOCK_M + ri
                 v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
                             mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-                _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M)
+                _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M, RCP)
     else:  # program pid = token block
         _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
@@ -83,7 +84,8 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                             mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
                 scale = tl.math.div_rn(tl.max(tl.abs(v.to(tl.float32)), 0), 448.0)
                 tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-                _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M)
+                _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M,
+                                   RCP)
 
 
 def padded_blocks(M: int, E: int) -> int:
@@ -119,7 +121,7 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
         E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, COL_STEPS=steps, PER_EXPERT=per_expert,
-        COLS_FAST=cols_fast, num_warps=warps)
+        COLS_FAST=cols_fast, RCP=tc.dtype in SIXTEEN_BIT, num_warps=warps)
     return q, s
 
 

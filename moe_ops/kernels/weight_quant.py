@@ -15,13 +15,14 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .host_math import cdiv, next_power_of_2
+from .scale_division import SIXTEEN_BIT, divide_by_scale
 
 
 @triton.jit
 def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
                    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                    stride_se, stride_sn, stride_sk,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr, RCP: tl.constexpr):
     """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``), else the tile (pid_n, pid_k)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -41,7 +42,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
             rk = k0 + tl.arange(0, BLOCK_K)
             m = n_mask[:, None] & (rk < K)[None, :]
             v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-            qv = tl.minimum(tl.maximum(tl.math.div_rn(v, safe), -448.0), 448.0)
+            qv = tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0)
             tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
     else:
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -50,7 +51,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), 1), 0), 448.0)
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
         safe = tl.where(scale > 0, scale, 1.0)
-        qv = tl.minimum(tl.maximum(tl.math.div_rn(v, safe), -448.0), 448.0)
+        qv = tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0)
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
 
 
@@ -59,7 +60,7 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
                             stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                             stride_se, stride_sn, stride_sk,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
-                            FLAT: tl.constexpr):
+                            FLAT: tl.constexpr, RCP: tl.constexpr):
     if FLAT:  # a 1-D grid over the units, K tiles fastest, then N tiles, then experts (memory
         # order: neighbours read neighbours); a grid smaller than the units loops (persistent)
         tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
@@ -67,11 +68,11 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
         for pid in range(tl.program_id(0), E * tiles_n * tiles_k, tl.num_programs(0)):
             _quantize_unit(w_ptr, q_ptr, s_ptr, (pid // (tiles_k * tiles_n)).to(tl.int64), (pid // tiles_k) % tiles_n,
                            pid % tiles_k, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
-                           stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW)
+                           stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP)
     else:
         _quantize_unit(w_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), N, K,
                        stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
-                       stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW)
+                       stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP)
 
 
 def _grid_options(config):
@@ -145,5 +146,5 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
-            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, num_warps=warps)
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, RCP=w.dtype in SIXTEEN_BIT, num_warps=warps)
     return q, s
