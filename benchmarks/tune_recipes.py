@@ -36,12 +36,8 @@ ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)
 TOKEN_BLOCKS = ([(16, 2, True, s) for s in (1, 2, 4, 8, 16)] + [(32, 4, True, s) for s in (1, 2, 4, 8)]
                 + [(64, 4, True, s) for s in (1, 2, 4)] + [(32, 4, False, 1), (64, 4, False, 1)])
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
-W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False), (2, 2048, 8, True, 2),
-             (2, 2048, 8, True, 4), (4, 1024, 4, True, 4), (4, 1024, 4, True, 8), (8, 256, 4, True, 8)]
-W_CHANNEL_T = ([(32, 64, 4, True), (64, 64, 4, True), (64, 64, 4, False)]
-               + [(32, 64, 4, True, p) for p in (2, 4, 8)] + [(32, 128, 4, True, p) for p in (2, 4)]
-               + [(32, 256, 8, True, p) for p in (1, 2)] + [(64, 64, 4, True, p) for p in (2, 4)]
-               + [(64, 128, 8, True, p) for p in (1, 2)] + [(16, 256, 4, True, p) for p in (2, 4)])
+W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
+W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4)]
 W_BLOCK = [(128, 128, w, f) for w in (16, 8) for f in (False, True)]
 
 
@@ -106,14 +102,15 @@ def main(out_dir, only=("",)):
                                         act_bytes),
             "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
                                            TOKEN_BLOCKS, act_bytes),
-            "cast_w_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", False, c)), W_CHANNEL,
-                                   E * N * K * 3),
-            "cast_wT_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", True, c)), W_CHANNEL_T,
-                                    E * N * K * 3),
-            "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c)), W_BLOCK,
-                                 E * N * K * 3),
-            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c)), W_BLOCK,
-                                            E * N * K * 3),
+            # weight casts: (config, rcp); rcp: the reciprocal-and-FMA division or div_rn
+            "cast_w_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", False, *c)),
+                                   [(cfg, r) for cfg in W_CHANNEL for r in (False, True)], E * N * K * 3),
+            "cast_wT_fp8_channel": (lambda c: (lambda: fp8_weight_quant(w, "channel", True, *c)),
+                                    [(cfg, r) for cfg in W_CHANNEL_T for r in (False, True)], E * N * K * 3),
+            "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, *c)),
+                                 [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
+            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, *c)),
+                                            [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
         }
         for kind, (make, space, nbytes) in sweeps.items():
             if not wanted(kind):

@@ -108,11 +108,12 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     if M == 0 or C == 0 or E == 0:
         return q, s.zero_()
     tc = t if t.stride(1) == 1 else t.contiguous()
-    # tune_recipes.py on an H100, CUDA-graph timed, x of the three training shapes: (16, 2,
-    # column tiles first) best or within 4% everywhere (Qwen3 gate_up 0.147 ms per block, 0.213
-    # per expert, against 0.153 / 0.269 for (32, 4) in expert order); more column steps per
-    # program are slower (each step's load waits for the previous step's store)
-    config = tuple(config or (16, 2, True))
+    # tune_recipes.py on an H100, CUDA-graph timed, x of the three training shapes, with the
+    # reciprocal division: (64, 4, column tiles first) best or within 3% but at Qwen3 down per
+    # expert (0.100 against 0.087 ms); summed over the six cases 1.18 ms against 1.27 for (16, 2)
+    # and 1.66 for session 12's (32, 4) in expert order with div_rn. More column steps per
+    # program are slower (each step's load waits for the previous step's store).
+    config = tuple(config or (64, 4, True))
     bc, warps, cols_fast, steps = config + (False, 1)[len(config) - 2:]
     units = E if per_expert else nb
     cols_fast = cols_fast and units < 65536  # the grid's second axis holds at most 65535

@@ -105,7 +105,7 @@ def _channel_tiles(C: int, transpose: bool):
     return min(8, 4096 // block_k), block_k, 4, True
 
 
-def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None):
+def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None, rcp=None):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
     (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
@@ -114,8 +114,17 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     128 x 128 whatever the config says. ``flat``: a 1-D grid in memory order (a tile's
     neighbours in W launch together) instead of ``(E, N tiles, K tiles)``; ``programs_per_sm``
     (flat only, CUDA): that many programs per multiprocessor loop over the units, so that fewer
-    units are in flight (a two-pass unit's second read then stays in L2)."""
+    units are in flight (a two-pass unit's second read then stays in L2). ``rcp``: divide by the
+    scales through :func:`.scale_division.divide_by_scale`'s reciprocal form (16-bit ``w`` only;
+    the same codes); ``None``: where it measured faster."""
     E = w.shape[0]
+    if rcp is None:
+        # the reciprocal-and-FMA division (scale_division) for 16-bit weights: the W^T channel
+        # cast (two reads, the second from HBM) 0.854 -> 0.770 ms at Qwen3-30B-A3B gate_up; the
+        # one-read casts, memory-bound with div_rn at 0.90-0.96 of copy, measured slower with it
+        # (block 0.445 -> 0.533 ms, channel 0.417 -> 0.497): cause not found, so they keep div_rn
+        rcp = transpose and granularity == "channel"
+    rcp = rcp and w.dtype in SIXTEEN_BIT
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
     if granularity == "channel":
@@ -146,5 +155,5 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
-            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, RCP=w.dtype in SIXTEEN_BIT, num_warps=warps)
+            BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, RCP=rcp, num_warps=warps)
     return q, s
