@@ -119,11 +119,13 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     the same codes); ``None``: where it measured faster."""
     E = w.shape[0]
     if rcp is None:
-        # the reciprocal-and-FMA division (scale_division) for 16-bit weights: the W^T channel
-        # cast (two reads, the second from HBM) 0.854 -> 0.770 ms at Qwen3-30B-A3B gate_up; the
-        # one-read casts, memory-bound with div_rn at 0.90-0.96 of copy, measured slower with it
-        # (block 0.445 -> 0.533 ms, channel 0.417 -> 0.497): cause not found, so they keep div_rn
-        rcp = transpose and granularity == "channel"
+        # the reciprocal-and-FMA division (scale_division) for 16-bit weights where it measured
+        # faster (tune_recipes.py, H100, results/tune_casts_h100_s13_rcp.json): 128 x 128 blocks
+        # with 8 warps 0.406 / 0.441 ms (W / W^T codes, Qwen3-30B-A3B gate_up) against 0.443 /
+        # 0.454 with div_rn and 16 warps (DeepSeek-V3 0.947 against 1.053 ms); the W^T channel
+        # cast 0.768 against 0.850. The W channel cast is as fast or faster with div_rn (0.415 /
+        # 0.214 / 1.269 ms against 0.497 / 0.274 / 1.335 with its default tiles).
+        rcp = not (granularity == "channel" and not transpose)
     rcp = rcp and w.dtype in SIXTEEN_BIT
     wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
     R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
@@ -147,7 +149,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             q_strides = (q.stride(0), q.stride(1), q.stride(2))
             s_strides = (s.stride(0), s.stride(1), s.stride(2))
         grid, per_row = (E, nb, kb), False
-        bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 16))
+        bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 8, True))
         bn = bk = 128
     if flat:
         units = grid[0] * grid[1] * grid[2]
