@@ -32,9 +32,9 @@ ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),
            (8, 1024, 8), (4, 1024, 4), (16, 1024, 8), (2, 1024, 2), (16, 256, 4), (32, 256, 8),
            (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
-# (BLOCK_C, num_warps, column tiles first in the grid, column tiles per program)
-TOKEN_BLOCKS = ([(16, 2, True, s) for s in (1, 2, 4, 8, 16)] + [(32, 4, True, s) for s in (1, 2, 4, 8)]
-                + [(64, 4, True, s) for s in (1, 2, 4)] + [(32, 4, False, 1), (64, 4, False, 1)])
+# (BLOCK_C, num_warps, column tiles first in the grid)
+TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128, 8, True), (32, 4, False),
+                (64, 4, False)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
 W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4)]

@@ -9,7 +9,7 @@ reciprocal ``y = 1 / s`` per scale and per element ``q = v * y`` and one FMA cor
 quotient is the correctly rounded one unless the residual underflows). Scales below 2^-60 are
 scaled up by 2^64 first, with ``v`` (exact: both stay far from overflow). Checked against
 ``div_rn`` over every bf16 and fp16 value and every scale that a 16-bit absmax gives
-(``s = absmax / 448``): the codes are equal everywhere; the float32 quotient differs only below
+(``s = absmax / 448`` and ``absmax / 127``): the codes are equal everywhere; the float32 quotient differs only below
 2^-53 (a subnormal ``v``: the residual underflows), where every code is zero. The check runs
 exhaustively on the GPU (``tests/gpu/test_gpu_scale_division.py``) and on a subset in Triton's
 interpreter (``tests/interpret``). Wider inputs (float32) keep ``div_rn``.

@@ -46,46 +46,41 @@ def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl
 @triton.jit
 def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_C: tl.constexpr, COL_STEPS: tl.constexpr, PER_EXPERT: tl.constexpr,
-                             COLS_FAST: tl.constexpr, RCP: tl.constexpr):
+                             BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr, COLS_FAST: tl.constexpr,
+                             RCP: tl.constexpr):
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
-    pid_c = tl.program_id(0 if COLS_FAST else 1)  # COL_STEPS column tiles of BLOCK_C
+    pid_c = tl.program_id(0 if COLS_FAST else 1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < C
     ri = tl.arange(0, BLOCK_M)
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
     if PER_EXPERT:  # program pid = expert
         start, end, first, count = _tiles_of_expert(prev, ends, pid, E, E_POW2, BLOCK_M)
-        for step in tl.static_range(COL_STEPS):
-            cols = (pid_c * COL_STEPS + step) * BLOCK_C + tl.arange(0, BLOCK_C)
-            c_mask = cols < C
-            amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-            for j in range(0, count):
-                rm = start + j * BLOCK_M + ri
-                v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                            mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
-            scale = tl.math.div_rn(amax, 448.0)
-            tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-            safe = tl.where(scale > 0, scale, 1.0)
-            for j in range(0, count):
-                rm = start + j * BLOCK_M + ri
-                v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                            mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-                _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M, RCP)
+        amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in range(0, count):
+            rm = start + j * BLOCK_M + ri
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
+        scale = tl.math.div_rn(amax, 448.0)
+        tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+        safe = tl.where(scale > 0, scale, 1.0)
+        for j in range(0, count):
+            rm = start + j * BLOCK_M + ri
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M, RCP)
     else:  # program pid = token block
         _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
             rm = row0 + ri
-            for step in tl.static_range(COL_STEPS):
-                cols = (pid_c * COL_STEPS + step) * BLOCK_C + tl.arange(0, BLOCK_C)
-                c_mask = cols < C
-                v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                            mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-                scale = tl.math.div_rn(tl.max(tl.abs(v.to(tl.float32)), 0), 448.0)
-                tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-                _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M,
-                                   RCP)
+            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+            scale = tl.math.div_rn(tl.max(tl.abs(v.to(tl.float32)), 0), 448.0)
+            tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+            _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M, RCP)
 
 
 def padded_blocks(M: int, E: int) -> int:
@@ -96,10 +91,9 @@ def padded_blocks(M: int, E: int) -> int:
 def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, config=None):
     """``(q_t [C, P] float8_e4m3fn, scale float32)`` of ``t`` ``[M, C]`` in the padded
     token-block layout (module docstring); scale ``[E, C]`` if ``per_expert`` else
-    ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps[, cols_fast[, col_steps]])``:
-    a program quantizes ``col_steps`` column tiles of ``BLOCK_C`` (one expert lookup for all);
-    ``cols_fast`` makes the column tiles the grid's first axis (one unit's column tiles launch
-    together, reading whole rows)."""
+    ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps[, cols_fast])``: ``cols_fast``
+    makes the column tiles the grid's first axis (one unit's column tiles launch together,
+    reading whole rows)."""
     M, C = t.shape
     E = offs.shape[0]
     nb = padded_blocks(M, E)
@@ -112,17 +106,16 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # reciprocal division: (64, 4, column tiles first) best or within 3% but at Qwen3 down per
     # expert (0.100 against 0.087 ms); summed over the six cases 1.18 ms against 1.27 for (16, 2)
     # and 1.66 for session 12's (32, 4) in expert order with div_rn. More column steps per
-    # program are slower (each step's load waits for the previous step's store).
-    config = tuple(config or (64, 4, True))
-    bc, warps, cols_fast, steps = config + (False, 1)[len(config) - 2:]
+    # program were slower (each step's load waits for the previous step's store; NOTES.md).
+    bc, warps, *order = config or (64, 4, True)
+    cols_fast = bool(order and order[0])
     units = E if per_expert else nb
     cols_fast = cols_fast and units < 65536  # the grid's second axis holds at most 65535
-    col_units = cdiv(C, bc * steps)
-    grid = (col_units, units) if cols_fast else (units, col_units)
+    grid = (cdiv(C, bc), units) if cols_fast else (units, cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
-        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, COL_STEPS=steps, PER_EXPERT=per_expert,
-        COLS_FAST=cols_fast, RCP=tc.dtype in SIXTEEN_BIT, num_warps=warps)
+        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,
+        RCP=tc.dtype in SIXTEEN_BIT, num_warps=warps)
     return q, s
 
 

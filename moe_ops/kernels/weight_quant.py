@@ -94,9 +94,10 @@ def _channel_tiles(C: int, transpose: bool):
     """Default ``channel`` config for ``C`` reduced columns (tune_recipes.py on an H100,
     CUDA-graph timed, share of copy bandwidth). W: K = 2048 (4, 1024, 4) 0.96-1.0; K = 768
     (8, 256, 4) 0.94 (a masked 1024-wide step: 0.44); K = 7168 (2, 2048, 8) 0.74-0.85 (1024-wide
-    steps: 0.6). W^T (tall tiles: its rows are W's contiguous dim): (64, 64, 4) 0.46-0.51 at every
-    shape, its second read missing L2; a persistent grid that keeps it in L2 reads too little at a
-    time (slower). All with the flat grid (equal or up to 6% faster)."""
+    steps: 0.6). W^T (tall tiles: its rows are W's contiguous dim): (64, 64, 4) 0.51-0.52 at every
+    shape (with the reciprocal division), its second read missing L2; persistent grids that keep
+    it in L2 read too little at a time (faster at Qwen3 gate_up only). All with the flat grid
+    (equal or up to 6% faster)."""
     if transpose:
         return 64, 64, 4, True
     if C > 4096:

@@ -82,7 +82,7 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
-@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True, 8)])
+@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True)])
 @pytest.mark.parametrize("per_expert", [True, False])
 def test_token_block_quant_bit_exact(per_expert, config):
     """Codes and scales of the padded token-block layout equal the reference quantization bit

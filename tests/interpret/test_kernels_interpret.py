@@ -304,7 +304,7 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     block_cols = (used.unsqueeze(1) * 128 + torch.arange(128)).flatten()
     pad = block_cols[~written[block_cols]]
     assert pad.numel() > 0 and torch.all(qk[:, pad].float() == 0)
-    for order in ((16, 2, True), (64, 4, False), (16, 2, True, 4)):  # grid order, tiles: same used units
+    for order in ((16, 2, True), (64, 4, False), (32, 4)):  # grid order, tiles: the same used units
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
