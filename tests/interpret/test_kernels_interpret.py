@@ -308,6 +308,11 @@ def test_recipe_wgrad_fp8_kernel(recipe):
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
+    # 16-bit input: the reciprocal division (scale_division) gives the float32 input's codes
+    d16 = dy.bfloat16()
+    (qa, sa), (qb, sb) = token_block_quant(d16, offs, per_expert), token_block_quant(d16.float(), offs, per_expert)
+    assert torch.equal(qa[:, block_cols].view(torch.uint8), qb[:, block_cols].view(torch.uint8))
+    assert torch.equal(sa, sb) if per_expert else torch.equal(sa[used], sb[used])
     # and the whole recipe wgrad through the operator's Triton path stays within fp8 error
     full = dispatch.grouped_mm_wgrad(dy, x, offs, recipe)
     assert rel_err(full, ref) < 0.1
@@ -327,6 +332,9 @@ def test_fp8_weight_quant_scales(gran, transpose):
     assert torch.equal(s, s_ref)
     for cfg in ((16, 64, 4, True), (64, 128, 4, False), (16, 64, 4, True, 3)):  # flat, persistent: same bits
         q2, s2 = fp8_weight_quant(w, gran, transpose, cfg)
+        assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    for rcp in (True, False):  # either division: the same bits
+        q2, s2 = fp8_weight_quant(w, gran, transpose, None, rcp)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
 
 
