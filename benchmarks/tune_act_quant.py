@@ -1,6 +1,6 @@
-"""Sweep the per-row activation cast (``fp8_token`` / ``int8_token``) over row counts: the tile
-rule (``dispatch._per_row_tiles``) was measured on 32768 rows, where bandwidth decides; at decode
-sizes a few programs' latency does.
+"""Sweep the per-row activation cast (``fp8_token`` / ``int8_token``) over row counts: at 32768
+rows bandwidth decides, at decode sizes a few programs' latency does; the rule
+(``dispatch._per_row_tiles``) has to serve both, from K alone.
 
 Usage (GPU): ``python benchmarks/tune_act_quant.py [--out DIR]``; CUDA-graph timed, prints the
 ranking per (K, M) and writes ``tune_act_quant.json``.
