@@ -1,7 +1,8 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
-[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]]``. Compiles
+[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]]`` (or ``--token-blocks BLOCK_C WARPS
+[--per-expert] [--div-rn]``: the FP8 recipes' token-block cast, instructions per element). Compiles
 :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
 ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
 16-divisible pointers and row strides), and prints the registers and spills ``ptxas -v`` reports,
@@ -92,6 +93,11 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=grouped_gemm_kernel, signature=sig, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in consts.items()})
+    return _disassemble(src, warps, stages, arch)
+
+
+def _disassemble(src, warps: int, stages: int, arch: int):
+    """``(SASS text, ptxas -v report)`` of the Triton source ``src`` compiled for sm_``arch``."""
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -99,6 +105,25 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
     return sass, ptxas_report(ck.asm["ptx"], arch)
+
+
+def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int):
+    """:func:`token_block_quant_kernel` (bf16 input, column tiles first, 128 experts) as its launch
+    specialises it; ``rcp``: the reciprocal division, else ``div_rn``."""
+    from moe_ops.kernels.token_block_quant import token_block_quant_kernel as kernel
+    consts = dict(E=128, E_POW2=128, BLOCK_M=128, BLOCK_C=block_c, PER_EXPERT=per_expert, COLS_FAST=True, RCP=rcp)
+    names = list(inspect.signature(kernel.fn).parameters)
+    types = dict(t_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", offs_ptr="*i32")
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in consts}
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return _disassemble(src, warps, 3, arch)
+
+
+def instructions(sass: str):
+    """``(instruction count, Counter of opcodes)`` of the whole kernel."""
+    ins = [m.group(1) for m in (re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line) for line in sass.splitlines()) if m]
+    return len(ins), collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins)
 
 
 def loops(sass: str):
@@ -135,7 +160,19 @@ def main():
     p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
     p.add_argument("--combine", type=int, default=0, metavar="TOP_K",
                    help="with --gemv: the token-major down launch over TOP_K slots (bf16 or packed codes)")
+    p.add_argument("--token-blocks", type=int, nargs=2, metavar=("BLOCK_C", "WARPS"),
+                   help="instead: the FP8 recipes' token-block cast (straight-line code, per element)")
+    p.add_argument("--per-expert", action="store_true", help="with --token-blocks: per-expert scales")
+    p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
     a = p.parse_args()
+    if a.token_blocks:
+        sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch)
+        n, ops = instructions(sass)
+        per_thread = 128 * a.token_blocks[0] / (32 * a.token_blocks[1])  # tile elements a thread holds
+        print(regs)
+        print(f"{n} instructions per thread, {n / per_thread:.1f} per element")
+        print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+        return
     spec = None if a.format == "bf16" else formats.get_format(a.format)
     consts = constexprs(a.format, a.group, a.tile)
     if a.swiglu:
