@@ -1,7 +1,8 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
-[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]]`` (or ``--token-blocks BLOCK_C WARPS
+[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]] [--act fp8_1x128 --block
+[--scale-per-column]]`` (or ``--token-blocks BLOCK_C WARPS
 [--per-expert] [--div-rn]``: the FP8 recipes' token-block cast, instructions per element). Compiles
 :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
 ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
@@ -38,19 +39,22 @@ _UNIT = {"stride_xk": 1, "stride_xsk": 1, "stride_wk": 1, "stride_sk": 1, "strid
 _W_PTR = {"int": "*u8", "bf16": "*bf16", "fp8_e4m3": "*fp8e4nv", "fp8_e5m2": "*fp8e5"}  # the weights' element type
 
 
-def constexprs(fmt: str, group: int, tile) -> dict:
-    """The forward launch's constexprs for a weight-only ``fmt`` under bf16 x (see dispatch)."""
+def constexprs(fmt: str, group: int, tile, act: str = "none", block: bool = False) -> dict:
+    """The forward launch's constexprs for ``fmt`` under bf16 x (``act`` none) or fp8 x
+    (``fp8_token`` / ``fp8_1x128``, fp8 weights); ``block``: 128x128 weight scales (see dispatch)."""
     bm, bn, bk = tile[:3]
     spec = None if fmt == "bf16" else formats.get_format(fmt)
     w_kind = 0 if spec is None else (1 if spec.kind == "int" else 2)
     pack = 1 if spec is None else spec.pack
-    unit_k = group if group else _HUGE
+    unit_n, unit_k = (128, 128) if block else (1, group if group else _HUGE)
     c = dict(E=8, E_POW2=8, W_KIND=w_kind, W_BITS=16 if spec is None else spec.bits,
              ZERO_MODE=0 if spec is None else (2 if spec.has_zero else (1 if spec.implicit_zero else 0)),
-             IMPLICIT_ZERO=0 if spec is None else spec.implicit_zero, UNIT_N=1, UNIT_K=unit_k,
-             SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0, HAS_SCALE=spec is not None, ACT=0, ACT_UNIT_K=_HUGE,
+             IMPLICIT_ZERO=0 if spec is None else spec.implicit_zero, UNIT_N=unit_n, UNIT_K=unit_k,
+             SCALE_TILE=unit_k >= _HUGE or unit_k % bk == 0, HAS_SCALE=spec is not None,
+             ACT={"none": 0, "fp8_token": 2, "fp8_1x128": 2}[act],
+             ACT_UNIT_K=128 if act == "fp8_1x128" else _HUGE, SCALE_UNIFORM_N=unit_n % bn == 0,
              INT8_OFFSET=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=False, GROUP_M=1,
-             POST_SCALE=spec is not None and unit_k >= _HUGE, PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
+             POST_SCALE=spec is not None and unit_k >= _HUGE and act == "none", PACK=pack, UNPACK_JOIN=pack > 1 and bm > 16,
              GATHER=0, SWIGLU=False, AMAX_OUT=False, SCATTER=False, ROW_WEIGHT=False, AMAX_COLS=1, AMAX_POW2=1,
              GEMV=False, W_LHS=False, ONE_LOOP=False, GEMV_PREFETCH=2, GEMV_KSPLIT=1)
     c.update(_UNIT)
@@ -75,7 +79,7 @@ def ptxas_report(ptx: str, arch: int) -> str:
     return "ptxas -v: no bundled ptxas accepted the PTX"
 
 
-def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
+def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int, x_ptr: str = "*bf16"):
     params = inspect.signature(grouped_gemm_kernel.fn).parameters
     names = list(params)
     # constexprs the caller leaves out take their defaults (as a launch that does not pass them)
@@ -85,10 +89,11 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int):
         if n in consts:
             sig[n] = "constexpr"
             continue
-        sig[n] = (w_ptr if n == "w_ptr" else "*u8" if n == "wz_ptr" else "*fp32" if n == "ws_ptr"
+        sig[n] = (w_ptr if n == "w_ptr" else x_ptr if n == "x_ptr" else "*u8" if n == "wz_ptr"
+                  else "*fp32" if n in ("ws_ptr", "xs_ptr")
                   else "*i32" if n in ("offs_ptr", "xrow_ptr", "dst_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
         if n in ("x_desc", "w_desc"):  # TMA off: plain pointers in the descriptors' places
-            sig[n] = "*bf16"
+            sig[n] = x_ptr if n == "x_desc" else w_ptr
         if n.endswith("_ptr") or n in _DIV16:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=grouped_gemm_kernel, signature=sig, attrs=attrs,
@@ -160,6 +165,11 @@ def main():
     p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
     p.add_argument("--combine", type=int, default=0, metavar="TOP_K",
                    help="with --gemv: the token-major down launch over TOP_K slots (bf16 or packed codes)")
+    p.add_argument("--act", default="none", choices=["none", "fp8_token", "fp8_1x128"],
+                   help="fp8 activations (with an fp8 --format): the W8A8 / training-recipe tile")
+    p.add_argument("--block", action="store_true", help="128x128 weight scale blocks (fp8_blockwise's W)")
+    p.add_argument("--scale-per-column", action="store_true",
+                   help="with --block: W's scale loaded per column (SCALE_UNIFORM_N off), for comparison")
     p.add_argument("--token-blocks", type=int, nargs=2, metavar=("BLOCK_C", "WARPS"),
                    help="instead: the FP8 recipes' token-block cast (straight-line code, per element)")
     p.add_argument("--per-expert", action="store_true", help="with --token-blocks: per-expert scales")
@@ -174,13 +184,15 @@ def main():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
         return
     spec = None if a.format == "bf16" else formats.get_format(a.format)
-    consts = constexprs(a.format, a.group, a.tile)
+    consts = constexprs(a.format, a.group, a.tile, a.act, a.block)
+    if a.scale_per_column:
+        consts["SCALE_UNIFORM_N"] = False
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
     consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split,
                   COMBINE=a.combine, COMBINE_POW2=triton.next_power_of_2(max(a.combine, 1)))
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
-                              a.tile[3], a.tile[4], a.arch)
+                              a.tile[3], a.tile[4], a.arch, "*bf16" if a.act == "none" else _W_PTR["fp8_e4m3"])
     print(regs)
     rows = a.tile[1] * (2 if a.swiglu and a.one_loop else 1)  # weight rows of one K loop
     # weight elements of a loop step per thread (the combine launch: all slots a step)

@@ -2,13 +2,15 @@
 
 Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR] [--only SUBSTRING[,SUBSTRING..]]``; prints each ranking (wgrad:
 TFLOP/s over the fp8 matmul ceiling; casts: bytes read + written over the copy ceiling) and
-writes ``tune_recipes.json``. The defaults in the kernels' launchers come from these rankings.
+writes ``tune_recipes.json`` (``--only promote_blockwise``: the blockwise GEMMs' promotion A/B,
+:func:`_scale_uniform_n`). The defaults in the kernels' launchers come from these rankings.
 Every config is timed as CUDA-graph replays: an eager launch of these ops costs the host about
 0.3 ms, which ``do_bench`` would count for every kernel shorter than that.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -41,6 +43,20 @@ W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4)]
 W_BLOCK = [(128, 128, w, f) for w in (16, 8) for f in (False, True)]
 
 
+@contextlib.contextmanager
+def _scale_uniform_n(on: bool):
+    """Force the forward launch's ``SCALE_UNIFORM_N`` constexpr (the promotion A/B)."""
+    orig = dispatch._tile_meta
+
+    def meta(*a, **k):
+        return {**orig(*a, **k), "SCALE_UNIFORM_N": on}
+    dispatch._tile_meta = meta
+    try:
+        yield
+    finally:
+        dispatch._tile_meta = orig
+
+
 def main(out_dir, only=("",)):
     def wanted(kind):
         return any(o in kind for o in only)
@@ -68,6 +84,34 @@ def main(out_dir, only=("",)):
                 FWD, f"{sname} fwd_{recipe}", graph=True)
             record(sname, f"fwd_{recipe}_incl_x_cast", rk, "flop", 2.0 * M * N * K)
             data = scale = None
+        if wanted("promote_blockwise"):
+            # A/B of the per-K-tile promotion (SCALE_UNIFORM_N): W's block scale folded into x's row
+            # scale (one FMA an element) against W's scale loaded per column (two); the default
+            # tile, x cast beforehand (the GEMM alone), forward and dgrad (W^T codes), the
+            # variants alternated three times
+            for lay, transpose, a in (("fwd", False, x), ("dgrad", True, dy)):
+                data, scale = fp8_weight_quant(w, "block", transpose=transpose)
+                pre = dispatch.quantize_act(a, "fp8_1x128")
+                flops = 2.0 * M * N * K
+
+                def gemm(a=a, data=data, scale=scale, pre=pre):
+                    return dispatch.grouped_mm(a, data, scale, None, offs, "fp8_e4m3", "block", 0, "fp8_1x128",
+                                               "none", prequantized=pre)
+                outs, times = {}, {True: [], False: []}
+                for _ in range(3):
+                    for uniform in (False, True):
+                        with _scale_uniform_n(uniform):
+                            outs[uniform] = gemm().float()
+                            times[uniform].append(harness.bench_graph_ms(gemm))
+                diff = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
+                for uniform in (False, True):
+                    ms = min(times[uniform])
+                    print(f"== {sname} promote_blockwise {lay} scale_uniform_n={uniform}: {ms:.4f} ms "
+                          f"(runs {[round(t, 4) for t in times[uniform]]}), {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+                    res.append({"shape": sname, "kind": f"promote_blockwise_{lay}", "scale_uniform_n": uniform,
+                                "ms": times[uniform], "best_share": flops / ms / 1e9 / ceil["fp8_TFLOPs"],
+                                "rel_diff_between_variants": diff})
+                data = scale = pre = outs = None
         if wanted("dgrad_blockwise_layout"):  # W^T's codes (written transposed) or W's codes read transposed
             qt, st = fp8_weight_quant(w, "block", transpose=True)
             q, s = fp8_weight_quant(w, "block")

@@ -104,13 +104,19 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
-def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool) -> dict:
+def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool, unit_n: int = 1,
+               swiglu_n=None) -> dict:
     """The kernel's tile constexprs for one config (K tile ``bk``); ``weight_only``: quantized
     weights under 16/32-bit activations. ``config.w_lhs`` applies there when the weight scale is
     constant over the K tile (not, e.g., int2 with 32-column groups under a decode tile's 64-column
-    K tile, which takes the plain kernel)."""
+    K tile, which takes the plain kernel). ``unit_n``: the weight scale unit along N;
+    ``swiglu_n``: the output width N of a SwiGLU launch (its up rows start at row N), else None."""
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
+    uniform_n = unit_n % config.block_n == 0
+    if swiglu_n is not None:  # the up tile [N + j * BLOCK_N, ...) must not cross a scale unit either
+        uniform_n = uniform_n and not config.one_loop and isinstance(swiglu_n, int) and swiglu_n % config.block_n == 0
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
+                SCALE_UNIFORM_N=uniform_n,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
                 ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3),
@@ -245,8 +251,10 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols), SLOT_OUT=bool(f.get("slot_out")),
         COMBINE=top_k, COMBINE_POW2=next_power_of_2(max(top_k, 1)))
     weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
+    swiglu_n = N if consts["SWIGLU"] else None
     if candidates is not None and len(candidates) > 1:
-        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only).items()), c.num_warps, c.num_stages)
+        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only, unit_n, swiglu_n).items()), c.num_warps,
+                       c.num_stages)
                       for c, b in candidates)
 
         def grid(meta):
@@ -257,7 +265,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         grid = (M // top_k * cdiv(N, config.block_n),)
     else:
         grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
-    meta = _tile_meta(config, bk, unit_k, pack, weight_only)
+    meta = _tile_meta(config, bk, unit_k, pack, weight_only, unit_n, swiglu_n)
     descs, tma_x, tma_w = _tma_operands(xq, w, w_strides, config, meta, consts)
     kwargs = {**dict(zip(grouped_gemm_kernel.arg_names, args)), **consts, **meta, "TMA_X": tma_x, "TMA_W": tma_w}
     launch.launch(grouped_gemm_kernel, grid, {k: v for k, v in kwargs.items() if k not in descs}, descs,
@@ -266,11 +274,13 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
 
 
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
-               config: KernelConfig = None, out: torch.Tensor = None):
+               config: KernelConfig = None, out: torch.Tensor = None, prequantized=None):
     """Triton forward, or None when no kernel serves this combination (quantized activations
     with weight scales that vary inside a 32*PACK-column K tile, e.g. int2 with group size 32
     under ``int8_token``). Training recipes run :mod:`.recipe_gemms`. ``config`` overrides the
-    tile choice and ``out`` (``[M, N]``, x's dtype, contiguous) receives the result (tests)."""
+    tile choice and ``out`` (``[M, N]``, x's dtype, contiguous) receives the result (tests).
+    ``prequantized``: x's ``(codes, scales)`` under ``act_quant`` as :func:`quantize_act`
+    writes them, used instead of casting x (the GEMM alone, for benchmarks)."""
     if recipe != "none":
         from . import recipe_gemms
         return recipe_gemms.forward(x, w, offs, recipe)
@@ -299,7 +309,10 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         return y
     if K == 0 or N == 0:
         return y.zero_()
-    xq, xs = quantize_act(x, act_quant) if act else (x, x)
+    if prequantized is not None and act:
+        xq, xs = prequantized
+    else:
+        xq, xs = quantize_act(x, act_quant) if act else (x, x)
     has_scale = w_scale is not None
     ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
     return _launch(xq, xs, w, (w.stride(0), w.stride(1), w.stride(2)), ws, wz, s_strides, y, offs, M, N, K, E,

@@ -18,6 +18,10 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               (exact), scales applied per scale unit along K (group) or once at the end;
               2: fp8 e4m3 x (``fp8_token`` / ``fp8_1x128``), fp8 weights, fp32 accumulation,
               scales per K tile when they vary along K.
+``SCALE_UNIFORM_N`` (ACT 2) every column of a tile lies in one weight scale unit along N (block
+              or tensor scales, ``UNIT_N % BLOCK_N == 0``, tiles aligned; the host checks the
+              up rows of a SwiGLU launch too): W's scale is one load a K tile, folded into x's
+              per-row scale, so the partial product takes one FMA an element.
 ``POST_SCALE`` (ACT 0, scales constant along K): codes go to x's dtype exactly and the scale
               multiplies the accumulator once, after the K loop.
               3: 16-bit x quantized to int8 per row while it is loaded (the fused W8A8
@@ -145,7 +149,7 @@ def grouped_gemm_kernel(
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
     SLOT_OUT: tl.constexpr = False, COMBINE: tl.constexpr = 0, COMBINE_POW2: tl.constexpr = 1,
-    TMA_X: tl.constexpr = False, TMA_W: tl.constexpr = 0,
+    TMA_X: tl.constexpr = False, TMA_W: tl.constexpr = 0, SCALE_UNIFORM_N: tl.constexpr = False,
 ):
     if COMBINE:
         _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
@@ -245,7 +249,7 @@ def grouped_gemm_kernel(
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                             ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
                             UNPACK_JOIN, x_ptr.dtype.element_ty,
-                            x_desc, w_desc, row0, pid_n * BLOCK_N, TMA_X, TMA_W)
+                            x_desc, w_desc, row0, pid_n * BLOCK_N, TMA_X, TMA_W, SCALE_UNIFORM_N)
         if SWIGLU and ONE_LOOP:
             out, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N, 2)))  # gate, up
         elif SWIGLU:
@@ -274,7 +278,7 @@ def grouped_gemm_kernel(
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, SCALE_TILE, HAS_SCALE,
                                ACT, ACT_UNIT_K, INT8_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE,
                                PACK, UNPACK_JOIN, x_ptr.dtype.element_ty,
-                               x_desc, w_desc, row0, N + pid_n * BLOCK_N, TMA_X, TMA_W)
+                               x_desc, w_desc, row0, N + pid_n * BLOCK_N, TMA_X, TMA_W, SCALE_UNIFORM_N)
         if SWIGLU:
             out = out / (1.0 + tl.exp(-out)) * up
         rm64 = rm.to(tl.int64)
@@ -337,7 +341,8 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
               ACT: tl.constexpr, ACT_UNIT_K: tl.constexpr, INT8_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
               POST_SCALE: tl.constexpr, PACK: tl.constexpr, UNPACK_JOIN: tl.constexpr, X_DTYPE: tl.constexpr,
-              x_desc, w_desc, x_row0, w_row0, TMA_X: tl.constexpr, TMA_W: tl.constexpr):
+              x_desc, w_desc, x_row0, w_row0, TMA_X: tl.constexpr, TMA_W: tl.constexpr,
+              SCALE_UNIFORM_N: tl.constexpr = False):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, scales applied.
     ``xrow``: int64 x rows of the tile; ``xs_row``: their activation scales (ACT 1-3).
     ``TMA_X``: x's tile is ``x_desc.load([x_row0, k0])`` (a ``[BLOCK_M, BLOCK_K]`` descriptor over
@@ -358,6 +363,11 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
     rsk = tl.arange(0, BLOCK_K // NSUB)
 
     IS_INT: tl.constexpr = (ACT == 1) | (ACT == 3)
+    # fp8 x fp8 (ACT 2): which scales vary along K, and whether W's varies over the tile's
+    # columns (else one scale a K tile, at row w_row0 // UNIT_N)
+    X_STEP: tl.constexpr = ACT_UNIT_K < 1 << 30
+    W_STEP: tl.constexpr = UNIT_K < 1 << 30
+    S_COLS_STEP: tl.constexpr = not SCALE_UNIFORM_N
     # packed codes (unsigned bit fields) dequantized to float by exponent bits (see below)
     MAGIC: tl.constexpr = (ACT == 0) & (W_KIND == 1) & (PACK > 1)
     if ACT == 3:  # codes round(x * (1 / s)): one multiply per element instead of a division
@@ -376,7 +386,7 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
             byte = tl.load(w_base + rb.to(tl.int64)[:, None] * stride_wk + w_rows[None, :],
                            mask=(rb < K // PACK)[:, None] & n_mask[None, :], other=0).to(tl.int32)
         if HAS_SCALE:
-            if SCALE_TILE:
+            if SCALE_TILE and ((ACT != 2) or (W_STEP and S_COLS_STEP)):
                 s, z = _load_scale_row(s_base, z_base, s_rows, k0, n_mask, stride_sk, UNIT_K, ZERO_MODE)
         if IS_INT:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -455,11 +465,27 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
                         code = code - z
                     part += tl.dot(a, code.to(tl.int8), out_dtype=tl.int32)
             else:
+                # fp8 x fp8: the K tile's partial product, times the scales that vary along K
+                # (x's with X_STEP, W's with W_STEP): one FMA an element where the factor is one
+                # per row (W's scale uniform over the tile's columns), two where it is not
                 pf = tl.dot(a, raw, out_dtype=tl.float32)
-                if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
+                if X_STEP:
                     xs = tl.load(xs_ptr + xrow * stride_xsm + (k0 // ACT_UNIT_K) * stride_xsk, mask=m_mask,
                                  other=0.0)
-                    acc += pf * xs[:, None] * s
+                if W_STEP and not S_COLS_STEP:
+                    s_tile = tl.load(s_base + (w_row0 // UNIT_N).to(tl.int64) * stride_sn + (k0 // UNIT_K) * stride_sk)
+                if X_STEP and W_STEP:
+                    if S_COLS_STEP:
+                        acc += pf * xs[:, None] * s
+                    else:
+                        acc += pf * (xs * s_tile)[:, None]
+                elif X_STEP:
+                    acc += pf * xs[:, None]
+                elif W_STEP:
+                    if S_COLS_STEP:
+                        acc += pf * s
+                    else:
+                        acc += pf * s_tile
                 else:
                     acc += pf
         if IS_INT:
@@ -476,9 +502,14 @@ def _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask
         else:
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
             out = (acc_i.to(tl.float32) * xs_row[:, None]) * s_end
-    elif ACT == 2:
-        if (UNIT_K < 1 << 30) | (ACT_UNIT_K < 1 << 30):
+    elif ACT == 2:  # the scales constant along K, applied once
+        if X_STEP and W_STEP:
             out = acc
+        elif X_STEP:
+            s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
+            out = acc * s_end
+        elif W_STEP:
+            out = acc * xs_row[:, None]
         else:
             s_end, _z = _load_scale_row(s_base, z_base, s_rows, 0, n_mask, stride_sk, UNIT_K, 0)
             out = acc * xs_row[:, None] * s_end

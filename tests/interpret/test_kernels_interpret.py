@@ -120,6 +120,25 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
     assert rel_err(y, ref) < 1e-3
 
 
+def test_forward_prequantized_activations_equal_the_cast_inside():
+    """``prequantized``: x's codes and scales from :func:`dispatch.quantize_act` give the same
+    bits as the call that casts x itself (fp8 block and int8 channel weights), and are what the
+    GEMM reads (doubled scales double the output)."""
+    x, w, offs = _data(12, torch.float16)
+    for fmt, gran, mode in (("fp8_e4m3", "block", "fp8_1x128"), ("int8_sym", "channel", "int8_token")):
+        args = moe_ops.quantize_weight(w, fmt, gran, 0).op_args()
+        y = _run(x, args, offs, mode, CONFIGS["prefill"])
+        out = torch.full((M, N), float("nan"), dtype=x.dtype)
+        wd, ws, wz, f, gr, gs = args
+        y2 = dispatch.grouped_mm(x, wd, ws, wz, offs, f, gr, gs, mode, "none", config=CONFIGS["prefill"], out=out,
+                                 prequantized=dispatch.quantize_act(x, mode))
+        assert torch.equal(y, y2)
+        q, sc = dispatch.quantize_act(x, mode)
+        y3 = dispatch.grouped_mm(x, wd, ws, wz, offs, f, gr, gs, mode, "none", config=CONFIGS["prefill"],
+                                 out=torch.full_like(out, float("nan")), prequantized=(q, sc * 2))
+        assert rel_err(y3, 2 * y) < 1e-6 and rel_err(y3, y) > 0.5
+
+
 def test_gemv_tile_refuses_what_it_cannot_serve():
     """The CUDA-core tile reads weights along K in vectors and scales once per K tile: a
     transposed weight view, quantized activations, a K tile wider than the scale group, and
