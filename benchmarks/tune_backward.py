@@ -31,7 +31,10 @@ WGRAD = [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 2
 # --kinds wgrad_tma: the default wgrad tile with pointer loads against TMA chunks, and TMA tiles
 WGRAD_TMA = [((64, 128, 128, 8, 3), False), ((64, 128, 128, 8, 3), True), ((64, 128, 128, 8, 4), True),
              ((128, 128, 64, 8, 3), True), ((64, 256, 64, 8, 3), True), ((128, 128, 128, 8, 3), True),
-             ((128, 256, 64, 8, 3), True)]
+             ((128, 256, 64, 8, 3), True),
+             # wider output tiles (DeepSeek-V3's 1024 rows per expert: more MMA per loaded chunk)
+             ((64, 256, 128, 8, 3), True), ((64, 128, 256, 8, 3), True), ((64, 256, 128, 8, 2), True),
+             ((32, 256, 128, 8, 3), True)]
 
 
 def main(out_dir, kinds):

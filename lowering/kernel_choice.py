@@ -67,6 +67,18 @@ def rows_per_expert_hint(M: int, E: int) -> float:
     return M / max(E, 1)
 
 
+def choose_wgrad_config(M: int, E: int) -> tuple:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the 16/32-bit grouped wgrad
+    (:func:`moe_ops.kernels.grouped_wgrad.launch_wgrad`) for ``M`` rows over ``E`` experts.
+    ``benchmarks/tune_backward.py --kinds wgrad_tma`` on an H100 (results/tune_wgrad_tma_h100_s14.log,
+    TMA row chunks): 128x128 output tiles (two CTAs an SM) up to 512 rows per expert
+    (Qwen3-30B-A3B gate_up 0.618 ms against 0.654 with 128x256), 128x256 tiles above (more MMA
+    per loaded chunk: DeepSeek-V3 E=32, 1024 rows per expert, 3.91 -> 3.59 ms)."""
+    if rows_per_expert_hint(M, E) > 512:
+        return (64, 256, 128, 8, 3)
+    return (64, 128, 128, 8, 3)
+
+
 def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
     """Largest power of two <= pref dividing the scale unit along K (so a K tile never straddles
     two scale units), at least 16."""
@@ -139,10 +151,13 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         # tiles up to 512 rows per expert (Qwen3-30B-A3B: 5-15% faster than 128x128x128/8/3),
         # 128-row tiles with 4 stages above (DeepSeek-V3 E=32: 2-5%); W8A8 inference shares them.
         # TMA loads (KernelConfig.tma; benchmarks/tune_forward.py --tma, results/tune_tma_h100.*):
-        # the 128-row tile fp8 W8A8 DeepSeek-V3 E=32 T=4096 2.70 -> 2.60 ms; the 64-row tile
-        # measured slower with them (Qwen3-30B-A3B down 0.380 -> 0.416 ms)
+        # the 128-row tile fp8 W8A8 DeepSeek-V3 E=32 T=4096 2.70 -> 2.60 ms. The 64-row tile
+        # too since the one-FMA promotion (SCALE_UNIFORM_N; tune_recipes.py --only fwd_,
+        # CUDA-graph timed, results/tune_recipes_fwd_h100_s14.log): Qwen3-30B-A3B gate_up
+        # blockwise 0.447 -> 0.411 ms, rowwise 0.427 -> 0.384, down 0.272 -> 0.234 / 0.268 -> 0.233
+        # (session 12's eager timing had it slower at down: the descriptors' host cost)
         if rpe <= 512:
-            return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3)
+            return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3, tma=True)
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4, tma=True)
     if act_bits == 16 and w_bits < 16 and k_contiguous and rpe >= 512:
         # weight-only formats, many rows per expert: 256-row tiles with the dequantized weight

@@ -3,7 +3,8 @@ but no timing shows: which launches may take the weight-as-register-operand (``w
 and that the fused gate/up launch never gets a tile too large for its two accumulators."""
 import itertools
 
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
+from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_configs, choose_forward_config,
+                                            choose_wgrad_config)
 
 # (H, I, E, top_k): Qwen3-30B-A3B, DeepSeek-V3 with 32 local experts, Mixtral-8x7B
 LAYERS = [(2048, 768, 128, 8), (7168, 2048, 32, 8), (4096, 14336, 8, 2)]
@@ -65,3 +66,13 @@ def test_packed_gemv_tiles_only_where_the_word_reader_serves():
             if down.combine:  # 16-bit weights or packed codes, whose words the reader can take
                 assert bits in (2, 4, 16) and act == 16 and words_down and down.block_m == 1 and down.k_split == 1, down
                 assert T * k <= 0.125 * E and I <= 1024 and 128 % down.block_k == 0, (T, down)
+
+
+def test_wgrad_tiles_fit_shared_memory():
+    """The 16-bit wgrad's pipelined dy and x chunks fit an H100's 227 KB of shared memory a
+    CTA at every layer and token count, and the wide 128x256 output tile is taken only above
+    512 rows per expert (where it was measured faster)."""
+    for (_H, _I, E, k), T in itertools.product(LAYERS, TOKENS):
+        bm, bn, bk, _warps, stages = choose_wgrad_config(T * k, E)
+        assert stages * bm * (bn + bk) * 2 <= 227 * 1024
+        assert (bn > 128) == (T * k / E > 512)

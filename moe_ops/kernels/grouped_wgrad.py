@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from moe_ops.lowering.kernel_choice import choose_wgrad_config
 from . import launch
 from .grouped_gemm import _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
@@ -129,7 +130,8 @@ WGRAD_TMA = True
 def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, config=None,
                  interpret: bool = False, tma: bool = None) -> torch.Tensor:
     """``[E, N, K]`` in ``out_dtype`` from 16/32-bit dy ``[M, N]``, x ``[M, K]``. ``config``:
-    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``; ``tma`` (default ``WGRAD_TMA``):
+    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` (default: ``choose_wgrad_config``
+    from the rows per expert); ``tma`` (default ``WGRAD_TMA``):
     TMA descriptors for the whole row chunks, where :mod:`.launch` allows them."""
     M, N = dy.shape
     K = x.shape[1]
@@ -137,7 +139,7 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
     dw = torch.empty(E, N, K, dtype=out_dtype, device=dy.device)
     if E == 0 or N == 0 or K == 0:
         return dw
-    bm, bn, bk, warps, stages = config or (64, 128, 128, 8, 3)
+    bm, bn, bk, warps, stages = config or choose_wgrad_config(M, E)
     grid = (cdiv(N, bn) * cdiv(K, bk), E)
     use_tma = ((WGRAD_TMA if tma is None else tma) and dy.dtype != torch.float32 and launch.tma_device(dy)
                and launch.tma_aligned(dy) and launch.tma_aligned(x) and launch.descriptors_allowed(dy))

@@ -121,7 +121,8 @@ def test_fp8_weight_quant_bit_exact(gran, transpose, flat, rcp):
     assert torch.equal(q.cpu().view(torch.uint8), d_ref.view(torch.uint8))
 
 
-def test_wgrad_tma_chunks_bitwise():
+@pytest.mark.parametrize("config", [None, (64, 256, 128, 8, 3)])  # choose_wgrad_config's two tiles
+def test_wgrad_tma_chunks_bitwise(config):
     """The wgrad's TMA chunks (``grouped_wgrad_kernel`` TMA) equal its pointer loads bit for bit
     (same MMAs in the same order) on ragged experts with an empty one and partial chunks."""
     if torch.cuda.get_device_capability()[0] < 9:
@@ -130,8 +131,8 @@ def test_wgrad_tma_chunks_bitwise():
     x, dy, _, offs = _case(4)
     xd, dyd, od = x.to(DEV), dy.to(DEV), offs.to(DEV)
     torch.full((E, N, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poison the allocator's next block
-    a = launch_wgrad(dyd, xd, od, torch.bfloat16, tma=True)
-    b = launch_wgrad(dyd, xd, od, torch.bfloat16, tma=False)
+    a = launch_wgrad(dyd, xd, od, torch.bfloat16, config, tma=True)
+    b = launch_wgrad(dyd, xd, od, torch.bfloat16, config, tma=False)
     assert torch.equal(a, b) and torch.all(a[3] == 0)
     ref = moe_ops.reference.grouped_mm_wgrad(dy.double(), x.double(), offs, "none")
     assert rel_err(a.cpu(), ref) < GPU_BOUND_BF16
