@@ -79,6 +79,21 @@ def choose_wgrad_config(M: int, E: int) -> tuple:
     return (64, 128, 128, 8, 3)
 
 
+def choose_wgrad_fp8_config(M: int, E: int, per_expert: bool) -> tuple:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the FP8 recipes' wgrad
+    (:func:`moe_ops.kernels.grouped_wgrad.launch_wgrad_fp8`; 128-token chunks).
+    ``benchmarks/tune_recipes.py`` on an H100 (results/tune_recipes_h100.json, CUDA graphs):
+    per-block scales (``fp8_blockwise``) favour two CTAs an SM, 128x64 tiles with 4 warps
+    (Qwen3-30B-A3B gate_up 0.795 ms; DeepSeek-V3 E=32 within 1% of the best); per-expert scales
+    (``fp8_rowwise``) 128x128 up to 512 rows per expert (Qwen3-30B-A3B gate_up 0.549 ms against
+    0.564 with 128x256), 128x256 above (DeepSeek-V3 E=32: 2.48 -> 2.35 ms)."""
+    if not per_expert:
+        return (128, 64, 4, 4)
+    if rows_per_expert_hint(M, E) > 512:
+        return (128, 256, 8, 3)
+    return (128, 128, 8, 3)
+
+
 def _block_k(K: int, scale_k_unit: int, pref: int) -> int:
     """Largest power of two <= pref dividing the scale unit along K (so a K tile never straddles
     two scale units), at least 16."""

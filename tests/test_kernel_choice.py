@@ -4,7 +4,7 @@ and that the fused gate/up launch never gets a tile too large for its two accumu
 import itertools
 
 from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_configs, choose_forward_config,
-                                            choose_wgrad_config)
+                                            choose_wgrad_config, choose_wgrad_fp8_config)
 
 # (H, I, E, top_k): Qwen3-30B-A3B, DeepSeek-V3 with 32 local experts, Mixtral-8x7B
 LAYERS = [(2048, 768, 128, 8), (7168, 2048, 32, 8), (4096, 14336, 8, 2)]
@@ -76,3 +76,12 @@ def test_wgrad_tiles_fit_shared_memory():
         bm, bn, bk, _warps, stages = choose_wgrad_config(T * k, E)
         assert stages * bm * (bn + bk) * 2 <= 227 * 1024
         assert (bn > 128) == (T * k / E > 512)
+
+
+def test_wgrad_fp8_tiles_fit_shared_memory():
+    """The FP8 recipes' wgrad tiles (128-token fp8 chunks of dy and x) fit 227 KB of shared
+    memory; the wide tile only for per-expert scales above 512 rows per expert."""
+    for (_H, _I, E, k), T, per_expert in itertools.product(LAYERS, TOKENS, (False, True)):
+        bn, bk, _warps, stages = choose_wgrad_fp8_config(T * k, E, per_expert)
+        assert stages * 128 * (bn + bk) <= 227 * 1024
+        assert (bn * bk > 128 * 128) == (per_expert and T * k / E > 512)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from moe_ops.lowering.kernel_choice import choose_wgrad_config
+from moe_ops.lowering.kernel_choice import choose_wgrad_config, choose_wgrad_fp8_config
 from . import launch
 from .grouped_gemm import _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
@@ -159,13 +159,14 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
     """``[E, N, K]`` in ``out_dtype`` from the padded token-block operands of
     :func:`.token_block_quant.token_block_quant`: ``qdy_t`` ``[N, P]``, ``qx_t`` ``[K, P]``
     float8 and their scales (``[E, .]`` if ``per_expert`` else per block). ``config``:
-    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``; the reduction chunk is one token block."""
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` (default: ``choose_wgrad_fp8_config``); the
+    reduction chunk is one token block."""
     N, K, E = qdy_t.shape[0], qx_t.shape[0], offs.shape[0]
     dw = torch.empty(E, N, K, dtype=out_dtype, device=qdy_t.device)
     if E == 0 or N == 0 or K == 0:
         return dw
-    # tune_recipes.py on an H100: per-block scales favour two CTAs an SM (smaller smem stages)
-    bn, bk, warps, stages = config or ((128, 128, 8, 3) if per_expert else (128, 64, 4, 4))
+    rows = qdy_t.shape[1] - E * BLOCK  # P = (cdiv(M, BLOCK) + E) * BLOCK: M rounded up to a block
+    bn, bk, warps, stages = config or choose_wgrad_fp8_config(rows, E, per_expert)
     grid = (cdiv(N, bn) * cdiv(K, bk), E)
     wrap_triton(grouped_wgrad_fp8_kernel)[grid](
         qdy_t, qx_t, dw, offs, sdy, sx, N, K, qdy_t.stride(0), qx_t.stride(0),

@@ -138,6 +138,31 @@ def test_wgrad_tma_chunks_bitwise(config):
     assert rel_err(a.cpu(), ref) < GPU_BOUND_BF16
 
 
+@pytest.mark.parametrize("recipe,other", [("fp8_rowwise", (128, 128, 8, 3)), ("fp8_blockwise", (128, 256, 8, 3))])
+def test_wgrad_fp8_tiles(recipe, other):
+    """The FP8 recipes' wgrad kernel at the tile ``choose_wgrad_fp8_config`` picks (here 750
+    rows per expert: the wide tile for per-expert scales) and at another, on the token-block
+    cast's operands: against the reference emulation within 5e-3 (Hopper's fp8 MMA accumulates a
+    128-deep K chain in reduced precision: 1.0e-3 measured here, float32 outputs), and the two
+    tiles within 1e-6 of each other (the same 128-token chunks in the same order)."""
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8
+    from moe_ops.kernels.token_block_quant import token_block_quant
+    g = torch.Generator().manual_seed(21)
+    x, dy = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    offs = ragged_offs(M, 4, g, empty=(2,), tail=5)
+    xd, dyd, od = x.to(DEV), dy.to(DEV), offs.to(DEV)
+    per_expert = recipe == "fp8_rowwise"
+    qdy, sdy = token_block_quant(dyd, od, per_expert)
+    qx, sx = token_block_quant(xd, od, per_expert)
+    ref = moe_ops.reference.grouped_mm_wgrad(dy, x, offs, recipe)  # float32 scales, as the kernels
+    dws = []
+    for config in (None, other):
+        torch.full((4, N, K), float("nan"), device=DEV)  # poison the allocator's next block
+        dws.append(launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.float32, config).cpu())
+        assert torch.all(dws[-1][2] == 0) and rel_err(dws[-1], ref) < 5e-3
+    assert rel_err(dws[1], dws[0]) < 1e-6
+
+
 def test_compiled_backward_matches_eager():
     """grouped_mm under torch.compile: the backward graph's dgrad and wgrad (TMA descriptors on
     Hopper, recorded as torch's TMA metadata and rebuilt by Inductor) give the eager gradients
