@@ -1,7 +1,9 @@
 """Forward + dgrad + wgrad of one grouped GEMM: ours against ``torch._grouped_mm`` (bf16).
 
 Usage (GPU): ``python benchmarks/bench_training.py [--out DIR]``. Ratios are peer_ms / our_ms.
-Rows: the whole forward+backward per recipe (eager, and as CUDA-graph replays: ``ms_graph``,
+Rows: the whole forward+backward per recipe through ``moe_ops.grouped_mm`` (``fp8_blockwise``
+there casts W once for forward and dgrad: ``recipe_weights`` + ``grouped_mm_recipe``) (eager,
+and as CUDA-graph replays: ``ms_graph``,
 the kernels without the host's per-op cost, as a compiled ``reduce-overhead`` step runs); each
 operator alone (``fwd``/``dgrad``/``wgrad`` bf16, and per recipe with its casts inside;
 ``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on pre-quantized operands) against the matmul ceilings;
@@ -39,6 +41,8 @@ def cast_rows(sname, T, x, w, offs, ceil):
         "cast_x_token_blocks_expert": (lambda: token_block_quant(x, offs, True), M * K * 3 + E * K * 4),
         "cast_w_fp8_block": (lambda: fp8_weight_quant(w, "block"), E * N * K * 3),
         "cast_w_fp8_block_transposed": (lambda: fp8_weight_quant(w, "block", transpose=True), E * N * K * 3),
+        # W's and W^T's block codes from one read (recipe_weights, fp8_blockwise under autograd)
+        "cast_w_fp8_block_pair": (lambda: fp8_weight_quant(w, "block", pair=True), E * N * K * 4),
         "cast_w_fp8_channel": (lambda: fp8_weight_quant(w, "channel"), E * N * K * 3),
         "cast_wT_fp8_channel": (lambda: fp8_weight_quant(w, "channel", transpose=True), E * N * K * 3),
     }

@@ -43,7 +43,7 @@ TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
 W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4)]
-W_BLOCK = [(128, 128, w, f) for w in (16, 8) for f in (False, True)]
+W_BLOCK = [(128, 128, w, f) for w in (16, 8, 4) for f in (False, True)]
 
 
 @contextlib.contextmanager
@@ -158,6 +158,9 @@ def main(out_dir, only=("",)):
                                  [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
             "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, *c)),
                                             [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
+            # W's and W^T's codes from one read (recipe_weights): 2 bytes read, 2 written an element
+            "cast_w_fp8_block_pair": (lambda c: (lambda: fp8_weight_quant(w, "block", False, *c, pair=True)),
+                                      [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 4),
         }
         for kind, (make, space, nbytes) in sweeps.items():
             if not wanted(kind):

@@ -5,6 +5,7 @@ import torch
 
 from moe_ops import checks, formats
 from moe_ops.activations import E4M3, act_block
+from moe_ops.recipes import gemm_modes
 
 
 @torch.library.register_fake("moe_ops::grouped_mm")
@@ -26,6 +27,21 @@ def grouped_mm_dgrad_fake(dy, w, w_scale, w_zero, offs, w_format="none", granula
 def grouped_mm_wgrad_fake(dy, x, offs, recipe="none"):
     _, N, K, E = checks.check_wgrad(dy, x, offs, recipe)
     return dy.new_empty(E, N, K)
+
+
+@torch.library.register_fake("moe_ops::recipe_weights")
+def recipe_weights_fake(w, recipe):
+    checks.check_recipe_weights(w, recipe)
+    E, N, K = w.shape
+    gran = gemm_modes(recipe)[1]
+    return [w.new_empty(E, N, K, dtype=E4M3), w.new_empty(formats.scale_shape(gran, E, N, K, 0), dtype=torch.float32),
+            w.new_empty(E, K, N, dtype=E4M3), w.new_empty(formats.scale_shape(gran, E, K, N, 0), dtype=torch.float32)]
+
+
+@torch.library.register_fake("moe_ops::grouped_mm_recipe")
+def grouped_mm_recipe_fake(x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe):
+    M, N, _, _ = checks.check_grouped_mm_recipe(x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe)
+    return x.new_empty(M, N)
 
 
 @torch.library.register_fake("moe_ops::quantize_weight")

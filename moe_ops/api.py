@@ -49,7 +49,9 @@ def grouped_mm(x: torch.Tensor, w: WeightLike, offs: torch.Tensor, *, act_quant:
     (trainable, optionally with ``recipe`` ``fp8_rowwise``/``fp8_blockwise``) or a
     :class:`QuantizedWeight` (optionally with ``act_quant`` ``int8_token``/``fp8_token``/
     ``fp8_1x128``). Returns ``[M, N]`` in ``x.dtype``. Differentiable in ``x`` always and in
-    plain ``w``.
+    plain ``w``. With ``recipe='fp8_blockwise'`` under autograd, W is cast once for forward and
+    dgrad (``recipe_weights`` + ``grouped_mm_recipe``: the same numbers as ``grouped_mm`` with
+    the recipe, W^T's fp8 codes held until backward).
     """
     act = "none" if act_quant is None else act_quant
     rec = "none" if recipe is None else recipe
@@ -65,6 +67,11 @@ def grouped_mm(x: torch.Tensor, w: WeightLike, offs: torch.Tensor, *, act_quant:
     else:
         raise TypeError(f"w: expected a torch.Tensor or a QuantizedWeight, got {type(w).__name__}")
     wd, ws, wz, fmt, gran, gs = args
+    if rec == "fp8_blockwise" and torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        # training: W's and W^T's codes from one read of W, W^T's kept for the dgrad GEMM
+        # (E*N*K bytes held until backward) instead of a second cast of W there
+        wq, wq_scale, wtq, wtq_scale = torch.ops.moe_ops.recipe_weights(w.detach(), rec)
+        return torch.ops.moe_ops.grouped_mm_recipe(x, w, wq, wq_scale, wtq, wtq_scale, offs, rec)
     return torch.ops.moe_ops.grouped_mm(x, wd, ws, wz, offs, fmt, gran, gs, act, rec)
 
 

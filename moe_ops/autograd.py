@@ -1,4 +1,5 @@
-"""Backward formulas of ``moe_ops::grouped_mm``, wired with ``register_autograd``.
+"""Backward formulas of ``moe_ops::grouped_mm`` and ``moe_ops::grouped_mm_recipe``, wired with
+``register_autograd``.
 
 ``dx = grouped_mm_dgrad(dy, W)`` for every weight format (frozen quantized experts still pass
 gradients to earlier layers; activation quantization is straight-through: dx uses the
@@ -10,6 +11,8 @@ for one is a ``RuntimeError``.
 from __future__ import annotations
 
 import torch
+
+from .recipes import gemm_modes
 
 
 def _setup_context(ctx, inputs, output):
@@ -35,5 +38,31 @@ def _backward(ctx, dy):
     return dx, dw, None, None, None, None, None, None, None, None
 
 
+def _setup_context_recipe(ctx, inputs, output):
+    x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe = inputs
+    ctx.recipe = recipe
+    ctx.w_dtype = w.dtype
+    ctx.save_for_backward(x, wtq, wtq_scale, offs)
+
+
+def _backward_recipe(ctx, dy):
+    """``grouped_mm_recipe``: dx by the forward kernel on W^T's operands cast in forward (the
+    recipe's dgrad, no second cast of W), dW by the recipe's wgrad; the cast operands get none."""
+    x, wtq, wtq_scale, offs = ctx.saved_tensors
+    if any(ctx.needs_input_grad[2:6]):
+        raise RuntimeError("wq, wq_scale, wtq, wtq_scale: the recipe's cast weights get no gradient; "
+                           "the gradient goes to w")
+    act, gran = gemm_modes(ctx.recipe)
+    dy = dy.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.moe_ops.grouped_mm(dy, wtq, wtq_scale, None, offs, "fp8_e4m3", gran, 0, act, "none")
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.moe_ops.grouped_mm_wgrad(dy, x, offs, ctx.recipe).to(ctx.w_dtype)
+    return dx, dw, None, None, None, None, None, None
+
+
 def register() -> None:
     torch.library.register_autograd("moe_ops::grouped_mm", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("moe_ops::grouped_mm_recipe", _backward_recipe,
+                                    setup_context=_setup_context_recipe)

@@ -11,7 +11,7 @@ import torch
 
 from . import formats
 from .activations import ACT_QUANT_MODES
-from .recipes import RECIPES
+from .recipes import RECIPES, gemm_modes
 
 _GPU_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CPU_X_DTYPES = _GPU_X_DTYPES + (torch.float64,)
@@ -134,6 +134,28 @@ def check_grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_s
         raise ValueError(f"x: has {x.shape[1]} columns but the weights have K={K} in-features")
     check_offs(offs, E, x, "x")
     return x.shape[0], N, K, E
+
+
+def check_recipe_weights(w: torch.Tensor, recipe: str) -> None:
+    """Checks of ``recipe_weights``: plain float ``[E, N, K]`` weights, an FP8 recipe."""
+    if w.dim() != 3:
+        raise ValueError(f"w: expected a 3-D [E, N, K] tensor, got shape {tuple(w.shape)}")
+    check_float_input(w, "w")
+    check_choice(recipe, [r for r in RECIPES if r != "none"], "recipe")
+
+
+def check_grouped_mm_recipe(x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe):
+    """Checks of ``grouped_mm_recipe``: x and plain w as ``grouped_mm`` with ``recipe``, and the
+    recipe's fp8 e4m3 operands of W ``[E, N, K]`` and of W^T ``[E, K, N]`` (as
+    ``recipe_weights`` returns them). Returns ``(M, N, K, E)``."""
+    check_choice(recipe, [r for r in RECIPES if r != "none"], "recipe")
+    M, N, K, E = check_grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", recipe)
+    gran = gemm_modes(recipe)[1]
+    for data, scale, arg, shape in ((wq, wq_scale, "wq", (E, N, K)), (wtq, wtq_scale, "wtq", (E, K, N))):
+        got = check_weight(data, scale, None, "fp8_e4m3", gran, 0, x, "x", arg=arg)
+        if tuple(got) != shape:
+            raise ValueError(f"{arg}: expected the recipe's codes of shape {shape} (w {tuple(w.shape)}), got {tuple(got)}")
+    return M, N, K, E
 
 
 def check_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_size, recipe):

@@ -19,10 +19,21 @@ from torch.library import triton_op
 
 from . import checks, formats, reference
 from .activations import quantize_act as _quantize_act_ref
+from .recipes import gemm_modes
 
 
 def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type in ("cuda", "xpu")
+
+
+def _grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe):
+    """grouped_mm's body after its checks: the Triton kernels on a GPU, else the reference."""
+    if _on_gpu(x):
+        from .kernels import dispatch
+        y = dispatch.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+        if y is not None:
+            return y
+    return reference.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
 
 
 @triton_op("moe_ops::grouped_mm", mutates_args=())
@@ -32,12 +43,38 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, w_scale: Optional[torch.Tensor]
     """Grouped forward ``y[g] = x[g] @ W[e]^T``: x ``[M, K]``, offs ``[E]`` int32 -> ``[M, N]``
     in ``x.dtype``; rows at or past ``offs[-1]`` are zeros."""
     checks.check_grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
-    if _on_gpu(x):
-        from .kernels import dispatch
-        y = dispatch.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
-        if y is not None:
-            return y
-    return reference.grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+    return _grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe)
+
+
+@triton_op("moe_ops::recipe_weights", mutates_args=())
+def recipe_weights(w: torch.Tensor, recipe: str) -> List[torch.Tensor]:
+    """``[wq, wq_scale, wtq, wtq_scale]``: an FP8 recipe's fp8 e4m3 weight operands of
+    plain ``w`` ``[E, N, K]``, for the forward GEMM (W's codes ``[E, N, K]``) and for the
+    dgrad GEMM (W^T's ``[E, K, N]``), as :func:`moe_ops.formats.quantize` of W and of W^T:
+    ``channel`` scales for ``fp8_rowwise`` (W^T's per (e, k) over N), ``block`` 128x128 for
+    ``fp8_blockwise`` (W's tiles transposed; on a GPU both from one read of W)."""
+    checks.check_recipe_weights(w, recipe)
+    gran = gemm_modes(recipe)[1]
+    if _on_gpu(w):
+        from .kernels.weight_quant import fp8_weight_quant
+        if gran == "block":
+            return list(fp8_weight_quant(w, "block", pair=True))
+        return [*fp8_weight_quant(w, "channel"), *fp8_weight_quant(w, "channel", transpose=True)]
+    data, scale, _ = formats.quantize(w, "fp8_e4m3", gran, 0)
+    data_t, scale_t, _ = formats.quantize(w.transpose(1, 2).contiguous(), "fp8_e4m3", gran, 0)
+    return [data, scale, data_t, scale_t]
+
+
+@triton_op("moe_ops::grouped_mm_recipe", mutates_args=())
+def grouped_mm_recipe(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor, wq_scale: torch.Tensor,
+                      wtq: torch.Tensor, wtq_scale: torch.Tensor, offs: torch.Tensor, recipe: str) -> torch.Tensor:
+    """An FP8 recipe's training forward on weight operands cast beforehand by
+    :func:`recipe_weights`: ``y`` equals ``grouped_mm(x, w, ..., recipe=recipe)``. ``w`` (plain,
+    trainable) only receives the gradient (the recipe's wgrad); the dgrad GEMM reads
+    ``wtq`` / ``wtq_scale``, so backward does not cast W again."""
+    checks.check_grouped_mm_recipe(x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe)
+    act, gran = gemm_modes(recipe)
+    return _grouped_mm(x, wq, wq_scale, None, offs, "fp8_e4m3", gran, 0, act, "none")
 
 
 @triton_op("moe_ops::grouped_mm_dgrad", mutates_args=())

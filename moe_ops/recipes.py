@@ -29,6 +29,12 @@ RECIPES = ("none", "fp8_rowwise", "fp8_blockwise")
 BLOCK = formats.BLOCK
 
 
+def gemm_modes(recipe: str):
+    """``(act_quant, granularity)`` of a recipe's forward and dgrad GEMMs: x (or dy) quantized
+    per ``act_quant``, fp8 e4m3 weights of ``granularity``."""
+    return ("fp8_token", "channel") if recipe == "fp8_rowwise" else ("fp8_1x128", "block")
+
+
 def _work(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

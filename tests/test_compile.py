@@ -55,6 +55,30 @@ moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default""")
 
+    def test_fp8_blockwise_grouped_mm_casts_w_once(self):
+        """``moe_ops.grouped_mm`` with ``fp8_blockwise`` under autograd, compiled (fullgraph,
+        dynamic): Dynamo's graph casts W once (``recipe_weights``) and calls ``grouped_mm_recipe``;
+        forward and both gradients equal eager."""
+        torch._dynamo.reset()
+        from torch._dynamo.testing import EagerAndRecordGraphs
+        rec = EagerAndRecordGraphs()
+        w = torch.randn(4, 16, 32, requires_grad=True)
+
+        def f(x, offs):
+            return moe_ops.grouped_mm(x, w, offs, recipe="fp8_blockwise")
+        x = torch.randn(9, 32, requires_grad=True)
+        offs = torch.tensor([2, 2, 7, 9], dtype=torch.int32)
+        y = torch.compile(f, backend=rec, fullgraph=True, dynamic=True)(x, offs)
+        calls = [str(n.target) for n in rec.graphs[0].graph.nodes if n.op == "call_function"]
+        self.assertExpectedInline("\n".join(c for c in calls if "moe_ops" in c), """\
+moe_ops.recipe_weights
+moe_ops.grouped_mm_recipe""")
+        dy = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+        y_eager = f(x, offs)
+        ex, ew = torch.autograd.grad(y_eager, (x, w), dy)
+        self.assertTrue(torch.equal(y, y_eager) and torch.equal(gx, ex) and torch.equal(gw, ew))
+
     def test_traced_moe_layer_locked(self):
         """The layer as Dynamo traces it: routing operators and one fused expert MLP call."""
         torch._dynamo.reset()

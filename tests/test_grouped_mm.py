@@ -157,6 +157,50 @@ def test_backward_recipes(recipe, bound):
     assert rel_err(wr.grad, wd.grad) < bound
 
 
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recipe_weights_path_equals_recipe_op(recipe, dtype):
+    """``recipe_weights`` + ``grouped_mm_recipe`` (W cast once; what ``moe_ops.grouped_mm``
+    runs for ``fp8_blockwise`` under autograd) give ``grouped_mm(..., recipe)``'s output and
+    gradients bit for bit; the cast operands are ``formats.quantize`` of W and of W^T."""
+    x, w, offs = _data(15, dtype, m=300, empty=(1,), tail=3)
+    w = w.to(dtype)
+    dy = torch.randn(300, N, generator=torch.Generator().manual_seed(16)).to(dtype)
+    parts = torch.ops.moe_ops.recipe_weights(w, recipe)
+    gran = "channel" if recipe == "fp8_rowwise" else "block"
+    for got, t in ((parts[:2], w), (parts[2:], w.transpose(1, 2).contiguous())):
+        want = moe_ops.formats.quantize(t, "fp8_e4m3", gran, 0)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    grads = []
+    for cast_once in (True, False):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if cast_once:
+            y = torch.ops.moe_ops.grouped_mm_recipe(xr, wr, *parts, offs, recipe)
+        else:
+            y = torch.ops.moe_ops.grouped_mm(xr, wr, None, None, offs, "none", "none", 0, "none", recipe)
+        y.backward(dy)
+        grads.append((y, xr.grad, wr.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="cast weights get no gradient"):
+        wd = parts[0].float().requires_grad_()
+        torch.ops.moe_ops.grouped_mm_recipe(x, w, wd.to(parts[0].dtype), *parts[1:], offs, recipe).sum().backward()
+
+
+def test_recipe_weights_errors_name_the_argument():
+    x, w, offs = _data(17, torch.float32, m=64)
+    parts = torch.ops.moe_ops.recipe_weights(w, "fp8_blockwise")
+    with pytest.raises(ValueError, match="recipe"):
+        torch.ops.moe_ops.recipe_weights(w, "none")
+    with pytest.raises(ValueError, match="^w: expected a 3-D"):
+        torch.ops.moe_ops.recipe_weights(w[0], "fp8_blockwise")
+    with pytest.raises(ValueError, match="^wtq: expected the recipe's codes of shape"):  # W's codes twice
+        torch.ops.moe_ops.grouped_mm_recipe(x, w, parts[0], parts[1], parts[0], parts[1], offs, "fp8_blockwise")
+    with pytest.raises(ValueError, match="^wq_scale: expected shape"):  # rowwise scales for blockwise codes
+        rw = torch.ops.moe_ops.recipe_weights(w, "fp8_rowwise")
+        torch.ops.moe_ops.grouped_mm_recipe(x, w, parts[0], rw[1], *parts[2:], offs, "fp8_blockwise")
+
+
 def test_blockwise_wgrad_blocks_do_not_cross_experts():
     """A huge value in one expert must not change the quantization of its neighbour's rows."""
     g = torch.Generator().manual_seed(3)

@@ -70,6 +70,15 @@ def test_grouped_mm_plain_and_recipes(recipe, dtype):
     _check(torch.ops.moe_ops.grouped_mm_wgrad.default, (dy, x.detach(), offs, recipe))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
+def test_recipe_weights_and_grouped_mm_recipe(recipe, dtype):
+    x, w, offs = _inputs(5, dtype)
+    _check(torch.ops.moe_ops.recipe_weights.default, (w, recipe))
+    parts = torch.ops.moe_ops.recipe_weights(w, recipe)
+    _check(torch.ops.moe_ops.grouped_mm_recipe.default, (x, w.requires_grad_(), *parts, offs, recipe))
+
+
 @pytest.mark.parametrize("mode", ["int8_token", "fp8_token", "fp8_1x128"])
 def test_quantize_act(mode):
     x, _, _ = _inputs(3, requires_grad=False)

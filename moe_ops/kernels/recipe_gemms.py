@@ -18,18 +18,15 @@ codes and scales directly for the dgrad GEMM.
 """
 from __future__ import annotations
 
+from ..recipes import gemm_modes
+
 _E4M3 = "fp8_e4m3"
-
-
-def _modes(recipe: str):
-    """(activation mode, weight granularity) of a recipe's forward / dgrad GEMM."""
-    return ("fp8_token", "channel") if recipe == "fp8_rowwise" else ("fp8_1x128", "block")
 
 
 def forward(x, w, offs, recipe):
     from .dispatch import grouped_mm
     from .weight_quant import fp8_weight_quant
-    act, gran = _modes(recipe)
+    act, gran = gemm_modes(recipe)
     data, scale = fp8_weight_quant(w, gran)
     return grouped_mm(x, data, scale, None, offs, _E4M3, gran, 0, act, "none")
 
@@ -37,7 +34,7 @@ def forward(x, w, offs, recipe):
 def dgrad(dy, w, offs, recipe):
     from .dispatch import grouped_mm
     from .weight_quant import fp8_weight_quant
-    act, gran = _modes(recipe)
+    act, gran = gemm_modes(recipe)
     data, scale = fp8_weight_quant(w, gran, transpose=True)  # W^T [E, K, N], written directly
     return grouped_mm(dy, data, scale, None, offs, _E4M3, gran, 0, act, "none")
 

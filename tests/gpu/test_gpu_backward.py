@@ -119,6 +119,11 @@ def test_fp8_weight_quant_bit_exact(gran, transpose, flat, rcp):
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu().view(torch.uint8), d_ref.view(torch.uint8))
+    if gran == "block" and not transpose:  # W's and W^T's codes from one read (recipe_weights)
+        parts = fp8_weight_quant(w.to(DEV), "block", False, config, rcp, pair=True)
+        t_ref = moe_ops.formats.quantize(w.transpose(1, 2).contiguous(), "fp8_e4m3", "block", 0)
+        for got, want in zip(parts, (d_ref, s_ref, t_ref[0], t_ref[1])):
+            assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("config", [None, (64, 256, 128, 8, 3)])  # choose_wgrad_config's two tiles

@@ -355,6 +355,15 @@ def test_fp8_weight_quant_scales(gran, transpose):
     for rcp in (True, False):  # either division: the same bits
         q2, s2 = fp8_weight_quant(w, gran, transpose, None, rcp)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    if gran == "block" and not transpose:  # W's and W^T's codes from one read: both casts' bits
+        qt, st = fp8_weight_quant(w, "block", True)
+        for cfg in (None, (16, 64, 4, False)):
+            parts = fp8_weight_quant(w, "block", config=cfg, pair=True)
+            for got, want in zip(parts, (q, s, qt, st)):
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    else:
+        with pytest.raises(ValueError, match="pair"):
+            fp8_weight_quant(w, gran, transpose, pair=True)
 
 
 TMA_TILE = KernelConfig(32, 32, 32, 4, 1, tma=True)
