@@ -13,6 +13,8 @@ from . import formats
 from .activations import ACT_QUANT_MODES
 from .recipes import RECIPES, gemm_modes
 
+FP8_RECIPES = tuple(r for r in RECIPES if r != "none")
+
 _GPU_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _CPU_X_DTYPES = _GPU_X_DTYPES + (torch.float64,)
 
@@ -141,14 +143,14 @@ def check_recipe_weights(w: torch.Tensor, recipe: str) -> None:
     if w.dim() != 3:
         raise ValueError(f"w: expected a 3-D [E, N, K] tensor, got shape {tuple(w.shape)}")
     check_float_input(w, "w")
-    check_choice(recipe, [r for r in RECIPES if r != "none"], "recipe")
+    check_choice(recipe, FP8_RECIPES, "recipe")
 
 
 def check_grouped_mm_recipe(x, w, wq, wq_scale, wtq, wtq_scale, offs, recipe):
     """Checks of ``grouped_mm_recipe``: x and plain w as ``grouped_mm`` with ``recipe``, and the
     recipe's fp8 e4m3 operands of W ``[E, N, K]`` and of W^T ``[E, K, N]`` (as
     ``recipe_weights`` returns them). Returns ``(M, N, K, E)``."""
-    check_choice(recipe, [r for r in RECIPES if r != "none"], "recipe")
+    check_choice(recipe, FP8_RECIPES, "recipe")
     M, N, K, E = check_grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", recipe)
     gran = gemm_modes(recipe)[1]
     for data, scale, arg, shape in ((wq, wq_scale, "wq", (E, N, K)), (wtq, wtq_scale, "wtq", (E, K, N))):

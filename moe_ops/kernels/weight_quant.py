@@ -122,6 +122,21 @@ def _channel_tiles(C: int, transpose: bool):
     return min(8, 4096 // block_k), block_k, 4, True
 
 
+def _block_outputs(E: int, R: int, C: int, transpose: bool, device):
+    """Block-granularity ``(codes, scales, code strides, scale strides)`` for W ``[E, R, C]``'s
+    tiles: W's own layout, or with ``transpose`` W^T's codes ``[E, C, R]`` and scales
+    ``[E, kb, nb]``, the strides given in W's (e, r, c) order so that the kernel writes them
+    directly."""
+    nb, kb = cdiv(R, 128), cdiv(C, 128)
+    if transpose:
+        q = torch.empty(E, C, R, dtype=torch.float8_e4m3fn, device=device)
+        s = torch.empty(E, kb, nb, dtype=torch.float32, device=device)
+        return q, s, (q.stride(0), q.stride(2), q.stride(1)), (s.stride(0), s.stride(2), s.stride(1))
+    q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=device)
+    s = torch.empty(E, nb, kb, dtype=torch.float32, device=device)
+    return q, s, (q.stride(0), q.stride(1), q.stride(2)), (s.stride(0), s.stride(1), s.stride(2))
+
+
 def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None, rcp=None,
                      pair: bool = False):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
@@ -138,6 +153,8 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     return ``(data, scale, data_t, scale_t)``, W's codes and W^T's from one read of W (block
     quantization commutes with transposition)."""
     E = w.shape[0]
+    if pair and (granularity != "block" or transpose):
+        raise ValueError("pair: W's and W^T's codes from one read need block granularity and transpose=False")
     if rcp is None:
         # the reciprocal-and-FMA division (scale_division) for 16-bit weights where it measured
         # faster (tune_recipes.py, H100, results/tune_casts_h100_s13_rcp.json): 128 x 128 blocks
@@ -158,27 +175,15 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         s_strides = (s.stride(0), s.stride(1), 0)
     else:
         nb, kb = cdiv(R, 128), cdiv(C, 128)
-        if transpose:  # write W^T's codes [E, K, N] and scales [E, kb, nb] directly
-            q = torch.empty(E, C, R, dtype=torch.float8_e4m3fn, device=w.device)
-            s = torch.empty(E, kb, nb, dtype=torch.float32, device=w.device)
-            q_strides = (q.stride(0), q.stride(2), q.stride(1))
-            s_strides = (s.stride(0), s.stride(2), s.stride(1))
-        else:
-            q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
-            s = torch.empty(E, nb, kb, dtype=torch.float32, device=w.device)
-            q_strides = (q.stride(0), q.stride(1), q.stride(2))
-            s_strides = (s.stride(0), s.stride(1), s.stride(2))
+        q, s, q_strides, s_strides = _block_outputs(E, R, C, transpose, w.device)
         grid, per_row = (E, nb, kb), False
         # tune_recipes.py (H100, CUDA graphs): one code layout 8 warps; both (pair) 4 warps,
         # Qwen3-30B-A3B gate_up 0.774 -> 0.756 ms, DeepSeek-V3 E=32 1.83 -> 1.77 ms (0.71 of copy)
         bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 4 if pair else 8, True))
         bn = bk = 128
     if pair:
-        if granularity != "block" or transpose:
-            raise ValueError("pair: W and W^T codes from one read need block granularity, transpose=False")
-        qt = torch.empty(E, C, R, dtype=torch.float8_e4m3fn, device=w.device)
-        st = torch.empty(E, kb, nb, dtype=torch.float32, device=w.device)
-        pair_args = (qt, st, qt.stride(0), qt.stride(2), qt.stride(1), st.stride(0), st.stride(2), st.stride(1))
+        qt, st, qt_strides, st_strides = _block_outputs(E, R, C, True, w.device)
+        pair_args = (qt, st, *qt_strides, *st_strides)
     else:
         pair_args = (q, s, 0, 0, 0, 0, 0, 0)  # unused
     if flat:

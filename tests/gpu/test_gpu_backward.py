@@ -143,13 +143,17 @@ def test_wgrad_tma_chunks_bitwise(config):
     assert rel_err(a.cpu(), ref) < GPU_BOUND_BF16
 
 
-@pytest.mark.parametrize("recipe,other", [("fp8_rowwise", (128, 128, 8, 3)), ("fp8_blockwise", (128, 256, 8, 3))])
-def test_wgrad_fp8_tiles(recipe, other):
+# the fp8 MMA's accumulation: the cast's codes and scales equal the reference's bit for bit
+# here, and the kernel differs from the float64 product of those operands by 1.03e-3 (rowwise:
+# an expert's ~750 rows in one MMA accumulator chain) and 1.26e-4 (blockwise: chains of 128
+# tokens, promoted to float32 between them), measured on an H100
+@pytest.mark.parametrize("recipe,other,bound", [("fp8_rowwise", (128, 128, 8, 3), 3e-3),
+                                                ("fp8_blockwise", (128, 256, 8, 3), 5e-4)])
+def test_wgrad_fp8_tiles(recipe, other, bound):
     """The FP8 recipes' wgrad kernel at the tile ``choose_wgrad_fp8_config`` picks (here 750
     rows per expert: the wide tile for per-expert scales) and at another, on the token-block
-    cast's operands: against the reference emulation within 5e-3 (Hopper's fp8 MMA accumulates a
-    128-deep K chain in reduced precision: 1.0e-3 measured here, float32 outputs), and the two
-    tiles within 1e-6 of each other (the same 128-token chunks in the same order)."""
+    cast's operands: against the reference emulation within the fp8 MMA's accumulation error
+    (above), and the two tiles within 1e-6 of each other (the same chunks in the same order)."""
     from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8
     from moe_ops.kernels.token_block_quant import token_block_quant
     g = torch.Generator().manual_seed(21)
@@ -164,7 +168,7 @@ def test_wgrad_fp8_tiles(recipe, other):
     for config in (None, other):
         torch.full((4, N, K), float("nan"), device=DEV)  # poison the allocator's next block
         dws.append(launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.float32, config).cpu())
-        assert torch.all(dws[-1][2] == 0) and rel_err(dws[-1], ref) < 5e-3
+        assert torch.all(dws[-1][2] == 0) and rel_err(dws[-1], ref) < bound
     assert rel_err(dws[1], dws[0]) < 1e-6
 
 
