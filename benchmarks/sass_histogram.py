@@ -125,6 +125,26 @@ def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, 
     return _disassemble(src, warps, 3, arch)
 
 
+def compile_weight_cast(kind: str, warps: int, words: bool, arch: int):
+    """:func:`fp8_weight_quant_kernel` for bf16 W's 128x128 block tiles (flat grid, reciprocal
+    division) as :func:`moe_ops.kernels.weight_quant.fp8_weight_quant` specialises it: ``kind``
+    ``block`` (W's codes), ``transposed`` (W^T's) or ``pair`` (both); ``words``: W^T's codes four
+    a 32-bit word."""
+    from moe_ops.kernels.weight_quant import fp8_weight_quant_kernel as kernel
+    consts = dict(BLOCK_N=128, BLOCK_K=128, PER_ROW=False, FLAT=True, RCP=True, PAIR=kind == "pair",
+                  WORDS=words and kind != "block", stride_wk=1)
+    # the unit strides a launch specialises (W's K; each code layout's contiguous dim)
+    consts.update(stride_qn=1) if kind == "transposed" else consts.update(stride_qk=1)
+    if kind == "pair":
+        consts.update(stride_qtn=1)
+    names = list(inspect.signature(kernel.fn).parameters)
+    types = dict(w_ptr="*bf16", q_ptr="*fp8e4nv", qt_ptr="*fp8e4nv", s_ptr="*fp32", st_ptr="*fp32")
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in consts}
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return _disassemble(src, warps, 3, arch)
+
+
 def instructions(sass: str):
     """``(instruction count, Counter of opcodes)`` of the whole kernel."""
     ins = [m.group(1) for m in (re.match(r"^\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line) for line in sass.splitlines()) if m]
@@ -174,7 +194,17 @@ def main():
                    help="instead: the FP8 recipes' token-block cast (straight-line code, per element)")
     p.add_argument("--per-expert", action="store_true", help="with --token-blocks: per-expert scales")
     p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
+    p.add_argument("--weight-cast", choices=["block", "transposed", "pair"],
+                   help="instead: the fp8 block cast of W (128x128 tiles, --tile's WARPS)")
+    p.add_argument("--bytes", action="store_true", help="with --weight-cast: W^T's codes a byte at a time")
     a = p.parse_args()
+    if a.weight_cast:
+        sass, regs = compile_weight_cast(a.weight_cast, a.tile[3], not a.bytes, a.arch)
+        n, ops = instructions(sass)
+        print(regs)
+        print(f"{n} instructions per thread, {n / (128 * 128 / (32 * a.tile[3])):.1f} per element")
+        print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
+        return
     if a.token_blocks:
         sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch)
         n, ops = instructions(sass)

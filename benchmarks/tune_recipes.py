@@ -38,7 +38,7 @@ ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),
            (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
 # (BLOCK_C, num_warps, column tiles first in the grid)
-TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128, 8, True), (32, 4, False),
+TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128, 8, True), (128, 4, True), (32, 4, False),
                 (64, 4, False)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
@@ -156,11 +156,15 @@ def main(out_dir, only=("",)):
                                     [(cfg, r) for cfg in W_CHANNEL_T for r in (False, True)], E * N * K * 3),
             "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, *c)),
                                  [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
-            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, *c)),
-                                            [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
+            # W^T's codes: (config, rcp, words); words: four codes a 32-bit word, or bytes
+            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c[0], c[1],
+                                                                                words=c[2])),
+                                            [(cfg, True, wd) for cfg in W_BLOCK for wd in (False, True)],
+                                            E * N * K * 3),
             # W's and W^T's codes from one read (recipe_weights): 2 bytes read, 2 written an element
-            "cast_w_fp8_block_pair": (lambda c: (lambda: fp8_weight_quant(w, "block", False, *c, pair=True)),
-                                      [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 4),
+            "cast_w_fp8_block_pair": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c[0], c[1], pair=True,
+                                                                          words=c[2])),
+                                      [(cfg, True, wd) for cfg in W_BLOCK for wd in (False, True)], E * N * K * 4),
         }
         for kind, (make, space, nbytes) in sweeps.items():
             if not wanted(kind):

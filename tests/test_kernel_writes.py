@@ -179,10 +179,13 @@ def test_training_kernels_write_their_outputs_only(per_expert):
     assert written == ["dw_ptr"]
 
 
-@pytest.mark.parametrize("per_row,flat,pair", [(True, True, False), (True, False, False), (False, True, False),
-                                               (False, False, False), (False, True, True)])
-def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair):
-    """Codes and scales only; with ``PAIR`` (``recipe_weights``) W^T's codes and scales too."""
+@pytest.mark.parametrize("per_row,flat,pair,words", [(True, True, False, False), (True, False, False, False),
+                                                     (False, True, False, False), (False, False, False, False),
+                                                     (False, True, True, False), (False, True, True, True),
+                                                     (False, True, False, True)])
+def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair, words):
+    """Codes and scales only; with ``PAIR`` (``recipe_weights``) W^T's codes and scales too;
+    ``WORDS``: W^T's codes four a word (the stored values come from W's loads: W is not written)."""
     E_, N_, K_ = 2, 64, 256
     written = _written(fp8_weight_quant_kernel, w_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16),
                        q_ptr=torch.empty(E_, N_, K_, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(E_, N_, 1),
@@ -191,5 +194,5 @@ def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair):
                        BLOCK_N=16, BLOCK_K=128, PER_ROW=per_row, FLAT=flat, RCP=True,
                        qt_ptr=torch.empty(E_, K_, N_, dtype=torch.float8_e4m3fn), st_ptr=torch.empty(E_, 2, 1),
                        stride_qte=N_ * K_, stride_qtn=1, stride_qtk=N_, stride_ste=2, stride_stn=0, stride_stk=1,
-                       PAIR=pair)
+                       PAIR=pair, WORDS=words)
     assert written == (["q_ptr", "qt_ptr", "s_ptr", "st_ptr"] if pair else ["q_ptr", "s_ptr"])

@@ -9,7 +9,7 @@ first row (an expert's last block may be short; blocks never cross an expert bou
 numbered expert by expert as :func:`moe_ops.recipes.token_blocks` numbers them. Block ``b``
 occupies columns ``[b * BLOCK, (b + 1) * BLOCK)`` of ``q_t``; a short block's missing rows are
 zero codes. So every block starts 128-column aligned and the wgrad GEMM reads whole blocks,
-unmasked. ``P = (cdiv(M, BLOCK) + E) * BLOCK`` bounds the used blocks; columns of unused blocks
+unmasked. The kernel writes the codes four tokens a 32-bit word (:mod:`.fp8_packing`). ``P = (cdiv(M, BLOCK) + E) * BLOCK`` bounds the used blocks; columns of unused blocks
 and rows at or past ``offs[-1]`` are never written nor read.
 
 Scales (s = absmax / 448 over the unit's rows, per column; an all-zero unit gets s = 0, codes 0):
@@ -27,20 +27,20 @@ from torch.library import wrap_triton
 
 from moe_ops import formats
 
+from .fp8_packing import fp8_codes, load_quads, pack_codes, quads_abs, word_offsets
 from .grouped_gemm import _expert_of_tile, _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
-from .scale_division import SIXTEEN_BIT, divide_by_scale
+from .scale_division import SIXTEEN_BIT
 
 BLOCK = formats.BLOCK
 
 
 @triton.jit
-def _store_block_codes(q_ptr, blk, v, safe, cols, c_mask, stride_qc, BLOCK_M: tl.constexpr, RCP: tl.constexpr):
-    """Codes of the ``[BLOCK_M, BLOCK_C]`` tile ``v`` (zeros in missing rows) to block ``blk``."""
-    qv = tl.minimum(tl.maximum(divide_by_scale(v.to(tl.float32), safe[None, :], RCP), -448.0), 448.0)
-    ri = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    ptr = q_ptr + cols.to(tl.int64)[None, :] * stride_qc + ri[:, None]
-    tl.store(ptr, qv.to(q_ptr.dtype.element_ty), mask=c_mask[None, :])
+def _block_words(v0, v1, v2, v3, safe, RCP: tl.constexpr):
+    """The codes of a block's rows, given as the four parts of :func:`.fp8_packing.load_quads`
+    (zeros in missing rows), four rows a word (:func:`.fp8_packing.pack_codes`)."""
+    s = safe[None, :]
+    return pack_codes(fp8_codes(v0, s, RCP), fp8_codes(v1, s, RCP), fp8_codes(v2, s, RCP), fp8_codes(v3, s, RCP))
 
 
 @triton.jit
@@ -53,6 +53,8 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     ri = tl.arange(0, BLOCK_M)
+    QUADS: tl.constexpr = BLOCK_M // 4  # the codes of 4 tokens a word (fp8_packing)
+    q32 = q_ptr.to(tl.pointer_type(tl.uint32))
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
@@ -68,19 +70,17 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
         tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
         safe = tl.where(scale > 0, scale, 1.0)
         for j in range(0, count):
-            rm = start + j * BLOCK_M + ri
-            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-            _store_block_codes(q_ptr, first + j, v, safe, cols, c_mask, stride_qc, BLOCK_M, RCP)
+            v0, v1, v2, v3 = load_quads(t_ptr, start + j * BLOCK_M, end, cols, c_mask, stride_tm, 1, QUADS)
+            off, ok = word_offsets((first + j) * QUADS, (first + j + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
+            tl.store(q32 + off, _block_words(v0, v1, v2, v3, safe, RCP), mask=ok)
     else:  # program pid = token block
         _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
-            rm = row0 + ri
-            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-            scale = tl.math.div_rn(tl.max(tl.abs(v.to(tl.float32)), 0), 448.0)
+            v0, v1, v2, v3 = load_quads(t_ptr, row0, end, cols, c_mask, stride_tm, 1, QUADS)
+            scale = tl.math.div_rn(tl.max(quads_abs(v0, v1, v2, v3), 0), 448.0)
             tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-            _store_block_codes(q_ptr, pid, v, tl.where(scale > 0, scale, 1.0), cols, c_mask, stride_qc, BLOCK_M, RCP)
+            off, ok = word_offsets(pid * QUADS, (pid + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
+            tl.store(q32 + off, _block_words(v0, v1, v2, v3, tl.where(scale > 0, scale, 1.0), RCP), mask=ok)
 
 
 def padded_blocks(M: int, E: int) -> int:

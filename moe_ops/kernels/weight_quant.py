@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .fp8_packing import fp8_codes, load_quads, pack_codes, quads_abs, word_offsets
 from .host_math import cdiv, next_power_of_2
 from .scale_division import SIXTEEN_BIT, divide_by_scale
 
@@ -25,10 +26,13 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
                    stride_se, stride_sn, stride_sk,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr, RCP: tl.constexpr,
                    qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                   PAIR: tl.constexpr):
+                   PAIR: tl.constexpr, WORDS: tl.constexpr):
     """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``), else the tile (pid_n, pid_k).
     ``PAIR`` (tiles only): the tile's codes and scale also go to ``qt_ptr`` / ``st_ptr`` through
-    their own strides (element (n, k) of W at ``n * stride_qtn + k * stride_qtk``: W^T's layout)."""
+    their own strides (element (n, k) of W at ``n * stride_qtn + k * stride_qtk``: W^T's layout).
+    ``WORDS`` (tiles only): the W^T-layout codes (``qt`` with ``PAIR``, else ``q``, whose n stride
+    must then be 1 and k stride a multiple of 4) are written four rows of W a 32-bit word
+    (:mod:`.fp8_packing`)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
@@ -49,6 +53,28 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
             v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
             qv = tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0)
             tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
+    elif WORDS:  # rows 4i + j as four parts: the transposed codes (n contiguous) four rows a word
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        r0 = pid_n * BLOCK_N
+        QUADS: tl.constexpr = BLOCK_N // 4
+        v0, v1, v2, v3 = load_quads(w_ptr + e * stride_we, r0, N, rk, k_mask, stride_wn, stride_wk, QUADS)
+        scale = tl.math.div_rn(tl.max(tl.max(quads_abs(v0, v1, v2, v3), 1), 0), 448.0)
+        tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
+        safe = tl.where(scale > 0, scale, 1.0)
+        words = pack_codes(fp8_codes(v0, safe, RCP), fp8_codes(v1, safe, RCP), fp8_codes(v2, safe, RCP),
+                           fp8_codes(v3, safe, RCP))
+        w_off, w_ok = word_offsets(r0 // 4, N // 4, rk, k_mask, stride_qtk if PAIR else stride_qk, QUADS)
+        if PAIR:  # qt: W^T's layout; q: W's, from a second (cached) read of the tile in its own
+            # layout. Storing the words' float8 parts to q as well gave wrong W^T words on an
+            # H100 (Triton 3.6; the interpreter was right): the parts stay private to the words
+            tl.store((qt_ptr + e * stride_qte).to(tl.pointer_type(tl.uint32)) + w_off, words, mask=w_ok)
+            m = n_mask[:, None] & k_mask[None, :]
+            v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
+            tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_codes(v, safe, RCP), mask=m)
+            tl.store(st_ptr + e * stride_ste + pid_n * stride_stn + pid_k * stride_stk, scale)
+        else:  # q: W^T's layout
+            tl.store((q_ptr + e * stride_qe).to(tl.pointer_type(tl.uint32)) + w_off, words, mask=w_ok)
     else:
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m = n_mask[:, None] & (rk < K)[None, :]
@@ -73,7 +99,7 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
                             FLAT: tl.constexpr, RCP: tl.constexpr,
                             qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                            PAIR: tl.constexpr = False):
+                            PAIR: tl.constexpr = False, WORDS: tl.constexpr = False):
     if FLAT:  # a 1-D grid over the units, K tiles fastest, then N tiles, then experts (memory
         # order: neighbours read neighbours); a grid smaller than the units loops (persistent)
         tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
@@ -83,12 +109,13 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
                            pid % tiles_k, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                            stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP,
                            qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                           PAIR)
+                           PAIR, WORDS)
     else:
         _quantize_unit(w_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), N, K,
                        stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                        stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP,
-                       qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk, PAIR)
+                       qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk, PAIR,
+                       WORDS)
 
 
 def _grid_options(config):
@@ -138,7 +165,7 @@ def _block_outputs(E: int, R: int, C: int, transpose: bool, device):
 
 
 def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False, config=None, rcp=None,
-                     pair: bool = False):
+                     pair: bool = False, words=None):
     """``(data, scale)`` of ``w`` ``[E, N, K]`` in fp8_e4m3 ``channel`` or ``block`` granularity,
     as :func:`moe_ops.formats.quantize`; with ``transpose`` those of ``W^T`` ``[E, K, N]``
     (``channel``: one scale per (e, k) over N; ``block``: W's tiles, transposed).
@@ -151,7 +178,9 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     scales through :func:`.scale_division.divide_by_scale`'s reciprocal form (16-bit ``w`` only;
     the same codes); ``None``: where it measured faster. ``pair`` (``block``, not ``transpose``):
     return ``(data, scale, data_t, scale_t)``, W's codes and W^T's from one read of W (block
-    quantization commutes with transposition)."""
+    quantization commutes with transposition). ``words`` (``block`` with ``transpose`` or ``pair``):
+    W^T's codes written four a 32-bit word (:mod:`.fp8_packing`; the same bytes); ``None``:
+    wherever W's N is a multiple of 4 (W^T's rows then hold whole words)."""
     E = w.shape[0]
     if pair and (granularity != "block" or transpose):
         raise ValueError("pair: W's and W^T's codes from one read need block granularity and transpose=False")
@@ -177,10 +206,20 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         nb, kb = cdiv(R, 128), cdiv(C, 128)
         q, s, q_strides, s_strides = _block_outputs(E, R, C, transpose, w.device)
         grid, per_row = (E, nb, kb), False
-        # tune_recipes.py (H100, CUDA graphs): one code layout 8 warps; both (pair) 4 warps,
-        # Qwen3-30B-A3B gate_up 0.774 -> 0.756 ms, DeepSeek-V3 E=32 1.83 -> 1.77 ms (0.71 of copy)
-        bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 4 if pair else 8, True))
+        # tune_recipes.py (H100, CUDA graphs): W's codes 8 warps; W^T's 4 warps (Qwen3-30B-A3B
+        # gate_up 0.442 -> 0.397 ms, DeepSeek-V3 E=32 1.06 -> 0.933: results/tune_casts_pair2_s15_h100.log);
+        # both (pair) 4 warps (session 14: Qwen3-30B-A3B gate_up 0.774 -> 0.756 ms)
+        bn, bk, warps, flat, per_sm = _grid_options(config or (128, 128, 4 if (pair or transpose) else 8, True))
         bn = bk = 128
+    if words is None:
+        # tune_recipes.py, H100, CUDA graphs (results/tune_casts_pair2_s15_h100.log): the pair with
+        # words 0.641 ms at Qwen3-30B-A3B gate_up against 0.755 with bytes (0.84 of copy against
+        # 0.71), DeepSeek-V3 E=32 1.52 against 1.77; W^T's codes alone: bytes (0.397 ms against
+        # 0.430 for words)
+        words = pair and R % 4 == 0
+    words = bool(words) and granularity == "block" and (transpose or pair)
+    if words and R % 4:
+        raise ValueError(f"words: W^T's codes four a word need W's N a multiple of 4, got {R}")
     if pair:
         qt, st, qt_strides, st_strides = _block_outputs(E, R, C, True, w.device)
         pair_args = (qt, st, *qt_strides, *st_strides)
@@ -194,5 +233,5 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
             BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, RCP=rcp, qt_ptr=pair_args[0], st_ptr=pair_args[1],
             stride_qte=pair_args[2], stride_qtn=pair_args[3], stride_qtk=pair_args[4], stride_ste=pair_args[5],
-            stride_stn=pair_args[6], stride_stk=pair_args[7], PAIR=pair, num_warps=warps)
+            stride_stn=pair_args[6], stride_stk=pair_args[7], PAIR=pair, WORDS=words, num_warps=warps)
     return (q, s, qt, st) if pair else (q, s)

@@ -366,6 +366,56 @@ def test_fp8_weight_quant_scales(gran, transpose):
             fp8_weight_quant(w, gran, transpose, pair=True)
 
 
+def _fp8_exact(shape, seed, pin_rows):
+    """bf16 values 4x an fp8 e4m3 value each, with every ``pin_rows``-th row (along dim -2) at
+    4 * 448: every unit's absmax is 4 * 448, its scale 4, and each quotient an fp8 value, which
+    any rounding converts exactly (Triton's interpreter rounds inexact ones unlike the hardware)."""
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.randn(shape, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 4
+    v[..., ::pin_rows, :] = 4 * 448.0
+    return v.bfloat16()
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_token_block_codes_exact(per_expert):
+    """The token-block cast's codes (written four tokens a word) equal the reference's byte for
+    byte at every used column: exact quotients, experts of 300 / 0 / 140 rows and tail rows."""
+    from moe_ops.kernels.token_block_quant import padded_columns, token_block_quant
+    offs = torch.tensor([300, 300, 440], dtype=torch.int32)
+    t = _fp8_exact((460, 48), 21, 2)
+    q_ref, s_ref, used = _padded_reference(t, offs, per_expert)
+    q, s = token_block_quant(t, offs, per_expert)
+    cols = padded_columns(offs, 460)
+    cols = cols[cols >= 0]
+    assert torch.equal(q.view(torch.uint8)[:, cols], q_ref.view(torch.uint8)[:, cols])
+    assert torch.equal(s, s_ref) if per_expert else torch.equal(s[used], s_ref[used])
+    assert torch.all(s_ref[used] == 4.0)
+
+
+@pytest.mark.parametrize("n", [200, 130])  # W^T's rows in whole words (200), and not (130: bytes)
+def test_fp8_weight_block_codes_exact(n):
+    """fp8 block casts of W and W^T (separately and as the pair) equal formats.quantize's codes
+    byte for byte on exact quotients; the word and byte stores of W^T write the same bytes."""
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    w = _fp8_exact((3, n, 300), 22, 64)
+    w[1, :, :128] = 0  # all-zero tiles: scale 0, codes 0
+    want = moe_ops.formats.quantize(w, "fp8_e4m3", "block", 0)[:2]
+    want_t = moe_ops.formats.quantize(w.transpose(1, 2).contiguous(), "fp8_e4m3", "block", 0)[:2]
+    got = fp8_weight_quant(w, "block") + fp8_weight_quant(w, "block", True)
+    for got_parts in (got, fp8_weight_quant(w, "block", pair=True)):
+        for a, b in zip(got_parts, want + want_t):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    if n % 4 == 0:
+        for pair in (False, True):
+            words = fp8_weight_quant(w, "block", not pair, pair=pair, words=True)
+            plain = fp8_weight_quant(w, "block", not pair, pair=pair, words=False)
+            for a, b in zip(words, plain):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    else:
+        with pytest.raises(ValueError, match="words"):
+            fp8_weight_quant(w, "block", True, words=True)
+
+
 TMA_TILE = KernelConfig(32, 32, 32, 4, 1, tma=True)
 TMA_CASES = [("none", "none", 0, "none"), ("fp8_e4m3", "channel", 0, "none"), ("fp8_e5m2", "tensor", 0, "none"),
              ("fp8_e4m3", "channel", 0, "fp8_token"), ("fp8_e4m3", "block", 0, "fp8_1x128")]
