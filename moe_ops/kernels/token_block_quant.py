@@ -9,8 +9,9 @@ first row (an expert's last block may be short; blocks never cross an expert bou
 numbered expert by expert as :func:`moe_ops.recipes.token_blocks` numbers them. Block ``b``
 occupies columns ``[b * BLOCK, (b + 1) * BLOCK)`` of ``q_t``; a short block's missing rows are
 zero codes. So every block starts 128-column aligned and the wgrad GEMM reads whole blocks,
-unmasked. The kernel writes the codes four tokens a 32-bit word (:mod:`.fp8_packing`). ``P = (cdiv(M, BLOCK) + E) * BLOCK`` bounds the used blocks; columns of unused blocks
-and rows at or past ``offs[-1]`` are never written nor read.
+unmasked. The kernel writes the codes four tokens a 32-bit word (:mod:`.fp8_packing`).
+``P = (cdiv(M, BLOCK) + E) * BLOCK`` bounds the used blocks; columns of unused blocks and rows
+at or past ``offs[-1]`` are never written nor read.
 
 Scales (s = absmax / 448 over the unit's rows, per column; an all-zero unit gets s = 0, codes 0):
 ``per_expert=False`` (``fp8_blockwise``) ``[cdiv(M, BLOCK) + E, C]`` per (block, column),
