@@ -128,11 +128,11 @@ def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, 
 def compile_weight_cast(kind: str, warps: int, words: bool, arch: int):
     """:func:`fp8_weight_quant_kernel` for bf16 W's 128x128 block tiles (flat grid, reciprocal
     division) as :func:`moe_ops.kernels.weight_quant.fp8_weight_quant` specialises it: ``kind``
-    ``block`` (W's codes), ``transposed`` (W^T's) or ``pair`` (both); ``words``: W^T's codes four
-    a 32-bit word."""
+    ``block`` (W's codes), ``transposed`` (W^T's) or ``pair`` (both); ``words`` (pair): W^T's
+    codes four a 32-bit word."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant_kernel as kernel
     consts = dict(BLOCK_N=128, BLOCK_K=128, PER_ROW=False, FLAT=True, RCP=True, PAIR=kind == "pair",
-                  WORDS=words and kind != "block", stride_wk=1)
+                  WORDS=words and kind == "pair", stride_wk=1)
     # the unit strides a launch specialises (W's K; each code layout's contiguous dim)
     consts.update(stride_qn=1) if kind == "transposed" else consts.update(stride_qk=1)
     if kind == "pair":
@@ -196,7 +196,7 @@ def main():
     p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
     p.add_argument("--weight-cast", choices=["block", "transposed", "pair"],
                    help="instead: the fp8 block cast of W (128x128 tiles, --tile's WARPS)")
-    p.add_argument("--bytes", action="store_true", help="with --weight-cast: W^T's codes a byte at a time")
+    p.add_argument("--bytes", action="store_true", help="with --weight-cast pair: W^T's codes a byte at a time")
     a = p.parse_args()
     if a.weight_cast:
         sass, regs = compile_weight_cast(a.weight_cast, a.tile[3], not a.bytes, a.arch)

@@ -156,12 +156,10 @@ def main(out_dir, only=("",)):
                                     [(cfg, r) for cfg in W_CHANNEL_T for r in (False, True)], E * N * K * 3),
             "cast_w_fp8_block": (lambda c: (lambda: fp8_weight_quant(w, "block", False, *c)),
                                  [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
-            # W^T's codes: (config, rcp, words); words: four codes a 32-bit word, or bytes
-            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, c[0], c[1],
-                                                                                words=c[2])),
-                                            [(cfg, True, wd) for cfg in W_BLOCK for wd in (False, True)],
-                                            E * N * K * 3),
-            # W's and W^T's codes from one read (recipe_weights): 2 bytes read, 2 written an element
+            "cast_w_fp8_block_transposed": (lambda c: (lambda: fp8_weight_quant(w, "block", True, *c)),
+                                            [(cfg, r) for cfg in W_BLOCK for r in (False, True)], E * N * K * 3),
+            # W's and W^T's codes from one read (recipe_weights): 2 bytes read, 2 written an element;
+            # (config, rcp, words): W^T's codes four a 32-bit word, or bytes
             "cast_w_fp8_block_pair": (lambda c: (lambda: fp8_weight_quant(w, "block", False, c[0], c[1], pair=True,
                                                                           words=c[2])),
                                       [(cfg, True, wd) for cfg in W_BLOCK for wd in (False, True)], E * N * K * 4),

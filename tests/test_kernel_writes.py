@@ -181,11 +181,11 @@ def test_training_kernels_write_their_outputs_only(per_expert):
 
 @pytest.mark.parametrize("per_row,flat,pair,words", [(True, True, False, False), (True, False, False, False),
                                                      (False, True, False, False), (False, False, False, False),
-                                                     (False, True, True, False), (False, True, True, True),
-                                                     (False, True, False, True)])
+                                                     (False, True, True, False), (False, True, True, True)])
 def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair, words):
     """Codes and scales only; with ``PAIR`` (``recipe_weights``) W^T's codes and scales too;
-    ``WORDS``: W^T's codes four a word (the stored values come from W's loads: W is not written)."""
+    ``WORDS`` (the pair): W^T's codes four a word (the stored values come from W's loads: W is
+    not written)."""
     E_, N_, K_ = 2, 64, 256
     written = _written(fp8_weight_quant_kernel, w_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16),
                        q_ptr=torch.empty(E_, N_, K_, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(E_, N_, 1),

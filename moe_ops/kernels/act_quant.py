@@ -15,21 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scale_division import divide_by_scale
-
-
-@triton.jit
-def _round_half_even(v):
-    """``torch.round`` for |v| < 2^22: float32 addition rounds half to even."""
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constexpr, RCP: tl.constexpr):
-    v = divide_by_scale(v, safe, RCP)
-    if TO_INT8:
-        return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
-    return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(dtype)
+from .scale_division import scaled_codes
 
 
 @triton.jit
@@ -48,7 +34,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
             scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
-            tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
+            tl.store(q_rows + c[None, :], scaled_codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
         else:  # absmax pass, then quantize pass (the rows stay in L2)
             amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for c0 in range(0, K, BLOCK_C):
@@ -62,7 +48,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
                 c = c0 + tl.arange(0, BLOCK_C)
                 m = r_mask[:, None] & (c < K)[None, :]
                 v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
-                tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
+                tl.store(q_rows + c[None, :], scaled_codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
     else:  # program (row block, unit): a [BLOCK_R, UNIT] tile, one pass
         u = tl.program_id(1)
         c = u * UNIT + tl.arange(0, UNIT)
@@ -71,4 +57,4 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
         scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
         tl.store(s_ptr + rows.to(tl.int64) * stride_sm + u, scale, mask=r_mask)
         safe = tl.where(scale > 0, scale, 1.0)[:, None]
-        tl.store(q_rows + c[None, :], _codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
+        tl.store(q_rows + c[None, :], scaled_codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)

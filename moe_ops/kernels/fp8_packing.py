@@ -19,8 +19,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scale_division import divide_by_scale
-
 
 @triton.jit
 def quad_offsets(rows0, cols, stride_r, stride_c, QUADS: tl.constexpr):
@@ -48,13 +46,6 @@ def load_quads(base, rows0, row_end, cols, c_mask, stride_r, stride_c, QUADS: tl
 def quads_abs(v0, v1, v2, v3):
     """Elementwise ``max |v_j|`` of the four parts."""
     return tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3)))
-
-
-@triton.jit
-def fp8_codes(v, safe, RCP: tl.constexpr):
-    """float8 e4m3 codes ``clamp(v / safe, -448, 448)`` (``safe`` broadcast against ``v``; the
-    division as :func:`.scale_division.divide_by_scale`)."""
-    return tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0).to(tl.float8e4nv)
 
 
 @triton.jit

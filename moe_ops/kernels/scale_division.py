@@ -9,8 +9,8 @@ reciprocal ``y = 1 / s`` per scale and per element ``q = v * y`` and one FMA cor
 quotient is the correctly rounded one unless the residual underflows). Scales below 2^-60 are
 scaled up by 2^64 first, with ``v`` (exact: both stay far from overflow). Checked against
 ``div_rn`` over every bf16 and fp16 value and every scale that a 16-bit absmax gives
-(``s = absmax / 448`` and ``absmax / 127``): the codes are equal everywhere; the float32 quotient differs only below
-2^-53 (a subnormal ``v``: the residual underflows), where every code is zero. The check runs
+(``s = absmax / 448`` and ``absmax / 127``): the codes are equal everywhere; the float32
+quotient differs only below 2^-53 (a subnormal ``v``: the residual underflows), where every code is zero. The check runs
 exhaustively on the GPU (``tests/gpu/test_gpu_scale_division.py``) and on a subset in Triton's
 interpreter (``tests/interpret``). Wider inputs (float32) keep ``div_rn``.
 """
@@ -36,3 +36,27 @@ def divide_by_scale(v, s, RCP: tl.constexpr):
         return tl.math.fma(tl.math.fma(-q, s2, v2), y, q)
     else:
         return tl.math.div_rn(v, s)
+
+
+@triton.jit
+def _round_half_even(v):
+    """``torch.round`` for |v| < 2^22: float32 addition rounds half to even."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def scaled_codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.constexpr, RCP: tl.constexpr):
+    """The codes of ``v / safe`` (:func:`divide_by_scale`; ``safe > 0`` broadcast against ``v``):
+    ``TO_INT8``, int8 ``clamp(round_half_even(q), -127, 127)``; else ``clamp(q, -QMAX, QMAX)``
+    converted to the float8 ``dtype`` (round to nearest even). The casts' shared rule
+    (:func:`moe_ops.formats.quantize`, :mod:`moe_ops.activations`)."""
+    v = divide_by_scale(v, safe, RCP)
+    if TO_INT8:
+        return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
+    return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(dtype)
+
+
+@triton.jit
+def fp8_e4m3_codes(v, safe, RCP: tl.constexpr):
+    """:func:`scaled_codes` for float8 e4m3 (``clamp(v / safe, -448, 448)``)."""
+    return scaled_codes(v, safe, 448.0, False, tl.float8e4nv, RCP)

@@ -28,10 +28,10 @@ from torch.library import wrap_triton
 
 from moe_ops import formats
 
-from .fp8_packing import fp8_codes, load_quads, pack_codes, quads_abs, word_offsets
+from .fp8_packing import load_quads, pack_codes, quads_abs, word_offsets
 from .grouped_gemm import _expert_of_tile, _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
-from .scale_division import SIXTEEN_BIT
+from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
 
 BLOCK = formats.BLOCK
 
@@ -41,7 +41,8 @@ def _block_words(v0, v1, v2, v3, safe, RCP: tl.constexpr):
     """The codes of a block's rows, given as the four parts of :func:`.fp8_packing.load_quads`
     (zeros in missing rows), four rows a word (:func:`.fp8_packing.pack_codes`)."""
     s = safe[None, :]
-    return pack_codes(fp8_codes(v0, s, RCP), fp8_codes(v1, s, RCP), fp8_codes(v2, s, RCP), fp8_codes(v3, s, RCP))
+    return pack_codes(fp8_e4m3_codes(v0, s, RCP), fp8_e4m3_codes(v1, s, RCP), fp8_e4m3_codes(v2, s, RCP),
+                      fp8_e4m3_codes(v3, s, RCP))
 
 
 @triton.jit

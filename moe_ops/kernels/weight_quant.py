@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .fp8_packing import fp8_codes, load_quads, pack_codes, quads_abs, word_offsets
+from .fp8_packing import load_quads, pack_codes, quads_abs, word_offsets
 from .host_math import cdiv, next_power_of_2
-from .scale_division import SIXTEEN_BIT, divide_by_scale
+from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
 
 
 @triton.jit
@@ -30,9 +30,8 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
     """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``), else the tile (pid_n, pid_k).
     ``PAIR`` (tiles only): the tile's codes and scale also go to ``qt_ptr`` / ``st_ptr`` through
     their own strides (element (n, k) of W at ``n * stride_qtn + k * stride_qtk``: W^T's layout).
-    ``WORDS`` (tiles only): the W^T-layout codes (``qt`` with ``PAIR``, else ``q``, whose n stride
-    must then be 1 and k stride a multiple of 4) are written four rows of W a 32-bit word
-    (:mod:`.fp8_packing`)."""
+    ``WORDS`` (with ``PAIR``): W^T's codes are written four rows of W a 32-bit word
+    (:mod:`.fp8_packing`; ``stride_qtn`` 1, ``stride_qtk`` and ``N`` multiples of 4)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
@@ -51,9 +50,8 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
             rk = k0 + tl.arange(0, BLOCK_K)
             m = n_mask[:, None] & (rk < K)[None, :]
             v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-            qv = tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0)
-            tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, qv.to(q_ptr.dtype.element_ty), mask=m)
-    elif WORDS:  # rows 4i + j as four parts: the transposed codes (n contiguous) four rows a word
+            tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_e4m3_codes(v, safe, RCP), mask=m)
+    elif PAIR and WORDS:  # rows 4i + j as four parts: W^T's codes (n contiguous) four rows a word
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         r0 = pid_n * BLOCK_N
@@ -61,20 +59,18 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         v0, v1, v2, v3 = load_quads(w_ptr + e * stride_we, r0, N, rk, k_mask, stride_wn, stride_wk, QUADS)
         scale = tl.math.div_rn(tl.max(tl.max(quads_abs(v0, v1, v2, v3), 1), 0), 448.0)
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
+        tl.store(st_ptr + e * stride_ste + pid_n * stride_stn + pid_k * stride_stk, scale)
         safe = tl.where(scale > 0, scale, 1.0)
-        words = pack_codes(fp8_codes(v0, safe, RCP), fp8_codes(v1, safe, RCP), fp8_codes(v2, safe, RCP),
-                           fp8_codes(v3, safe, RCP))
-        w_off, w_ok = word_offsets(r0 // 4, N // 4, rk, k_mask, stride_qtk if PAIR else stride_qk, QUADS)
-        if PAIR:  # qt: W^T's layout; q: W's, from a second (cached) read of the tile in its own
-            # layout. Storing the words' float8 parts to q as well gave wrong W^T words on an
-            # H100 (Triton 3.6; the interpreter was right): the parts stay private to the words
-            tl.store((qt_ptr + e * stride_qte).to(tl.pointer_type(tl.uint32)) + w_off, words, mask=w_ok)
-            m = n_mask[:, None] & k_mask[None, :]
-            v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-            tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_codes(v, safe, RCP), mask=m)
-            tl.store(st_ptr + e * stride_ste + pid_n * stride_stn + pid_k * stride_stk, scale)
-        else:  # q: W^T's layout
-            tl.store((q_ptr + e * stride_qe).to(tl.pointer_type(tl.uint32)) + w_off, words, mask=w_ok)
+        words = pack_codes(fp8_e4m3_codes(v0, safe, RCP), fp8_e4m3_codes(v1, safe, RCP),
+                           fp8_e4m3_codes(v2, safe, RCP), fp8_e4m3_codes(v3, safe, RCP))
+        w_off, w_ok = word_offsets(r0 // 4, N // 4, rk, k_mask, stride_qtk, QUADS)
+        tl.store((qt_ptr + e * stride_qte).to(tl.pointer_type(tl.uint32)) + w_off, words, mask=w_ok)
+        # W's codes from a second (cached) read of the tile in its own layout. Storing the
+        # words' float8 parts to q as well gave wrong W^T words on an H100 (Triton 3.6; the
+        # interpreter was right): the parts stay private to the words
+        m = n_mask[:, None] & k_mask[None, :]
+        v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
+        tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_e4m3_codes(v, safe, RCP), mask=m)
     else:
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m = n_mask[:, None] & (rk < K)[None, :]
@@ -82,8 +78,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), 1), 0), 448.0)
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
         safe = tl.where(scale > 0, scale, 1.0)
-        qv = tl.minimum(tl.maximum(divide_by_scale(v, safe, RCP), -448.0), 448.0)
-        codes = qv.to(q_ptr.dtype.element_ty)
+        codes = fp8_e4m3_codes(v, safe, RCP)
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, codes, mask=m)
         if PAIR:
             qt = (qt_ptr + e * stride_qte + rn.to(tl.int64)[:, None] * stride_qtn
@@ -178,9 +173,9 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     scales through :func:`.scale_division.divide_by_scale`'s reciprocal form (16-bit ``w`` only;
     the same codes); ``None``: where it measured faster. ``pair`` (``block``, not ``transpose``):
     return ``(data, scale, data_t, scale_t)``, W's codes and W^T's from one read of W (block
-    quantization commutes with transposition). ``words`` (``block`` with ``transpose`` or ``pair``):
-    W^T's codes written four a 32-bit word (:mod:`.fp8_packing`; the same bytes); ``None``:
-    wherever W's N is a multiple of 4 (W^T's rows then hold whole words)."""
+    quantization commutes with transposition). ``words`` (``pair``): W^T's codes written four a
+    32-bit word (:mod:`.fp8_packing`; the same bytes); ``None``: wherever W's N is a multiple of
+    4 (W^T's rows then hold whole words)."""
     E = w.shape[0]
     if pair and (granularity != "block" or transpose):
         raise ValueError("pair: W's and W^T's codes from one read need block granularity and transpose=False")
@@ -214,12 +209,14 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     if words is None:
         # tune_recipes.py, H100, CUDA graphs (results/tune_casts_pair2_s15_h100.log): the pair with
         # words 0.641 ms at Qwen3-30B-A3B gate_up against 0.755 with bytes (0.84 of copy against
-        # 0.71), DeepSeek-V3 E=32 1.52 against 1.77; W^T's codes alone: bytes (0.397 ms against
-        # 0.430 for words)
+        # 0.71), DeepSeek-V3 E=32 1.52 against 1.77. (W^T's codes alone measured slower with
+        # words, 0.430 against 0.397 ms, results/tune_casts_words_s15_h100.log: not offered.)
         words = pair and R % 4 == 0
-    words = bool(words) and granularity == "block" and (transpose or pair)
+    if words and not pair:
+        raise ValueError("words: W^T's codes four a word are written by the pair only (pair=True)")
     if words and R % 4:
         raise ValueError(f"words: W^T's codes four a word need W's N a multiple of 4, got {R}")
+    words = bool(words)
     if pair:
         qt, st, qt_strides, st_strides = _block_outputs(E, R, C, True, w.device)
         pair_args = (qt, st, *qt_strides, *st_strides)

@@ -129,9 +129,9 @@ def test_fp8_weight_quant_bit_exact(gran, transpose, flat, rcp):
 @pytest.mark.parametrize("words", [None, False])
 @pytest.mark.parametrize("rows", [384, 300, 302])  # whole tiles; a part-filled one; N not a multiple of 4
 def test_fp8_weight_block_words_bit_exact(rows, words):
-    """W^T's block codes, written four a word (``words=None`` where N allows) or a byte at a
-    time, alone and as the pair's second layout, equal ``formats.quantize``'s bit for bit; the
-    outputs' memory poisoned first (0x7F: a NaN code)."""
+    """The pair's W^T block codes, written four a word (``words=None`` where N allows) or a byte
+    at a time, its W codes, and W^T's codes cast alone equal ``formats.quantize``'s bit for bit;
+    the outputs' memory poisoned first (0x7F: a NaN code)."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant
     w = (torch.randn(3, rows, 640) * 0.05).bfloat16()
     w[1, :, :128] = 0
@@ -139,7 +139,7 @@ def test_fp8_weight_block_words_bit_exact(rows, words):
     want = moe_ops.formats.quantize(w, "fp8_e4m3", "block", 0)[:2]
     want_t = moe_ops.formats.quantize(w.transpose(1, 2).contiguous(), "fp8_e4m3", "block", 0)[:2]
     torch.full((3 * rows * 640,), 0x7F, dtype=torch.uint8, device=DEV)
-    got_t = fp8_weight_quant(wd, "block", True, words=words)
+    got_t = fp8_weight_quant(wd, "block", True)
     torch.full((3 * rows * 640,), 0x7F, dtype=torch.uint8, device=DEV)
     pair = fp8_weight_quant(wd, "block", pair=True, words=words)
     for got, ref in zip(tuple(got_t) + tuple(pair), want_t + want + want_t):

@@ -395,7 +395,7 @@ def test_token_block_codes_exact(per_expert):
 @pytest.mark.parametrize("n", [200, 130])  # W^T's rows in whole words (200), and not (130: bytes)
 def test_fp8_weight_block_codes_exact(n):
     """fp8 block casts of W and W^T (separately and as the pair) equal formats.quantize's codes
-    byte for byte on exact quotients; the word and byte stores of W^T write the same bytes."""
+    byte for byte on exact quotients; the pair's word and byte stores of W^T write the same bytes."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant
     w = _fp8_exact((3, n, 300), 22, 64)
     w[1, :, :128] = 0  # all-zero tiles: scale 0, codes 0
@@ -406,14 +406,15 @@ def test_fp8_weight_block_codes_exact(n):
         for a, b in zip(got_parts, want + want_t):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     if n % 4 == 0:
-        for pair in (False, True):
-            words = fp8_weight_quant(w, "block", not pair, pair=pair, words=True)
-            plain = fp8_weight_quant(w, "block", not pair, pair=pair, words=False)
-            for a, b in zip(words, plain):
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        words = fp8_weight_quant(w, "block", pair=True, words=True)
+        plain = fp8_weight_quant(w, "block", pair=True, words=False)
+        for a, b in zip(words, plain):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     else:
-        with pytest.raises(ValueError, match="words"):
-            fp8_weight_quant(w, "block", True, words=True)
+        with pytest.raises(ValueError, match="multiple of 4"):
+            fp8_weight_quant(w, "block", pair=True, words=True)
+    with pytest.raises(ValueError, match="pair only"):
+        fp8_weight_quant(w, "block", True, words=True)
 
 
 TMA_TILE = KernelConfig(32, 32, 32, 4, 1, tma=True)
