@@ -31,6 +31,13 @@ backward computes anyway, so the down GEMM is not recomputed. That identity need
 linear in (h, W2); with quantized activations or an FP8 recipe it is not, and backward
 recomputes ``y_r`` with the forward's own quantization instead. Activation quantization is
 straight-through, as in ``grouped_mm``.
+
+With an FP8 recipe, backward casts each weight once (``recipe_weights``: W's and W^T's fp8 codes;
+for ``fp8_blockwise`` from one read of W) and runs its four weight GEMMs on those codes: the
+gate/up recompute and the ``y_r`` recompute on W's, the two dgrads on W^T's (four casts of a
+weight before, two of them of W^T). Forward keeps its own casts and saves none of them: holding
+W1's and W2's codes in both layouts from forward to backward would keep ``2 * (E*2I*H + E*H*I)``
+bytes per layer alive (1.2 GB at Qwen3-30B-A3B), so backward casts again.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from . import checks
+from .recipes import gemm_modes
 from .routing import inverse_rows, sum_slots
 
 
@@ -89,6 +97,23 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, tw, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero)
 
 
+def _weight_gemms(w, w_scale, w_zero, offs, w_format, gran, group_size, act_quant, recipe):
+    """``(mm, dgrad)``: ``rows -> rows @ W^T`` as the forward computed it and ``rows -> rows @ W``
+    as ``grouped_mm_dgrad`` computes it. With an FP8 recipe both read codes from one
+    ``recipe_weights`` cast of W (the recipe's forward GEMM on W's codes, its dgrad as the
+    forward GEMM on W^T's codes: the same numbers as ``grouped_mm`` / ``grouped_mm_dgrad`` with
+    the recipe, which would each cast W again)."""
+    ops = torch.ops.moe_ops
+    if recipe == "none":
+        return (lambda a: ops.grouped_mm(a, w, w_scale, w_zero, offs, w_format, gran, group_size, act_quant,
+                                         "none"),
+                lambda a: ops.grouped_mm_dgrad(a, w, w_scale, w_zero, offs, w_format, gran, group_size, "none"))
+    wq, wq_scale, wtq, wtq_scale = ops.recipe_weights(w.detach(), recipe)
+    act, wgran = gemm_modes(recipe)
+    return (lambda a: ops.grouped_mm(a, wq, wq_scale, None, offs, "fp8_e4m3", wgran, 0, act, "none"),
+            lambda a: ops.grouped_mm(a, wtq, wtq_scale, None, offs, "fp8_e4m3", wgran, 0, act, "none"))
+
+
 def _backward(ctx, dout):
     x, tw, sorted_rows, offs, w1, s1, z1, w2, s2, z2 = ctx.saved_tensors
     w_format, gran, gs1, gs2, act_quant, recipe = ctx.meta
@@ -101,20 +126,22 @@ def _backward(ctx, dout):
     dtype = x.dtype
     tok = _token_of_row(sorted_rows, top_k)
     xs = x[tok]
-    gu = ops.grouped_mm(xs, w1, s1, z1, offs, w_format, gran, gs1, act_quant, recipe)  # recomputed
+    w1_mm, w1_dgrad = _weight_gemms(w1, s1, z1, offs, w_format, gran, gs1, act_quant, recipe)
+    w2_mm, w2_dgrad = _weight_gemms(w2, s2, z2, offs, w_format, gran, gs2, act_quant, recipe)
+    gu = w1_mm(xs)  # recomputed
     gate, up = gu.float().chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
     h = (silu * up).to(dtype)
     dz = dout.contiguous()[tok]  # [M, H]: each row's token gradient (rows past offs[-1] are ignored)
-    dzh = ops.grouped_mm_dgrad(dz, w2, s2, z2, offs, w_format, gran, gs2, recipe).float()  # dout @ W2
+    dzh = w2_dgrad(dz).float()  # dout @ W2
     rw = tw.reshape(-1)[sorted_rows.long()].float()
     dx = dtw = dw1 = dw2 = None
     if need[1]:
         if act_quant == "none" and recipe == "none":
             per_row = (dzh * h.float()).sum(dim=1)  # <dout_t @ W2, h_r> = <dout_t, y_r>
         else:  # quantized operands: y_r is not linear in (h, W2); recompute the forward's y_r
-            y = ops.grouped_mm(h, w2, s2, z2, offs, w_format, gran, gs2, act_quant, recipe)
+            y = w2_mm(h)
             per_row = (dz.float() * y.float()).sum(dim=1)
         dtw = per_row[inverse_rows(sorted_rows)].reshape(T, top_k).to(tw.dtype)
     dh = dzh * rw.unsqueeze(1)
@@ -126,7 +153,7 @@ def _backward(ctx, dout):
     if need[4]:
         dw1 = ops.grouped_mm_wgrad(dgu, xs, offs, recipe).to(w1.dtype)
     if need[0]:
-        dxs = ops.grouped_mm_dgrad(dgu, w1, s1, z1, offs, w_format, gran, gs1, recipe)
+        dxs = w1_dgrad(dgu)
         dx = sum_slots(dxs, sorted_rows, top_k)
     # one entry per argument as called (trailing defaults are not passed to autograd)
     return (dx, dtw, None, None, dw1, None, None, dw2) + (None,) * (len(need) - 8)

@@ -126,6 +126,44 @@ def test_backward_recipes_match_unfused_autograd(recipe):
         assert rel_err(a, b) < 1e-5
 
 
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the moe_ops operators called (outermost calls only) and their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "moe_ops":
+            self.calls.append((func.__name__.split(".")[0], args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
+def test_backward_recipe_casts_each_weight_once(recipe):
+    """Backward runs its weight GEMMs on one ``recipe_weights`` cast per weight: no GEMM with the
+    recipe (which would cast W again), no weight cast besides the two."""
+    g, w0, ids, rows, offs = _routing(12, drop=False)
+    ts = [torch.randn(T, H, generator=g), w0, torch.randn(E, 2 * I, H, generator=g) * H ** -0.5,
+          torch.randn(E, H, I, generator=g) * I ** -0.5]
+    ts = [t.clone().requires_grad_() for t in ts]
+    out = ops.expert_mlp(*_args(ts[0], ts[1], rows, offs, (ts[2], None, None), (ts[3], None, None), "none",
+                                "none", 0, recipe=recipe))
+    with _OpLog() as log:
+        out.backward(torch.randn(T, H, generator=g))
+    casts = [a[0] for name, a in log.calls if name == "recipe_weights"]
+    assert len(casts) == 2 and casts[0] is not casts[1]
+    assert {tuple(c.shape) for c in casts} == {(E, 2 * I, H), (E, H, I)}
+    gemms = [(name, a) for name, a in log.calls if name.startswith("grouped_mm")]
+    assert sum(name == "grouped_mm" for name, _ in gemms) == 4  # gu, dout @ W2, y_r, dgu @ W1
+    assert sum(name == "grouped_mm_wgrad" for name, _ in gemms) == 2
+    for name, a in gemms:
+        if name == "grouped_mm":
+            # on the cast codes; the recipe argument (trailing default) absent or "none"
+            assert a[5] == "fp8_e4m3" and (len(a) < 10 or a[9] == "none"), a[5:]
+    assert all(name != "grouped_mm_dgrad" for name, _ in gemms)
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(5)
     t_, h_, i_, e_, k_ = 6, 8, 4, 3, 2
