@@ -49,11 +49,7 @@ from torch.library import triton_op
 
 from . import checks
 from .recipes import gemm_modes
-from .routing import inverse_rows, sum_slots
-
-
-def _token_of_row(sorted_rows: torch.Tensor, top_k: int) -> torch.Tensor:
-    return torch.div(sorted_rows.long(), top_k, rounding_mode="floor")
+from .routing import gather_rows, inverse_rows, sum_slots
 
 
 def composed(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -61,7 +57,7 @@ def composed(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_s
     """The unfused composition (the reference path): permute, gate/up grouped GEMM, SwiGLU in
     x's dtype, down grouped GEMM, weighted combine."""
     top_k = topk_weights.shape[1]
-    xs = x[_token_of_row(sorted_rows, top_k)]
+    xs = gather_rows(x, sorted_rows, top_k)[0]
     gu = torch.ops.moe_ops.grouped_mm(xs, w1, w1_scale, w1_zero, offs, w_format, granularity, group_size1,
                                       act_quant, recipe)
     gate, up = gu.chunk(2, dim=-1)
@@ -114,6 +110,29 @@ def _weight_gemms(w, w_scale, w_zero, offs, w_format, gran, group_size, act_quan
             lambda a: ops.grouped_mm(a, wtq, wtq_scale, None, offs, "fp8_e4m3", wgran, 0, act, "none"))
 
 
+def swiglu_backward(gu: torch.Tensor, dzh: torch.Tensor, rw: torch.Tensor, write_h: bool):
+    """``(dgu, per_row, h)`` of the SwiGLU step from the gate/up rows ``gu`` ``[M, 2I]``, the
+    gradient at h before the routing weight ``dzh`` ``[M, I]`` and the rows' routing weights
+    ``rw`` ``[M]``: ``dgu`` ``[M, 2I]`` in gu's dtype (the gate and up gradients of ``rw * dzh``),
+    ``per_row[r] = <dzh[r], h[r]>`` (float32; float64 for float64) and ``h = silu(gate) * up``
+    rounded to gu's dtype as the forward rounds it (None unless ``write_h``). One Triton kernel
+    on GPUs (:func:`moe_ops.kernels.row_ops.swiglu_backward`)."""
+    from .routing import rows_on_gpu
+    if rows_on_gpu(gu):
+        from .kernels.row_ops import swiglu_backward as kernel
+        return kernel(gu, dzh, rw, write_h)
+    work = torch.float64 if gu.dtype == torch.float64 else torch.float32
+    gate, up = gu.to(work).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).to(gu.dtype)
+    d = dzh.to(work)
+    per_row = (d * h.to(work)).sum(dim=1)
+    dh = d * rw.to(work).unsqueeze(1)
+    dgu = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * silu], dim=1).to(gu.dtype)
+    return dgu, per_row, (h if write_h else None)
+
+
 def _backward(ctx, dout):
     x, tw, sorted_rows, offs, w1, s1, z1, w2, s2, z2 = ctx.saved_tensors
     w_format, gran, gs1, gs2, act_quant, recipe = ctx.meta
@@ -123,38 +142,30 @@ def _backward(ctx, dout):
                            "(optionally with recipe=...) and quantize after training")
     ops = torch.ops.moe_ops
     T, top_k = tw.shape
-    dtype = x.dtype
-    tok = _token_of_row(sorted_rows, top_k)
-    xs = x[tok]
     w1_mm, w1_dgrad = _weight_gemms(w1, s1, z1, offs, w_format, gran, gs1, act_quant, recipe)
     w2_mm, w2_dgrad = _weight_gemms(w2, s2, z2, offs, w_format, gran, gs2, act_quant, recipe)
+    xs = gather_rows(x, sorted_rows, top_k)[0]
     gu = w1_mm(xs)  # recomputed
-    gate, up = gu.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    h = (silu * up).to(dtype)
-    dz = dout.contiguous()[tok]  # [M, H]: each row's token gradient (rows past offs[-1] are ignored)
-    dzh = w2_dgrad(dz).float()  # dout @ W2
-    rw = tw.reshape(-1)[sorted_rows.long()].float()
+    rw = tw.reshape(-1)[sorted_rows.long()]
+    # each row's token gradient dz (rows past offs[-1] are ignored) and, for dW2, rw * dz
+    dz, dzw = gather_rows(dout.to(x.dtype), sorted_rows, top_k, rw if need[7] else None)
+    dzh = w2_dgrad(dz)  # dout @ W2
+    # <dout_t, y_r> = <dout_t @ W2, h_r> needs the down GEMM linear in (h, W2); with quantized
+    # operands recompute the forward's y_r instead
+    linear = act_quant == "none" and recipe == "none"
+    dgu, per_row, h = swiglu_backward(gu, dzh, rw, write_h=need[7] or (need[1] and not linear))
     dx = dtw = dw1 = dw2 = None
     if need[1]:
-        if act_quant == "none" and recipe == "none":
-            per_row = (dzh * h.float()).sum(dim=1)  # <dout_t @ W2, h_r> = <dout_t, y_r>
-        else:  # quantized operands: y_r is not linear in (h, W2); recompute the forward's y_r
+        if not linear:
             y = w2_mm(h)
             per_row = (dz.float() * y.float()).sum(dim=1)
         dtw = per_row[inverse_rows(sorted_rows)].reshape(T, top_k).to(tw.dtype)
-    dh = dzh * rw.unsqueeze(1)
-    dgate = dh * up * sig * (1 + gate * (1 - sig))
-    dup = dh * silu
-    dgu = torch.cat([dgate, dup], dim=1).to(dtype)
     if need[7]:
-        dw2 = ops.grouped_mm_wgrad((dz.float() * rw.unsqueeze(1)).to(dtype), h, offs, recipe).to(w2.dtype)
+        dw2 = ops.grouped_mm_wgrad(dzw, h, offs, recipe).to(w2.dtype)
     if need[4]:
         dw1 = ops.grouped_mm_wgrad(dgu, xs, offs, recipe).to(w1.dtype)
     if need[0]:
-        dxs = w1_dgrad(dgu)
-        dx = sum_slots(dxs, sorted_rows, top_k)
+        dx = sum_slots(w1_dgrad(dgu), sorted_rows, top_k)
     # one entry per argument as called (trailing defaults are not passed to autograd)
     return (dx, dtw, None, None, dw1, None, None, dw2) + (None,) * (len(need) - 8)
 

@@ -3,7 +3,10 @@ permute and unpermute.
 
 All five are ``torch.library.triton_op``\\ s whose bodies are plain PyTorch with static shapes
 (``T * top_k`` rows) and no host synchronisation (no ``bincount``, ``nonzero`` or ``.item()``),
-so they run on any device and Inductor traces and fuses them. Layout conventions:
+so they run on any device and Inductor traces and fuses them. On GPUs the row gathers of
+``permute``, of the slot sums (``unpermute``, :func:`sum_slots`) and of their backward are
+Triton kernels that move whole rows (:mod:`moe_ops.kernels.row_ops`): indexed gathers in
+PyTorch or Inductor address every element and ran 3-5x below copy bandwidth. Layout conventions:
 
 * ``topk_ids``/``topk_weights`` ``[T, top_k]``: slot j of token t is *flat row* ``t * top_k + j``.
 * ``sorted_rows`` ``[T * top_k]`` int32: the flat row at each position of the expert-sorted
@@ -190,6 +193,26 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def rows_on_gpu(t: torch.Tensor) -> bool:
+    """Whether ``t``'s rows go through the Triton row kernels (16-bit or float32 on a GPU;
+    float64 keeps the reference, with its float64 sums)."""
+    return t.device.type in ("cuda", "xpu") and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def gather_rows(src: torch.Tensor, sorted_rows: torch.Tensor, top_k: int, row_scale=None, plain: bool = True):
+    """``(src[tok], (row_scale[:, None] * src[tok]).to(src.dtype))`` for ``tok =
+    sorted_rows // top_k``, ``[T * top_k, H]`` each: the first None unless ``plain``, the
+    second None without ``row_scale`` ``[T * top_k]`` (the product in float32, or float64 for
+    float64 rows)."""
+    if rows_on_gpu(src):
+        from .kernels.row_ops import gather_token_rows
+        return gather_token_rows(src.contiguous(), sorted_rows, top_k, row_scale, plain)
+    rows = src[torch.div(sorted_rows.long(), top_k, rounding_mode="floor")]
+    work = _acc_dtype(src)
+    scaled = None if row_scale is None else (rows.to(work) * row_scale.to(work).unsqueeze(1)).to(src.dtype)
+    return (rows if plain else None), scaled
+
+
 def inverse_rows(sorted_rows: torch.Tensor) -> torch.Tensor:
     """int64 ``pos`` ``[T * top_k]``: the sorted position of each flat row (the inverse
     permutation of ``sorted_rows``)."""
@@ -204,6 +227,9 @@ def sum_slots(rows: torch.Tensor, sorted_rows: torch.Tensor, top_k: int,
     None) for sorted ``rows`` ``[T * top_k, H]``; float32 accumulation (float64 for float64),
     ``rows.dtype`` out.
     Deterministic (a gather and a sum, no atomics)."""
+    if rows_on_gpu(rows):
+        from .kernels.row_ops import combine_slots
+        return combine_slots(rows.contiguous(), inverse_rows(sorted_rows), top_k, weights)
     M, H = rows.shape
     work = _acc_dtype(rows)
     per_slot = rows[inverse_rows(sorted_rows)].reshape(M // top_k, top_k, H).to(work)
@@ -218,7 +244,7 @@ def permute(x: torch.Tensor, sorted_rows: torch.Tensor, top_k: int) -> torch.Ten
     """Expert-sorted copy of the token rows: ``out[r] = x[sorted_rows[r] // top_k]``, ``[T *
     top_k, H]``. Differentiable in ``x`` (each token's gradient is the sum over its slots)."""
     checks.check_permute(x, sorted_rows, top_k)
-    return x[torch.div(sorted_rows.long(), top_k, rounding_mode="floor")]
+    return gather_rows(x, sorted_rows, top_k)[0]
 
 
 def _permute_setup(ctx, inputs, output):
@@ -249,14 +275,13 @@ def _unpermute_setup(ctx, inputs, output):
 def _unpermute_backward(ctx, dout):
     y, sorted_rows, tw = ctx.saved_tensors
     T, k = tw.shape
-    rows = sorted_rows.long()
-    tok = torch.div(rows, k, rounding_mode="floor")
     work = _acc_dtype(y)
-    dy = dtw = None
-    if ctx.needs_input_grad[0]:
-        dy = (dout[tok].to(work) * tw.reshape(-1)[rows].to(work).unsqueeze(1)).to(y.dtype)
-    if ctx.needs_input_grad[2]:
-        per_row = (dout[tok].to(work) * y.to(work)).sum(dim=1)  # [M], sorted order
+    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dz, dy = gather_rows(dout.to(y.dtype), sorted_rows, k, tw.reshape(-1)[sorted_rows.long()] if need_y else None,
+                         plain=need_w)
+    dtw = None
+    if need_w:
+        per_row = (dz.to(work) * y.to(work)).sum(dim=1)  # [M], sorted order
         dtw = per_row[inverse_rows(sorted_rows)].reshape(T, k).to(tw.dtype)
     return dy, None, dtw
 

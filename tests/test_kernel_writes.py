@@ -196,3 +196,26 @@ def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair, words):
                        stride_qte=N_ * K_, stride_qtn=1, stride_qtk=N_, stride_ste=2, stride_stn=0, stride_stk=1,
                        PAIR=pair, WORDS=words)
     assert written == (["q_ptr", "qt_ptr", "s_ptr", "st_ptr"] if pair else ["q_ptr", "s_ptr"])
+
+
+@pytest.mark.parametrize("plain,scaled", [(True, False), (False, True), (True, True)])
+def test_row_kernels_write_their_outputs_only(plain, scaled):
+    """The permute gather (the layer's x is its source: a graph input that must stay unwritten),
+    the slot combine and the SwiGLU backward."""
+    from moe_ops.kernels import row_ops
+    M_, H_, k = 8, 64, 2
+    rows = torch.arange(M_, dtype=torch.int32)
+    written = _written(row_ops.gather_rows_kernel, src=torch.empty(M_ // k, H_), sorted_rows=rows,
+                       scale=torch.empty(M_), out=torch.empty(M_, H_), scaled=torch.empty(M_, H_), M=M_, H=H_,
+                       stride_src=H_, stride_out=H_, stride_scaled=H_, TOP_K=k, WRITE_PLAIN=plain,
+                       WRITE_SCALED=scaled, BLOCK_R=4, BLOCK_C=64)
+    assert written == ["out"] * plain + ["scaled"] * scaled
+    written = _written(row_ops.combine_slots_kernel, rows=torch.empty(M_, H_), pos=rows, weights=torch.empty(M_),
+                       out=torch.empty(M_ // k, H_), T=M_ // k, H=H_, stride_rows=H_, stride_out=H_, TOP_K=k,
+                       WEIGHTED=scaled, BLOCK_T=4, BLOCK_C=64)
+    assert written == ["out"]
+    written = _written(row_ops.swiglu_backward_kernel, gu=torch.empty(M_, 2 * H_), dzh=torch.empty(M_, H_),
+                       rw=torch.empty(M_), dgu=torch.empty(M_, 2 * H_), per_row=torch.empty(M_),
+                       h=torch.empty(M_, H_), M=M_, I=H_, stride_gu=2 * H_, stride_dzh=H_, stride_dgu=2 * H_,
+                       stride_h=H_, WRITE_H=plain, BLOCK_R=4, BLOCK_C=64)
+    assert written == sorted(["dgu", "per_row"] + ["h"] * plain)

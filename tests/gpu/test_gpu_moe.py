@@ -126,34 +126,50 @@ def test_expert_mlp_backward_matches_cpu():
         assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("T,dtype", [(4096, torch.bfloat16), (37, torch.float32)])
+def test_permute_unpermute_rows_kernels(T, dtype):
+    """permute / unpermute forward and backward through the row kernels against the CPU in
+    float64: the gathers exact, the slot sums within the dtype's rounding."""
+    g, w, rows, offs = _routing(T, 3)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    y = torch.randn(T * K_TOP, H, generator=g).to(dtype)
+    dout_p = torch.randn(T * K_TOP, H, generator=g).to(dtype)
+    dout_u = torch.randn(T, H, generator=g).to(dtype)
+    res = []
+    for dev, dt in ((DEV, dtype), ("cpu", torch.float64)):
+        xs, ys, ws = (t.to(dev, dt).requires_grad_() for t in (x, y, w))
+        p = ops.permute(xs, rows.to(dev), K_TOP)
+        u = ops.unpermute(ys, rows.to(dev), ws)
+        torch.autograd.backward((p, u), (dout_p.to(dev, dt), dout_u.to(dev, dt)))
+        res.append([t.detach().cpu().double() for t in (p, u, xs.grad, ys.grad, ws.grad)])
+    assert torch.equal(res[0][0], res[1][0])  # a gather: exact
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a, b in zip(("unpermute", "permute.grad", "unpermute.grad(y)", "unpermute.grad(w)"), res[0][1:], res[1][1:]):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
 def test_expert_mlp_backward_recipe(recipe):
-    """FP8 recipes on the GPU (backward on one ``recipe_weights`` cast per weight) against the
-    unfused composition on the GPU (``grouped_mm`` with the recipe under autograd: the same fp8
-    operands, cast per GEMM) and against the float64 emulation on the CPU."""
+    """FP8 recipes on the GPU in bf16 (backward on one ``recipe_weights`` cast per weight)
+    against the recipe's emulation in float64 on the CPU: grads of x, routing weights, w1, w2.
+    The bound covers fp8 codes that flip where bf16 rounding moves an operand across a rounding
+    boundary (measured 1.6-1.8% for x; the unfused bf16 composition, which rounds SwiGLU twice,
+    is 2.8-3.0% from the fused one)."""
     T = 512
     g, w, rows, offs = _routing(T, 2)
     x = torch.randn(T, H, generator=g).bfloat16()
     (w1, _, _), (w2, _, _) = _weights(g, "none", "none", 0)
     dout = torch.randn(T, H, generator=g).bfloat16()
-
-    def unfused(x_, w_, rows_, offs_, w1_, w2_):
-        gate, up = moe_ops.grouped_mm(ops.permute(x_, rows_, K_TOP), w1_, offs_, recipe=recipe).chunk(2, dim=-1)
-        y = moe_ops.grouped_mm(torch.nn.functional.silu(gate) * up, w2_, offs_, recipe=recipe)
-        return ops.unpermute(y, rows_, w_)
-
-    fused = lambda x_, w_, rows_, offs_, w1_, w2_: ops.expert_mlp(  # noqa: E731
-        x_, w_, rows_, offs_, w1_, None, None, w2_, None, None, recipe=recipe)
     grads = []
-    for fn, dev, dtype in ((fused, DEV, torch.bfloat16), (unfused, DEV, torch.bfloat16),
-                           (fused, "cpu", torch.float64)):
+    for dev, dtype in ((DEV, torch.bfloat16), ("cpu", torch.float64)):
         ts = [t.to(dev, dtype).requires_grad_() for t in (x, w, w1, w2)]
-        fn(ts[0], ts[1], rows.to(dev), offs.to(dev), ts[2], ts[3]).backward(dout.to(dev, dtype))
+        out = ops.expert_mlp(ts[0], ts[1], rows.to(dev), offs.to(dev), ts[2], None, None, ts[3], None, None,
+                             recipe=recipe)
+        out.backward(dout.to(dev, dtype))
         grads.append([t.grad.cpu().double() for t in ts])
-    for name, a, b, c in zip(("x", "topk_weights", "w1", "w2"), *grads):
-        print(recipe, name, "vs unfused", rel_err(a, b), "vs cpu float64", rel_err(a, c))
-        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
-        assert rel_err(a, c) < 6e-2, (name, rel_err(a, c))
+    errs = {name: rel_err(a, b) for name, a, b in zip(("x", "topk_weights", "w1", "w2"), *grads)}
+    print(recipe, errs)
+    assert all(e < 5e-2 for e in errs.values()), errs
 
 
 # the sort path, the counting sort after the top-k launch, and one launch for both (T <= 16)
