@@ -30,7 +30,11 @@ routing-weight gradient needs the unweighted down output ``y_r``; it uses
 backward computes anyway, so the down GEMM is not recomputed. That identity needs the down GEMM
 linear in (h, W2); with quantized activations or an FP8 recipe it is not, and backward
 recomputes ``y_r`` with the forward's own quantization instead. Activation quantization is
-straight-through, as in ``grouped_mm``.
+straight-through, as in ``grouped_mm``. On GPUs the backward's row gathers and slot sums are the
+row kernels of :mod:`moe_ops.kernels.row_ops`, and its SwiGLU step (the gate and up gradients,
+``<dout_t @ W2, h_r>``, h) is one kernel (:func:`swiglu_backward`). The recompute costs a
+gate/up GEMM: ``moe_ops.MoE`` uses this operator for inference and, by default, the unfused
+composition under autograd (measured faster; more activation memory), see its docstring.
 
 With an FP8 recipe, backward casts each weight once (``recipe_weights``: W's and W^T's fp8 codes;
 for ``fp8_blockwise`` from one read of W) and runs its four weight GEMMs on those codes: the

@@ -14,7 +14,7 @@ def _moe_ops_calls(gm: torch.fx.GraphModule) -> list:
 
 
 class CompileTest(TestCase):
-    def _graphs(self, recipe):
+    def _graphs(self, recipe, fused="auto"):
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
         graphs = {"fw": [], "bw": []}
@@ -26,7 +26,7 @@ class CompileTest(TestCase):
             return compiler
 
         torch._dynamo.reset()
-        moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe)
+        moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe, fused=fused)
         step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")),
                              fullgraph=True, dynamic=True)
         x = torch.randn(64, 32, requires_grad=True)
@@ -42,14 +42,31 @@ moe_ops._segment_mm.default""")
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
+moe_ops._segment_mm.default""")
+
+    def test_backward_graph_fused_recomputes(self):
+        """``fused=True`` under autograd: the fused operator, whose backward recomputes gate/up."""
+        g = self._graphs(None, fused=True)
+        self.assertExpectedInline("\n".join(g["bw"][0]), """\
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default""")
+
+    def test_fp8_blockwise_graph_fused(self):
+        g = self._graphs("fp8_blockwise", fused=True)
+        self.assertExpectedInline("\n".join(g["bw"][0]), """\
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
+moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default""")
 
     def test_fp8_blockwise_graph(self):
         g = self._graphs("fp8_blockwise")
         self.assertExpectedInline("\n".join(g["bw"][0]), """\
-moe_ops._segment_mm.default
-moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
 moe_ops._segment_mm.default
@@ -80,12 +97,15 @@ moe_ops.grouped_mm_recipe""")
         self.assertTrue(torch.equal(y, y_eager) and torch.equal(gx, ex) and torch.equal(gw, ew))
 
     def test_traced_moe_layer_locked(self):
-        """The layer as Dynamo traces it: routing operators and one fused expert MLP call."""
+        """The layer as Dynamo traces it for inference: routing operators and one fused expert
+        MLP call (under autograd the default ``fused="auto"`` traces the composition:
+        ``test_backward_graph_holds_our_ops``)."""
         torch._dynamo.reset()
         from torch._dynamo.testing import EagerAndRecordGraphs
         rec = EagerAndRecordGraphs()
         moe = moe_ops.MoE.from_style("deepseek_v3", 32, 16, num_experts=4, top_k=2, shared_intermediate=8)
-        torch.compile(moe, backend=rec, fullgraph=True, dynamic=True)(torch.randn(9, 32))
+        with torch.no_grad():
+            torch.compile(moe, backend=rec, fullgraph=True, dynamic=True)(torch.randn(9, 32))
         calls = [str(n.target) for n in rec.graphs[0].graph.nodes if n.op == "call_function"]
         self.assertExpectedInline("\n".join(c for c in calls if "moe_ops" in c or "linear" in c), """\
 <built-in function linear>
@@ -110,14 +130,15 @@ call_function moe_ops.grouped_mm
 output output""")
 
 
-@pytest.mark.parametrize("recipe", [None, "fp8_blockwise"])
-def test_at_most_one_recompile_and_matches_eager(recipe):
+@pytest.mark.parametrize("recipe,fused", [(None, "auto"), (None, True), ("fp8_blockwise", "auto")])
+def test_at_most_one_recompile_and_matches_eager(recipe, fused):
     """The token dim is marked unbacked: with plain ``dynamic=True`` Inductor's C++ backend
     itself adds size-hint guards (``need_use_acc_helper``, small-M linear) that recompile at
     T=7 vs 300 even for a graph without our operators; our operators add no guard on T.
-    The MoE layer is the fused one (routing operators + expert_mlp)."""
+    The MoE layer under autograd: the default composition, and the fused operator (routing
+    operators + expert_mlp) with ``fused=True``."""
     torch._dynamo.reset()
-    moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe)
+    moe = moe_ops.MoE(32, 16, num_experts=4, top_k=2, recipe=recipe, fused=fused)
     cnt = CompileCounterWithBackend("inductor")
     step = torch.compile(lambda x: moe(x).pow(2).sum(), backend=cnt, fullgraph=True, dynamic=True)
     for T in (1, 3, 64, 1000):

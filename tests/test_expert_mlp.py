@@ -210,10 +210,42 @@ def test_expert_mlp_errors_name_the_argument():
 
 
 # ----------------------------------------------------------------------------- the MoE module
+def test_moe_fused_auto_picks_by_autograd():
+    """``fused="auto"``: the fused operator without autograd, the composition under it;
+    ``True`` / ``False`` force one path; anything else is an error naming ``fused``."""
+    calls = []
+
+    class _Log(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    def ops_called(m, x, grad):
+        calls.clear()
+        with _Log(), torch.set_grad_enabled(grad):
+            m(x)
+        return {"expert_mlp", "permute"} & set(calls)
+
+    m = moe_ops.MoE(H, I, E, 2)
+    x = torch.randn(5, H)
+    assert m.fused == "auto"
+    assert ops_called(m, x, grad=False) == {"expert_mlp"}
+    assert ops_called(m, x, grad=True) == {"permute"}  # the parameters require grad
+    m.requires_grad_(False)
+    assert ops_called(m, x, grad=True) == {"expert_mlp"}
+    assert ops_called(m, x.requires_grad_(), grad=True) == {"permute"}
+    m.fused = True
+    assert ops_called(m, x, grad=True) == {"expert_mlp"}
+    m.fused = False
+    assert ops_called(m, x.detach(), grad=False) == {"permute"}
+    with pytest.raises(ValueError, match="^fused: expected True, False or 'auto', got 'yes'"):
+        moe_ops.MoE(H, I, E, 2, fused="yes")
+
+
 @pytest.mark.parametrize("style", ["qwen3", "mixtral", "deepseek_v3"])
 def test_moe_styles_fused_equals_unfused(style):
     kw = dict(shared_intermediate=16) if style == "deepseek_v3" else {}
-    m = moe_ops.MoE.from_style(style, H, I, E, 2, seed=1, **kw)
+    m = moe_ops.MoE.from_style(style, H, I, E, 2, seed=1, fused=True, **kw)
     if m.e_score_bias is not None:
         m.e_score_bias.copy_(torch.randn(E) * 0.1)
     x = torch.randn(3, 7, H, requires_grad=True)
