@@ -219,3 +219,22 @@ def test_row_kernels_write_their_outputs_only(plain, scaled):
                        h=torch.empty(M_, H_), M=M_, I=H_, stride_gu=2 * H_, stride_dzh=H_, stride_dgu=2 * H_,
                        stride_h=H_, WRITE_H=plain, BLOCK_R=4, BLOCK_C=64)
     assert written == sorted(["dgu", "per_row"] + ["h"] * plain)
+
+
+def test_tuned_launch_passes_every_constexpr(monkeypatch):
+    """The opt-in tuner's launch (``triton.autotune`` over candidate tiles) names every constexpr
+    of the kernel, defaulted ones included, between its arguments and each candidate's config:
+    Inductor's launcher for a user-defined autotuned kernel takes them all (a missing TMA_X /
+    TMA_W failed ``mode="max-autotune"`` on the GPU)."""
+    from moe_ops.lowering import autotune
+    monkeypatch.setattr(autotune, "enabled", lambda: True)
+    x, w = torch.randn(300, 128).bfloat16(), torch.randn(4, 96, 128).bfloat16()
+    offs = torch.tensor([50, 50, 200, 300], dtype=torch.int32)
+    launches = _launches(monkeypatch, lambda: dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none",
+                                                                   "none"))
+    (tuner, named), = launches
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and len(tuner.configs) > 1
+    kernel = tuner.fn
+    constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
+    for cfg in tuner.configs:
+        assert constexprs - set(named) - set(cfg.kwargs) == set()

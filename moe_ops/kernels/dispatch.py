@@ -259,7 +259,9 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
 
         def grid(meta):
             return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
-        wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts)
+        # every constexpr passed, defaults included: Inductor's launcher for a user-defined
+        # autotuned kernel takes them all as arguments (candidates use pointer loads)
+        wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts, TMA_X=False, TMA_W=0)
         return y
     if top_k:  # token-major: one program per token and column block
         grid = (M // top_k * cdiv(N, config.block_n),)
