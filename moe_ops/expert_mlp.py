@@ -18,9 +18,10 @@ combine is a sum over the top_k slots. 16-bit and packed int4/int2 weight-only a
 ``combine`` config of :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`): the
 gate/up launch also writes each slot's row of ``h``, and the down launch is token-major, one
 program per token and column block summing the token's slots in float32 (combine included:
-one launch fewer, the ``[T * top_k, H]`` rows never written). Training recipes and
-combinations without a fused kernel run :func:`composed`, the same math through the unfused
-operators.
+one launch fewer, the ``[T * top_k, H]`` rows never written). Training recipes, combinations
+without a fused kernel and weight-only quantized experts above 512 rows per expert (where the
+composition measured faster: :func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`) run
+:func:`composed`, the same math through the unfused operators.
 
 Backward recomputes rather than saves: the ``[M, 2I]`` gate/up output is recomputed (one
 grouped GEMM, a third of the forward FLOPs) instead of being kept alive from forward to

@@ -3,6 +3,10 @@ but no timing shows: which launches may take the weight-as-register-operand (``w
 and that the fused gate/up launch never gets a tile too large for its two accumulators."""
 import itertools
 
+import torch
+
+import moe_ops
+from moe_ops.lowering import kernel_choice as kc
 from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_configs, choose_forward_config,
                                             choose_wgrad_config, choose_wgrad_fp8_config)
 
@@ -85,3 +89,26 @@ def test_wgrad_fp8_tiles_fit_shared_memory():
         bn, bk, _warps, stages = choose_wgrad_fp8_config(T * k, E, per_expert)
         assert stages * 128 * (bn + bk) <= 227 * 1024
         assert (bn * bk > 128 * 128) == (per_expert and T * k / E > 512)
+
+
+def test_fused_expert_mlp_pays_rule():
+    """Weight-only quantized experts above 512 rows an expert run the composition; 16-bit
+    weights and quantized activations stay fused at every size."""
+    assert kc.fused_expert_mlp_pays(32 * 1024, 32, 4, 16) is False  # DeepSeek-V3 T=4096: 1024 an expert
+    assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 16) is False
+    assert kc.fused_expert_mlp_pays(32 * 1024, 128, 4, 16) is True  # Qwen3-30B-A3B: 256 an expert
+    assert kc.fused_expert_mlp_pays(32 * 1024, 32, 16, 16) is True
+    assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 8) is True
+
+
+def test_expert_mlp_dispatch_defers_to_the_composition():
+    """``dispatch.expert_mlp`` returns None (the op then runs its composition) where the rule says
+    so; no kernel is launched on the way (CPU tensors here)."""
+    from moe_ops.kernels import dispatch
+    E_, T_, k, H_, I_ = 2, 600, 2, 64, 32
+    qw1, qw2 = (moe_ops.quantize_weight(torch.randn(E_, n, kk), "int4_asym", "group", 32)
+                for n, kk in ((2 * I_, H_), (H_, I_)))
+    r = moe_ops.route(torch.randn(T_, E_), k)
+    out = dispatch.expert_mlp(torch.randn(T_, H_).bfloat16(), r.weights, r.sorted_rows, r.offs,
+                              *qw1.op_args()[:3], *qw2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
+    assert out is None

@@ -16,7 +16,8 @@ from torch.library import wrap_triton
 
 from moe_ops import formats
 from moe_ops.lowering import autotune
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_expert_mlp_configs, choose_forward_config
+from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_configs, choose_forward_config,
+                                            fused_expert_mlp_pays)
 
 from . import launch
 from .act_quant import quantize_rows_kernel
@@ -381,13 +382,18 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                granularity, group_size1, group_size2, act_quant, recipe, configs=None):
     """The fused expert MLP (:mod:`moe_ops.expert_mlp`) in two launches, or None where it has
     no fused kernel (training recipes; quantized activations whose weight scales vary inside
-    a K tile). ``configs`` = (gate/up, down) :class:`KernelConfig` overrides (tests)."""
+    a K tile) or where its composition measured faster (:func:`~moe_ops.lowering.kernel_choice.
+    fused_expert_mlp_pays`, unless ``configs`` are given). ``configs`` = (gate/up, down)
+    :class:`KernelConfig` overrides (tests)."""
     if recipe != "none":
         return None
     T, H = x.shape
     top_k = topk_weights.shape[1]
     M, E, I = T * top_k, w1.shape[0], w1.shape[1] // 2
     spec = None if w_format == "none" else formats.get_format(w_format)
+    if configs is None and not fused_expert_mlp_pays(M, E, 16 if spec is None else spec.bits,
+                                                     8 if act_quant != "none" else 16):
+        return None
     pack = 1 if spec is None else spec.pack
     act = _ACT_CODE[act_quant]
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE

@@ -77,6 +77,17 @@ def test_fused_expert_mlp(fmt, gran, gs, act, T):
     _check_fused(fmt, gran, gs, act, T)
 
 
+def test_weight_only_prefill_above_512_rows_runs_the_composition():
+    """640 rows an expert, int4: the op runs its composition (``fused_expert_mlp_pays``), still
+    against the float64 oracle; the fused launches with the table's tiles on the same data too."""
+    from moe_ops.lowering.kernel_choice import fused_expert_mlp_pays
+    T = 2560
+    assert not fused_expert_mlp_pays(T * K_TOP, E, 4, 16)
+    _check_fused("int4_asym", "group", 128, "none", T)
+    cfgs = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, "int4_asym", "group", 128, 128, "none")
+    _check_fused("int4_asym", "group", 128, "none", T, cfgs)
+
+
 # the gate/up launch with gate and up rows in one K loop (KernelConfig.one_loop), prefill and
 # decode tiles, the weight as either MMA operand; the down launch at its table tile
 ONE_LOOP = {512: [KernelConfig(128, 64, 64, 8, 3, one_loop=True), KernelConfig(64, 64, 64, 4, 4, one_loop=True,
