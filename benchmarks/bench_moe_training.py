@@ -76,7 +76,8 @@ def _variants(args):
         name = "ours_" + (recipe or "bf16")
         for compiled in (True, False) if args.eager else (True,):
             tail = "" if compiled else "_eager"
-            out += [(name + tail, recipe, True, False, compiled), (name + "_unfused" + tail, recipe, False, False, compiled)]
+            out += [(name + tail, recipe, True, False, compiled),
+                    (name + "_unfused" + tail, recipe, False, False, compiled)]
             if recipe is not None:
                 out.append((name + "_cast_per_gemm" + tail, recipe, True, True, compiled))
     return out

@@ -239,7 +239,7 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int) -> bool:
     """Whether the fused expert MLP's two launches beat its unfused composition for ``M`` rows over
     ``E`` experts. Not for weight-only quantized experts above 512 rows per expert: the gate/up
     launch keeps two accumulators and cannot take the 256-row tiles the plain forward takes there.
-    ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16.md, T=4096, after the
+    ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16_row_kernels.md, T=4096, after the
     row kernels made the composition's gathers and sums copy-speed): DeepSeek-V3 E=32 (1024 rows an
     expert) int4 g128 10.3 ms fused against 9.19 composed, fp8 block 7.72 against 7.19; Qwen3-30B-A3B
     (256 rows an expert) fused faster (int4 1.57 against 1.73 ms, fp8 block 1.20 against 1.36); bf16

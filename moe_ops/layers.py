@@ -138,11 +138,11 @@ class MoE(nn.Module):
     gradient) instead of saving activations, and with a recipe its forward is the composition
     anyway; the composition saves the permuted x, the gate/up output and h for backward and holds
     the recipe's W^T codes from forward. Measured on an H100, a compiled training step at T=4096
-    (``benchmarks/bench_moe_training.py``, results/moe_training_h100_s16.md): bf16 Qwen3-30B-A3B
-    3.28 ms composed against 3.74 fused, DeepSeek-V3 (32 experts) 16.4 against 19.7;
-    ``fp8_blockwise`` 4.61 against 5.93 and 20.4 against 29.1. ``fused=True`` trades that time
-    for activation memory: about 20 MB of saved activations per layer at Qwen3-30B-A3B T=4096
-    against about 470 MB composed.
+    (``benchmarks/bench_moe_training.py``, results/moe_training_{qwen3,dsv3}_h100_s16.md): bf16
+    Qwen3-30B-A3B 3.18 ms composed against 3.68 fused, DeepSeek-V3 (32 experts) 16.5 against
+    20.1; ``fp8_blockwise`` 4.57 against 5.88 and 20.1 against 28.4. ``fused=True`` trades that
+    time for activation memory: about 20 MB of saved activations per layer at Qwen3-30B-A3B
+    T=4096 against about 470 MB composed (estimated from the saved tensors' shapes).
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype=torch.float32,

@@ -155,7 +155,8 @@ def test_permute_unpermute_rows_kernels(T, dtype):
         res.append([t.detach().cpu().double() for t in (p, u, xs.grad, ys.grad, ws.grad)])
     assert torch.equal(res[0][0], res[1][0])  # a gather: exact
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, a, b in zip(("unpermute", "permute.grad", "unpermute.grad(y)", "unpermute.grad(w)"), res[0][1:], res[1][1:]):
+    names = ("unpermute", "permute.grad", "unpermute.grad(y)", "unpermute.grad(w)")
+    for name, a, b in zip(names, res[0][1:], res[1][1:]):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
