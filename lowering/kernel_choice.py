@@ -239,11 +239,12 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int) -> bool:
     """Whether the fused expert MLP's two launches beat its unfused composition for ``M`` rows over
     ``E`` experts. Not for weight-only quantized experts above 512 rows per expert: the gate/up
     launch keeps two accumulators and cannot take the 256-row tiles the plain forward takes there.
-    ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16_row_kernels.md, T=4096, after the
-    row kernels made the composition's gathers and sums copy-speed): DeepSeek-V3 E=32 (1024 rows an
-    expert) int4 g128 10.3 ms fused against 9.19 composed, fp8 block 7.72 against 7.19; Qwen3-30B-A3B
-    (256 rows an expert) fused faster (int4 1.57 against 1.73 ms, fp8 block 1.20 against 1.36); bf16
-    and W8A8 fused faster at both (DeepSeek-V3 bf16 5.08 against 5.59, int8 W8A8 3.88 against 4.55)."""
+    ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16_row_kernels.md,
+    T=4096, after the row kernels made the composition's gathers and sums copy-speed):
+    DeepSeek-V3 E=32 (1024 rows an expert) int4 g128 10.3 ms fused against 9.19 composed, fp8
+    block 7.72 against 7.19; Qwen3-30B-A3B (256 rows an expert) fused faster (int4 1.57 against
+    1.73 ms, fp8 block 1.20 against 1.36); bf16 and W8A8 fused faster at both (DeepSeek-V3 bf16
+    5.08 against 5.59, int8 W8A8 3.88 against 4.55)."""
     weight_only = w_bits < 16 and act_bits == 16
     return not (weight_only and rows_per_expert_hint(M, E) > FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT)
 

@@ -206,7 +206,8 @@ def gather_rows(src: torch.Tensor, sorted_rows: torch.Tensor, top_k: int, row_sc
     float64 rows)."""
     if rows_on_gpu(src):
         from .kernels.row_ops import gather_token_rows
-        return gather_token_rows(src.contiguous(), sorted_rows, top_k, row_scale, plain)
+        scale = None if row_scale is None else row_scale.contiguous()
+        return gather_token_rows(src.contiguous(), sorted_rows.contiguous(), top_k, scale, plain)
     rows = src[torch.div(sorted_rows.long(), top_k, rounding_mode="floor")]
     work = _acc_dtype(src)
     scaled = None if row_scale is None else (rows.to(work) * row_scale.to(work).unsqueeze(1)).to(src.dtype)
