@@ -22,7 +22,10 @@ lone GEMM on Hopper stays aten's: our bf16 kernel measured 1.04x aten's at prefi
 
 3. ``grouped_mm`` (ours, after 1) -> ``chunk(2)`` -> ``silu(gate) * up`` -> ``grouped_mm``
    on the same ``offs`` and format -> ``expert_mlp`` with identity routing (top_k 1, weight 1):
-   the ``[M, 2I]`` gate/up output and the SwiGLU pass disappear.
+   the ``[M, 2I]`` gate/up output and the SwiGLU pass disappear. Inference graphs only: where the
+   pair's outputs require grad, the pair stays two GEMMs (the fused operator's backward
+   recomputes the gate/up GEMM and measured slower than the composition's, as ``moe_ops.MoE``'s
+   ``fused="auto"`` decides).
 4. ``zeros_like(x).index_add_(0, order // k, y * w.reshape(-1)[order].unsqueeze(1))`` (the
    weighted combine of rows sorted by ``order = argsort(ids.reshape(-1))``, ``w`` ``[T, k]``)
    -> ``unpermute(y, order, w)``; and where ``y`` is an identity-routed ``expert_mlp`` of
@@ -207,6 +210,14 @@ def _skip_noop_cast(node):
     return node
 
 
+def _wants_grad(*nodes) -> bool:
+    """Whether any of ``nodes``' example values requires grad: outputs traced with autograd
+    recording (under ``no_grad`` they do not, whatever the weights say). Pass 3 leaves those
+    pairs unfused: the fused operator's backward recomputes the gate/up GEMM, and the
+    composition measured faster under autograd (``moe_ops.MoE``'s ``fused="auto"``)."""
+    return any(getattr(_val(n), "requires_grad", False) for n in nodes)
+
+
 def _fuse_swiglu(graph, g2) -> int:
     b = _gmm(g2)
     h = _skip_noop_cast(b["x"]) if isinstance(b["x"], torch.fx.Node) else b["x"]
@@ -218,7 +229,7 @@ def _fuse_swiglu(graph, g2) -> int:
     a = _gmm(g1)
     a["x"] = _skip_noop_cast(a["x"]) if isinstance(a["x"], torch.fx.Node) else a["x"]
     same = all(a[k] == b[k] for k in ("offs", "w_format", "granularity", "act_quant", "recipe"))
-    if not same or a["recipe"] != "none":
+    if not same or a["recipe"] != "none" or _wants_grad(g1, g2):
         return 0
     with graph.inserting_before(g2):
         xs = a["x"]
