@@ -35,7 +35,7 @@ straight-through, as in ``grouped_mm``. On GPUs the backward's row gathers and s
 row kernels of :mod:`moe_ops.kernels.row_ops`, and its SwiGLU step (the gate and up gradients,
 ``<dout_t @ W2, h_r>``, h) is one kernel (:func:`swiglu_backward`). The recompute costs a
 gate/up GEMM: ``moe_ops.MoE`` uses this operator for inference and, by default, the unfused
-composition under autograd (measured faster; more activation memory), see its docstring.
+composition when training (measured faster; more activation memory), see its docstring.
 
 With an FP8 recipe, backward casts each weight once (``recipe_weights``: W's and W^T's fp8 codes;
 for ``fp8_blockwise`` from one read of W) and runs its four weight GEMMs on those codes: the

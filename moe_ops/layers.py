@@ -2,8 +2,8 @@
 
 Routing goes through the operators of :mod:`moe_ops.routing` (static shapes, no host sync);
 the experts through the fused ``moe_ops::expert_mlp`` or the unfused composition permute ->
-grouped_mm -> SwiGLU -> grouped_mm -> unpermute (``MoE(fused=...)``: by default the fused
-operator for inference and the composition under autograd, see :class:`MoE`).
+grouped_mm -> SwiGLU -> grouped_mm -> unpermute (``MoE(fused=...)``: by default the
+composition when training and the fused operator otherwise, see :class:`MoE`).
 """
 from __future__ import annotations
 
@@ -132,8 +132,9 @@ class MoE(nn.Module):
     W4A8).
 
     ``fused`` picks the experts' path: ``True`` the fused ``moe_ops::expert_mlp``, ``False`` the
-    unfused composition (same math, more memory traffic), ``"auto"`` (default) the fused operator
-    when no gradient is wanted and the composition under autograd. The fused operator's backward
+    unfused composition (same math, more memory traffic), ``"auto"`` (default) the composition
+    when training (train mode, grad mode on and a gradient wanted for x, the routing weights or
+    the expert weights) and the fused operator otherwise (``eval()``, ``no_grad``, frozen). The fused operator's backward
     recomputes the gate/up GEMM (and, with an FP8 recipe, the down GEMM, for the routing-weight
     gradient) instead of saving activations, and with a recipe its forward is the composition
     anyway; the composition saves the permuted x, the gate/up output and h for backward and holds
@@ -198,8 +199,9 @@ class MoE(nn.Module):
         act = self.act_quant or "none"
         rec = self.recipe or "none"
         fused = self.fused
-        if fused == "auto":
-            fused = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, r.weights, a1[0], a2[0])))
+        if fused == "auto":  # training: in train mode with a gradient wanted
+            fused = not (self.training and torch.is_grad_enabled()
+                         and any(t.requires_grad for t in (x, r.weights, a1[0], a2[0])))
         if fused and a1[3:5] == a2[3:5]:
             return torch.ops.moe_ops.expert_mlp(x, r.weights, r.sorted_rows, r.offs, *a1[:3], *a2[:3], a1[3], a1[4],
                                                 a1[5], a2[5], act, rec)

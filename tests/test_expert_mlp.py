@@ -211,7 +211,8 @@ def test_expert_mlp_errors_name_the_argument():
 
 # ----------------------------------------------------------------------------- the MoE module
 def test_moe_fused_auto_picks_by_autograd():
-    """``fused="auto"``: the fused operator without autograd, the composition under it;
+    """``fused="auto"``: the composition when training (train mode, autograd wanting a
+    gradient), the fused operator otherwise (eval mode, no_grad, nothing requiring grad);
     ``True`` / ``False`` force one path; anything else is an error naming ``fused``."""
     calls = []
 
@@ -231,6 +232,9 @@ def test_moe_fused_auto_picks_by_autograd():
     assert m.fused == "auto"
     assert ops_called(m, x, grad=False) == {"expert_mlp"}
     assert ops_called(m, x, grad=True) == {"permute"}  # the parameters require grad
+    m.eval()
+    assert ops_called(m, x, grad=True) == {"expert_mlp"}
+    m.train()
     m.requires_grad_(False)
     assert ops_called(m, x, grad=True) == {"expert_mlp"}
     assert ops_called(m, x.requires_grad_(), grad=True) == {"permute"}
