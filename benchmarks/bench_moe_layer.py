@@ -53,6 +53,16 @@ def act_mb(T, H, I, k, fused):
     return elems * 2 / 1e6
 
 
+def skewed_layer(lname: str, dev) -> "moe_ops.MoE":
+    """The bf16 ``moe_ops.MoE`` of layer ``lname`` (Qwen3-style routing at every size) with
+    skewed router biases, as a trained router gives."""
+    H, I, E, k = LAYERS[lname]
+    m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+    with torch.no_grad():
+        m.router.weight.add_(torch.randn(E, 1, device=dev, dtype=torch.bfloat16) * 0.02)
+    return m
+
+
 def _fused_pays(fname: str, M: int, E: int) -> bool:
     """Whether ``moe_ops::expert_mlp`` takes its fused launches for format ``fname`` at ``M``
     rows (:func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`)."""
@@ -87,9 +97,7 @@ def run(args):
     rows = []
     for lname in args.layers.split(","):
         H, I, E, k = LAYERS[lname]
-        base = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
-        with torch.no_grad():  # skewed routing, as a trained router gives
-            base.router.weight.add_(torch.randn(E, 1, device=dev, dtype=torch.bfloat16) * 0.02)
+        base = skewed_layer(lname, dev)
         plain = PlainMoEBlock.from_moe(base)
         peer = torch.compile(plain, dynamic=False)
         quantized = {}

@@ -37,10 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
-from bench_moe_layer import LAYERS  # noqa: E402
+from bench_moe_layer import LAYERS, skewed_layer  # noqa: E402
 from plain_moe import PlainMoEBlock  # noqa: E402
 
-import moe_ops  # noqa: E402
 from moe_ops import expert_mlp as em  # noqa: E402
 
 T = 4096
@@ -99,15 +98,13 @@ def _profile(layer, x, dout, label):
 def run(args):
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
-    dev = torch.device(getattr(args, "device", "cuda"))
+    dev = torch.device("cuda")
     env = harness.environment(dev)
     ceil = harness.ceilings(dev)
     rows = []
     for lname in args.layers.split(","):
-        H, I, E, k = LAYERS[lname]
-        m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
-        with torch.no_grad():  # skewed routing, as a trained router gives
-            m.router.weight.add_(torch.randn(E, 1, device=dev, dtype=torch.bfloat16) * 0.02)
+        H = LAYERS[lname][0]
+        m = skewed_layer(lname, dev)
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
         dout = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         wanted = set(args.profile.split(",")) - {""}

@@ -120,21 +120,28 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
     _check_fused(fmt, gran, gs, act, T, (gate_up, COMBINE[cfg]))
 
 
-def test_expert_mlp_backward_matches_cpu():
-    """bf16 on the GPU against float64 on the CPU: grads of x, routing weights, w1 and w2."""
-    T = 256
-    g, w, rows, offs = _routing(T, 1)
+# bf16: rounding only (3e-2). FP8 recipes (backward on one ``recipe_weights`` cast per weight):
+# fp8 codes flip where bf16 rounding moves an operand across a rounding boundary (measured
+# 1.4-2.2%; the unfused bf16 composition, which rounds SwiGLU twice, is 2.8-3.0% from the fused one)
+@pytest.mark.parametrize("recipe,T,bound", [("none", 256, 3e-2), ("fp8_rowwise", 512, 5e-2),
+                                            ("fp8_blockwise", 512, 5e-2)])
+def test_expert_mlp_backward_matches_cpu(recipe, T, bound):
+    """bf16 on the GPU against float64 on the CPU (for a recipe, its emulation): grads of x,
+    routing weights, w1 and w2."""
+    g, w, rows, offs = _routing(T, 1 if recipe == "none" else 2)
     x = torch.randn(T, H, generator=g).bfloat16()
     (w1, _, _), (w2, _, _) = _weights(g, "none", "none", 0)
     dout = torch.randn(T, H, generator=g).bfloat16()
     grads = []
     for dev, dtype in ((DEV, torch.bfloat16), ("cpu", torch.float64)):
         ts = [t.to(dev, dtype).requires_grad_() for t in (x, w, w1, w2)]
-        out = ops.expert_mlp(ts[0], ts[1], rows.to(dev), offs.to(dev), ts[2], None, None, ts[3], None, None)
+        out = ops.expert_mlp(ts[0], ts[1], rows.to(dev), offs.to(dev), ts[2], None, None, ts[3], None, None,
+                             recipe=recipe)
         out.backward(dout.to(dev, dtype))
         grads.append([t.grad.cpu().double() for t in ts])
-    for name, a, b in zip(("x", "topk_weights", "w1", "w2"), *grads):
-        assert rel_err(a, b) < 3e-2, (name, rel_err(a, b))
+    errs = {name: rel_err(a, b) for name, a, b in zip(("x", "topk_weights", "w1", "w2"), *grads)}
+    print(recipe, errs)
+    assert all(e < bound for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("T,dtype", [(4096, torch.bfloat16), (37, torch.float32)])
@@ -158,30 +165,6 @@ def test_permute_unpermute_rows_kernels(T, dtype):
     names = ("unpermute", "permute.grad", "unpermute.grad(y)", "unpermute.grad(w)")
     for name, a, b in zip(names, res[0][1:], res[1][1:]):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
-
-
-@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
-def test_expert_mlp_backward_recipe(recipe):
-    """FP8 recipes on the GPU in bf16 (backward on one ``recipe_weights`` cast per weight)
-    against the recipe's emulation in float64 on the CPU: grads of x, routing weights, w1, w2.
-    The bound covers fp8 codes that flip where bf16 rounding moves an operand across a rounding
-    boundary (measured 1.6-1.8% for x; the unfused bf16 composition, which rounds SwiGLU twice,
-    is 2.8-3.0% from the fused one)."""
-    T = 512
-    g, w, rows, offs = _routing(T, 2)
-    x = torch.randn(T, H, generator=g).bfloat16()
-    (w1, _, _), (w2, _, _) = _weights(g, "none", "none", 0)
-    dout = torch.randn(T, H, generator=g).bfloat16()
-    grads = []
-    for dev, dtype in ((DEV, torch.bfloat16), ("cpu", torch.float64)):
-        ts = [t.to(dev, dtype).requires_grad_() for t in (x, w, w1, w2)]
-        out = ops.expert_mlp(ts[0], ts[1], rows.to(dev), offs.to(dev), ts[2], None, None, ts[3], None, None,
-                             recipe=recipe)
-        out.backward(dout.to(dev, dtype))
-        grads.append([t.grad.cpu().double() for t in ts])
-    errs = {name: rel_err(a, b) for name, a, b in zip(("x", "topk_weights", "w1", "w2"), *grads)}
-    print(recipe, errs)
-    assert all(e < 5e-2 for e in errs.values()), errs
 
 
 # the sort path, the counting sort after the top-k launch, and one launch for both (T <= 16)
