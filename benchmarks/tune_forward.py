@@ -8,6 +8,12 @@ at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core de
 ``--packed-gemv``: int4 decode on the CUDA cores, codes read as 32-bit words, against the table.
 ``--tma [--shapes ...] [--tokens ...]``: prefill tiles with x and W by TMA descriptors (Hopper)
 against the table's pointer-load tiles, forward and bf16 dgrad.
+``--fp8-promotion [--shapes ...]``: fp8 W8A8 (``fp8_token`` x, channel-scaled W) at T=4096, the
+GEMM alone on x cast beforehand, K tiles of 128 and 256 (the fp32 promotion interval: each K
+tile's product accumulates in the tensor core, then is added to the float32 tile), each
+config's relative error against the float64 product of the same codes, and
+``torch._scaled_grouped_mm`` (default ``use_fast_accum=False``) on the same codes in the same
+run, its error too.
 """
 from __future__ import annotations
 
@@ -163,6 +169,63 @@ def tune_tma(cases, out_path, offs_seed=None):
         harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 
+# --fp8-promotion: fp8 x fp8 tiles whose scales are constant along K (x per token, W per channel):
+# the table's K tile (128) against 256-column K tiles (half the promotions, each waiting for its
+# wgmma), per rows-per-expert bucket
+FP8_PROMOTION = {
+    "many": [C(128, 128, 128, 8, 4, tma=True), C(128, 128, 256, 8, 3, tma=True), C(128, 128, 256, 8, 2, tma=True),
+             C(64, 128, 256, 4, 3, tma=True), C(128, 64, 256, 4, 3, tma=True), C(64, 256, 256, 8, 2, tma=True)],
+    "few": [C(64, 128, 128, 4, 3, tma=True), C(64, 128, 256, 4, 3, tma=True), C(64, 128, 256, 4, 2, tma=True),
+            C(128, 128, 256, 8, 3, tma=True), C(64, 64, 256, 4, 3, tma=True)],
+}
+
+
+def _rel_err(y, ref) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def tune_fp8_promotion(shapes, out_path, T: int = 4096):
+    """Time and check the :data:`FP8_PROMOTION` tiles against ``torch._scaled_grouped_mm`` on
+    the same fp8 codes and scales (x cast per token by our kernel, W per channel)."""
+    import moe_ops
+    from moe_ops import reference
+    dev = torch.device("cuda")
+    results = []
+    for sname in shapes:
+        E, top_k, K, N = SHAPES[sname]
+        M = T * top_k
+        w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+        wd, ws, wz, fmt, gr, gs = moe_ops.quantize_weight(w, "fp8_e4m3", "channel", 0).op_args()
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        pre = dispatch.quantize_act(x, "fp8_token")
+        xq, xs = pre  # the float64 product of exactly these codes and scales
+        ref = reference.segment_mm(xq.double() * xs.double(), wd.double() * ws.double(), offs, "nt")
+        table = choose_forward_config(M, N, K, E, 8, K, act_bits=8)
+        space = FP8_PROMOTION["many" if M / E > 512 else "few"]
+        space = [table] + [c for c in space if c != table]
+
+        def make(cfg):
+            return lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, gr, gs, "fp8_token", "none", config=cfg,
+                                               prequantized=pre)
+        label = f"{sname:18s} T={T:5d} w8a8_fp8 gemm"
+        ranking = harness.sweep(make, space, label, graph=True)
+        errs = {cfg: _rel_err(make(cfg)(), ref) for _, cfg in ranking}
+        peer = lambda: torch._scaled_grouped_mm(xq, wd.transpose(-2, -1), xs.reshape(-1), ws.reshape(E, N),  # noqa: E731
+                                                offs=offs, out_dtype=torch.bfloat16)
+        peer_ms, peer_err = harness.bench_graph_ms(peer), _rel_err(peer(), ref)
+        flops = 2.0 * M * N * K
+        print(f"{label} peer _scaled_grouped_mm {peer_ms:.4f} ms, rel err {peer_err:.2e}", flush=True)
+        for ms, cfg in ranking:
+            print(f"{label} {ms:.4f} ms x{peer_ms / ms:.3f} of the peer, {flops / ms / 1e9:.0f} TFLOP/s, "
+                  f"rel err {errs[cfg]:.2e} {'(table) ' if cfg == table else ''}{cfg}", flush=True)
+        results.append({"shape": sname, "T": T, "variant": "w8a8_fp8_gemm", "peer_ms": peer_ms, "peer_rel_err": peer_err,
+                        "table": table.__dict__,
+                        "ranking": [(round(ms, 5), errs[cfg], cfg.__dict__) for ms, cfg in ranking]})
+        w = wd = x = pre = ref = None
+        harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
+
+
 def tune(cases, out_path):
     """Sweep each ``(shape, T, variant, space)``; decode shapes (T <= 128) under CUDA graphs."""
     import moe_ops
@@ -199,8 +262,11 @@ if __name__ == "__main__":
                    help="--w-lhs: weight-only variants")
     p.add_argument("--tma", action="store_true", help="TMA-descriptor prefill tiles against the table's")
     p.add_argument("--offs-seed", type=int, help="--tma: routing seed (default T; bench_training uses 1)")
+    p.add_argument("--fp8-promotion", action="store_true", help="fp8 W8A8 K tiles 128 / 256 against the peer")
     a = p.parse_args()
-    if a.tma:
+    if a.fp8_promotion:
+        tune_fp8_promotion(a.shapes, os.path.join(a.out, "tune_fp8_promotion.json"))
+    elif a.tma:
         variants = [v for v in a.variants if v in TMA_VARIANTS] or TMA_VARIANTS
         tune_tma(tma_cases(a.shapes, a.tokens, variants), os.path.join(a.out, "tune_tma.json"), a.offs_seed)
     elif a.w_lhs:

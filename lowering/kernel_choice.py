@@ -125,13 +125,14 @@ def _packed_gemv_config(K: int, scale_k_unit: int) -> KernelConfig:
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
                           act_bits: int = 16, k_contiguous: bool = True, packed_gemv: bool = True,
-                          dgrad: bool = False) -> KernelConfig:
+                          dgrad: bool = False, fp8_dot: bool = False) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
     transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured;
     ``packed_gemv``: packed codes can be read as 32-bit words (``dispatch.gemv_layout_ok``);
-    ``dgrad``: the launch is dgrad's, over the transposed weight view.
+    ``dgrad``: the launch is dgrad's, over the transposed weight view; ``fp8_dot``: x and W are
+    both float8 (each K tile's tensor-core product is promoted into the float32 tile).
     The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
     ``--w-lhs`` sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
@@ -173,6 +174,16 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         # (session 12's eager timing had it slower at down: the descriptors' host cost)
         if rpe <= 512:
             return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3, tma=True)
+        if fp8_dot and _block_k(K, scale_k_unit, 256) == 256:
+            # fp8 x fp8 with scales constant over 256 columns (fp8_token x, channel or tensor W):
+            # 256-column K tiles halve the promotions, each of which waits for its wgmma to
+            # finish. tune_forward.py --fp8-promotion (results/tune_fp8_promotion_h100_s17.*, the
+            # GEMM alone, CUDA-graph timed, T=4096): DeepSeek-V3 E=32 2.36 -> 2.12 ms (1.00x of
+            # torch._scaled_grouped_mm on the same codes), Mixtral 2.49 -> 2.21 ms; relative
+            # error against the float64 product of the codes 3.07e-3 against 3.06e-3 with
+            # 128-column tiles (the peer: 3.06e-3). At 256 rows per expert (Qwen3-30B-A3B) the
+            # 64-row 128-column tile stays faster (0.325 against 0.350 ms)
+            return KernelConfig(128, 128, 256, 8, 3, tma=True)
         return KernelConfig(128, 128, _block_k(K, scale_k_unit, 128), 8, 4, tma=True)
     if act_bits == 16 and w_bits < 16 and k_contiguous and rpe >= 512:
         # weight-only formats, many rows per expert: 256-row tiles with the dequantized weight

@@ -3,6 +3,8 @@ but no timing shows: which launches may take the weight-as-register-operand (``w
 and that the fused gate/up launch never gets a tile too large for its two accumulators."""
 import itertools
 
+import pytest
+
 import torch
 
 import moe_ops
@@ -112,3 +114,50 @@ def test_expert_mlp_dispatch_defers_to_the_composition():
     out = dispatch.expert_mlp(torch.randn(T_, H_).bfloat16(), r.weights, r.sorted_rows, r.offs,
                               *qw1.op_args()[:3], *qw2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
     assert out is None
+
+
+def test_fp8_dot_k_tiles_of_256_only_with_scales_constant_over_them():
+    """fp8 x fp8 above 512 rows an expert takes 256-column K tiles (half the per-K-tile
+    promotions) where x's and W's scales are constant over 256 columns, and the tile's three
+    stages fit 227 KB of shared memory; int8 x int8, 1x128 / 128x128 block scales and the
+    64-row tile at 512 rows an expert or fewer keep 128-column K tiles (above 64 rows an expert,
+    where the 8-bit prefill tiles start)."""
+    for (H, I, E, k), T in itertools.product(LAYERS, TOKENS):
+        for K, N in ((H, 2 * I), (I, H)):
+            rpe = T * k / E
+            for unit in (128, K):
+                cfg = choose_forward_config(T * k, N, K, E, 8, unit, act_bits=8, fp8_dot=True)
+                int8 = choose_forward_config(T * k, N, K, E, 8, unit, act_bits=8)
+                if rpe <= 64:  # decode and small tiles: fp8_dot changes nothing
+                    assert cfg == int8, (T, cfg)
+                    continue
+                assert int8.block_k <= 128, int8
+                assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k <= 227 * 1024, cfg
+                wide = rpe > 512 and unit == K and K % 256 == 0
+                assert (cfg.block_k == 256) == wide, (T, K, unit, cfg)
+                if wide:
+                    assert unit % cfg.block_k == 0 and cfg == KernelConfig(128, 128, 256, 8, 3, tma=True)
+
+
+def test_dispatch_marks_fp8_dots(monkeypatch):
+    """``dispatch.grouped_mm`` asks for the fp8 x fp8 tiles exactly when x is cast to float8 and
+    W holds float8 codes (CPU tensors: the spy stops the call before any launch)."""
+    from moe_ops.kernels import dispatch
+
+    class Stop(Exception):
+        pass
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("fp8_dot"))
+        raise Stop
+    monkeypatch.setattr(dispatch, "choose_forward_config", spy)
+    x, offs = torch.randn(12, 256).bfloat16(), torch.tensor([5, 12], dtype=torch.int32)
+    w = torch.randn(2, 64, 256)
+    for fmt, gran, act in (("fp8_e4m3", "channel", "fp8_token"), ("fp8_e5m2", "tensor", "fp8_token"),
+                           ("fp8_e4m3", "block", "fp8_1x128"), ("int8_sym", "channel", "int8_token"),
+                           ("fp8_e4m3", "channel", "none")):
+        wd, ws, wz, f, g, gs = moe_ops.quantize_weight(w, fmt, gran, 0).op_args()
+        with pytest.raises(Stop):
+            dispatch.grouped_mm(x, wd, ws, wz, offs, f, g, gs, act, "none")
+    assert seen == [True, True, True, False, False]

@@ -300,7 +300,8 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
-                                       k_contiguous=w.stride(2) == 1, packed_gemv=words_ok)
+                                       k_contiguous=w.stride(2) == 1, packed_gemv=words_ok,
+                                       fp8_dot=act == 2 and spec is not None and spec.kind == "fp8")
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)

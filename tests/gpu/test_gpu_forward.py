@@ -153,6 +153,34 @@ def test_fp8_activations(mode, fmt, gran):
     assert rel_err(y, ref) < 2e-2
 
 
+@pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "channel"), ("fp8_e5m2", "tensor")])
+def test_fp8_dot_k_tile_256(fmt, gran):
+    """fp8_token x fp8 W above 512 rows an expert: the default tile takes 256-column K tiles
+    (half the float32 promotions); against the float64 product of the same codes it is as
+    accurate as the 128-column tile (the tensor core sums at most one K tile before each
+    promotion), on ragged experts with an empty one, outputs poisoned."""
+    M, E, N, K = 2600, 4, 384, 1792
+    x, w, offs = _case(hash((fmt, gran, "k256")) % 10000, M, E, N, K)
+    assert int((offs - torch.cat([offs.new_zeros(1), offs[:-1]])).max()) > 512
+    qw = moe_ops.quantize_weight(w, fmt, gran, 0)
+    args = [a.to(DEV) if torch.is_tensor(a) else a for a in qw.op_args()]
+    xq, xs = dispatch.quantize_act(x.to(DEV), "fp8_token")
+    wide = choose_forward_config(M, N, K, E, 8, K, act_bits=8, fp8_dot=True)
+    assert wide.block_k == 256 and wide.tma
+    ref = moe_ops.reference.segment_mm(xq.cpu().double() * xs.cpu().double(),
+                                       moe_ops.dequantize_weight(qw, torch.float64), offs, "nt")
+    errs = {}
+    for cfg in (None, wide, KernelConfig(128, 128, 128, 8, 4, tma=True)):
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+        y = dispatch.grouped_mm(x.to(DEV), *args[:3], offs.to(DEV), *args[3:], "fp8_token", "none", config=cfg,
+                                out=out, prequantized=(xq, xs))
+        assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+        errs[cfg] = rel_err(y.cpu(), ref)
+    assert errs[None] == errs[wide]  # the default is the 256-column tile
+    assert errs[wide] < 5e-3, errs  # bf16 output rounding and the tensor core's sums
+    assert errs[wide] < 1.2 * errs[KernelConfig(128, 128, 128, 8, 4, tma=True)], errs
+
+
 @pytest.mark.parametrize("shape", [(300, 1000), (37, 5000), (50, 768), (9, 2048)])  # every per-row tiling
 @pytest.mark.parametrize("mode", ["int8_token", "fp8_token", "fp8_1x128"])
 def test_act_quant_kernel_bit_exact(mode, shape):

@@ -109,14 +109,26 @@ def test_forward_fp8_activations(fmt, gran, gs, mode):
     """The GEMM against the product of the kernel's own quantized x (Triton's interpreter
     rounds float32 -> float8 differently from the hardware; the GPU tests check the act
     quantization kernel bit for bit)."""
-    x, w, offs = _data(hash((fmt, gran, mode)) % 997, torch.float16)
+    _check_fp8_activations(fmt, gran, gs, mode, CONFIGS["prefill"], K)
+
+
+@pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "channel"), ("fp8_e5m2", "tensor")])
+def test_forward_fp8_dot_k_tile_256(fmt, gran):
+    """fp8_token x with 256-column K tiles through TMA (the fp8 x fp8 tile above 512 rows an
+    expert, ``kernel_choice.choose_forward_config(fp8_dot=True)``), K = 384: the second K tile
+    half past K."""
+    _check_fp8_activations(fmt, gran, 0, "fp8_token", KernelConfig(32, 32, 256, 4, 1, tma=True), 384)
+
+
+def _check_fp8_activations(fmt, gran, gs, mode, cfg, k):
+    x, w, offs = _data(hash((fmt, gran, mode, k)) % 997, torch.float16, k)
     args = moe_ops.quantize_weight(w, fmt, gran, gs).op_args()
-    y = _run(x, args, offs, mode, CONFIGS["prefill"])
+    y = _run(x, args, offs, mode, cfg)
     qx, sx = dispatch.quantize_act(x, mode)
-    blk = 128 if mode == "fp8_1x128" else K
+    blk = 128 if mode == "fp8_1x128" else k
     xh = moe_ops.activations.dequantize_blocks_lastdim(qx, sx, blk, torch.float64)
     ref = reference.segment_mm(xh, moe_ops.dequantize_weight(moe_ops.QuantizedWeight(
-        args[0], args[1], args[2], fmt, gran, gs, (E, N, K), torch.float32), torch.float64), offs, "nt")
+        args[0], args[1], args[2], fmt, gran, gs, (E, N, k), torch.float32), torch.float64), offs, "nt")
     assert rel_err(y, ref) < 1e-3
 
 
