@@ -42,7 +42,10 @@ TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128
                 (64, 4, False)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
-W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4)]
+W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4),
+               # BLOCK_K >= N: one read of W (the rows' whole reduced dim in registers)
+               (4, 2048, 4, True), (8, 2048, 4, True), (8, 2048, 8, True), (16, 2048, 8, True), (16, 2048, 16, True),
+               (2, 4096, 4, True), (4, 4096, 8, True), (8, 4096, 8, True), (8, 4096, 16, True)]
 W_BLOCK = [(128, 128, w, f) for w in (16, 8, 4) for f in (False, True)]
 
 

@@ -27,7 +27,8 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr, RCP: tl.constexpr,
                    qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
                    PAIR: tl.constexpr, WORDS: tl.constexpr):
-    """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``), else the tile (pid_n, pid_k).
+    """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``: one read of W where ``BLOCK_K``
+    covers K, else two passes of ``BLOCK_K`` columns), else the tile (pid_n, pid_k).
     ``PAIR`` (tiles only): the tile's codes and scale also go to ``qt_ptr`` / ``st_ptr`` through
     their own strides (element (n, k) of W at ``n * stride_qtn + k * stride_qtk``: W^T's layout).
     ``WORDS`` (with ``PAIR``): W^T's codes are written four rows of W a 32-bit word
@@ -36,7 +37,15 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
     q_base = q_ptr + e * stride_qe + rn.to(tl.int64)[:, None] * stride_qn
-    if PER_ROW:
+    if PER_ROW and BLOCK_K >= K:  # the rows' whole K in one tile: one read of W
+        rk = tl.arange(0, BLOCK_K)
+        m = n_mask[:, None] & (rk < K)[None, :]
+        v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.max(tl.abs(v), 1), 448.0)
+        tl.store(s_ptr + e * stride_se + rn.to(tl.int64) * stride_sn, scale, mask=n_mask)
+        safe = tl.where(scale > 0, scale, 1.0)[:, None]
+        tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_e4m3_codes(v, safe, RCP), mask=m)
+    elif PER_ROW:
         amax = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -132,11 +141,16 @@ def _channel_tiles(C: int, transpose: bool):
     """Default ``channel`` config for ``C`` reduced columns (tune_recipes.py on an H100,
     CUDA-graph timed, share of copy bandwidth). W: K = 2048 (4, 1024, 4) 0.96-1.0; K = 768
     (8, 256, 4) 0.94 (a masked 1024-wide step: 0.44); K = 7168 (2, 2048, 8) 0.74-0.85 (1024-wide
-    steps: 0.6). W^T (tall tiles: its rows are W's contiguous dim): (64, 64, 4) 0.51-0.52 at every
-    shape (with the reciprocal division), its second read missing L2; persistent grids that keep
-    it in L2 read too little at a time (faster at Qwen3 gate_up only). All with the flat grid
-    (equal or up to 6% faster)."""
+    steps: 0.6). W^T (tall tiles: its rows are W's contiguous dim): up to N = 4096, 8 rows over
+    all of N in one tile, one read of W, 128 elements a thread (results/tune_wT_channel_one_pass_
+    s17_h100.*): Qwen3-30B-A3B gate_up (N 1536) 0.866 -> 0.605 ms (0.52 -> 0.67 of copy), down
+    (N 2048) 0.439 -> 0.283 (0.71), DeepSeek-V3 E=32 (N 4096) 2.08 -> 1.63 (0.58); 16 rows, more
+    warps or 4 rows were slower. Above 4096 (64, 64, 4), two passes, 0.51-0.52, the second read
+    missing L2. All with the flat grid (equal or up to 6% faster)."""
     if transpose:
+        if C <= 4096:
+            block_k = max(next_power_of_2(C), 16)
+            return 8, block_k, max(1, block_k // 512), True
         return 64, 64, 4, True
     if C > 4096:
         return 2, 2048, 8, True

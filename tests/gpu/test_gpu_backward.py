@@ -105,15 +105,19 @@ def test_token_block_quant_bit_exact(per_expert, config):
 
 
 @pytest.mark.parametrize("rcp", [None, True, False])
-@pytest.mark.parametrize("flat", [None, False, True, 2])
+@pytest.mark.parametrize("flat", [None, False, True, 2, "one_read"])
 @pytest.mark.parametrize("gran,transpose", [("channel", False), ("channel", True), ("block", False), ("block", True)])
 def test_fp8_weight_quant_bit_exact(gran, transpose, flat, rcp):
-    """Codes and scales equal ``formats.quantize`` bit for bit: default config, and both grid
-    orders of a fixed one, and a persistent grid of 2 programs per multiprocessor; either division."""
+    """Codes and scales equal ``formats.quantize`` bit for bit: default config (W^T channel: one
+    read of the rows' whole N), both grid orders of a fixed one, a persistent grid of 2 programs
+    per multiprocessor, and (channel) one read of the rows' whole reduced dim; either division."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant
     w = (torch.randn(4, 300, 520) * 0.05).bfloat16()
     w[1, :, :128] = 0
-    config = None if flat is None else (32, 256, 4, bool(flat)) + ((flat,) if flat > 1 else ())
+    if flat == "one_read":
+        config = (8, 1024, 2, True)
+    else:
+        config = None if flat is None else (32, 256, 4, bool(flat)) + ((flat,) if flat > 1 else ())
     q, s = fp8_weight_quant(w.to(DEV), gran, transpose, config, rcp)
     src = w.transpose(1, 2).contiguous() if transpose else w
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)

@@ -361,7 +361,8 @@ def test_fp8_weight_quant_scales(gran, transpose):
     d_ref, s_ref, _ = moe_ops.formats.quantize(src, "fp8_e4m3", gran, 0)
     assert q.shape == d_ref.shape and q.dtype == d_ref.dtype
     assert torch.equal(s, s_ref)
-    for cfg in ((16, 64, 4, True), (64, 128, 4, False), (16, 64, 4, True, 3)):  # flat, persistent: same bits
+    # flat, persistent, and (channel) one read of the whole row (BLOCK_K >= K): the same bits
+    for cfg in ((16, 64, 4, True), (64, 128, 4, False), (16, 64, 4, True, 3), (8, 512, 4, True)):
         q2, s2 = fp8_weight_quant(w, gran, transpose, cfg)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
     for rcp in (True, False):  # either division: the same bits
