@@ -37,9 +37,12 @@ ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),
            (8, 1024, 8), (4, 1024, 4), (16, 1024, 8), (2, 1024, 2), (16, 256, 4), (32, 256, 8),
            (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
-# (BLOCK_C, num_warps, column tiles first in the grid)
+# (BLOCK_C, num_warps, column tiles first in the grid[, token blocks a step])
 TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128, 8, True), (128, 4, True), (32, 4, False),
-                (64, 4, False)]
+                (64, 4, False),
+                # (..., token blocks a loop step: per expert only)
+                (64, 8, True, 2), (32, 8, True, 4), (32, 4, True, 4), (16, 4, True, 4), (16, 4, True, 8),
+                (64, 4, True, 2)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
 W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4),
@@ -148,7 +151,8 @@ def main(out_dir, only=("",)):
             "cast_x_fp8_token": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_token", c)), ACT_ROW, act_bytes),
             "cast_x_fp8_1x128": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_1x128", c)), ACT_1X128,
                                  act_bytes),
-            "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)), TOKEN_BLOCKS,
+            "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)),
+                                        [c for c in TOKEN_BLOCKS if len(c) < 4],
                                         act_bytes),
             "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
                                            TOKEN_BLOCKS, act_bytes),

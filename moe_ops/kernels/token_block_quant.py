@@ -49,7 +49,9 @@ def _block_words(v0, v1, v2, v3, safe, RCP: tl.constexpr):
 def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr, COLS_FAST: tl.constexpr,
-                             RCP: tl.constexpr):
+                             RCP: tl.constexpr, STEP_BLOCKS: tl.constexpr = 1):
+    """``STEP_BLOCKS`` (per expert): token blocks a loop step in both passes over the expert's
+    rows (their loads issued together: fewer dependent round trips for a large expert)."""
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
     pid_c = tl.program_id(0 if COLS_FAST else 1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -63,18 +65,22 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     if PER_EXPERT:  # program pid = expert
         start, end, first, count = _tiles_of_expert(prev, ends, pid, E, E_POW2, BLOCK_M)
         amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for j in range(0, count):
-            rm = start + j * BLOCK_M + ri
+        rs = tl.arange(0, STEP_BLOCKS * BLOCK_M)
+        for j in range(0, count, STEP_BLOCKS):
+            rm = start + j * BLOCK_M + rs
             v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
                         mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
         scale = tl.math.div_rn(amax, 448.0)
         tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
         safe = tl.where(scale > 0, scale, 1.0)
-        for j in range(0, count):
-            v0, v1, v2, v3 = load_quads(t_ptr, start + j * BLOCK_M, end, cols, c_mask, stride_tm, 1, QUADS)
-            off, ok = word_offsets((first + j) * QUADS, (first + j + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
-            tl.store(q32 + off, _block_words(v0, v1, v2, v3, safe, RCP), mask=ok)
+        for j0 in range(0, count, STEP_BLOCKS):
+            for i in tl.static_range(STEP_BLOCKS):
+                j = j0 + i  # blocks past the expert's (j >= count) read and write nothing
+                v0, v1, v2, v3 = load_quads(t_ptr, start + j * BLOCK_M, end, cols, c_mask, stride_tm, 1, QUADS)
+                word_end = tl.where(j < count, (first + j + 1) * QUADS, 0)
+                off, ok = word_offsets((first + j) * QUADS, word_end, cols, c_mask, stride_qc, QUADS)
+                tl.store(q32 + off, _block_words(v0, v1, v2, v3, safe, RCP), mask=ok)
     else:  # program pid = token block
         _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
@@ -93,9 +99,9 @@ def padded_blocks(M: int, E: int) -> int:
 def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, config=None):
     """``(q_t [C, P] float8_e4m3fn, scale float32)`` of ``t`` ``[M, C]`` in the padded
     token-block layout (module docstring); scale ``[E, C]`` if ``per_expert`` else
-    ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps[, cols_fast])``: ``cols_fast``
+    ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps[, cols_fast[, step_blocks]])``: ``cols_fast``
     makes the column tiles the grid's first axis (one unit's column tiles launch together,
-    reading whole rows)."""
+    reading whole rows); ``step_blocks`` (per expert): token blocks a loop step."""
     M, C = t.shape
     E = offs.shape[0]
     nb = padded_blocks(M, E)
@@ -109,15 +115,24 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # expert (0.100 against 0.087 ms); summed over the six cases 1.18 ms against 1.27 for (16, 2)
     # and 1.66 for session 12's (32, 4) in expert order with div_rn. More column steps per
     # program were slower (each step's load waits for the previous step's store; NOTES.md).
+    # Per expert, token blocks loaded a loop step together (tune_recipes.py --only
+    # cast_x_token_blocks_expert, results/tune_token_blocks_steps_s17_h100.*): Qwen3-30B-A3B
+    # down (C 768) 0.103 -> 0.075 ms with (16, 4, True, 4), gate_up (C 2048) 0.157 -> 0.149 with
+    # (64, 4, True, 2), DeepSeek-V3 E=32 (C 7168) 0.428 -> 0.427
+    if config is None and per_expert:
+        config = (16, 4, True, 4) if C < 2048 else (64, 4, True, 2)
     bc, warps, *order = config or (64, 4, True)
     cols_fast = bool(order and order[0])
+    step = order[1] if len(order) > 1 else 1
+    if step < 1 or step & (step - 1):
+        raise ValueError(f"token_block_quant: config's step_blocks must be a power of two, got {step}")
     units = E if per_expert else nb
     cols_fast = cols_fast and units < 65536  # the grid's second axis holds at most 65535
     grid = (cdiv(C, bc), units) if cols_fast else (units, cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
         E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,
-        RCP=tc.dtype in SIXTEEN_BIT, num_warps=warps)
+        RCP=tc.dtype in SIXTEEN_BIT, STEP_BLOCKS=step, num_warps=warps)
     return q, s
 
 

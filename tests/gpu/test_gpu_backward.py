@@ -82,11 +82,13 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
-@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True)])
+@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True), (16, 4, True, 2),
+                                    (32, 4, True, 4)])
 @pytest.mark.parametrize("per_expert", [True, False])
 def test_token_block_quant_bit_exact(per_expert, config):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
-    for bit; the padding of every used block is zero codes. Default tiles and both grid orders."""
+    for bit; the padding of every used block is zero codes. Default tiles, both grid orders, and
+    (per expert) 2 / 4 token blocks a loop step."""
     from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns, token_block_quant
     x, dy, _, offs = _case(5)
     q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, 0 if per_expert else 128)

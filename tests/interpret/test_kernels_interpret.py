@@ -335,10 +335,14 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     block_cols = (used.unsqueeze(1) * 128 + torch.arange(128)).flatten()
     pad = block_cols[~written[block_cols]]
     assert pad.numel() > 0 and torch.all(qk[:, pad].float() == 0)
-    for order in ((16, 2, True), (64, 4, False), (32, 4)):  # grid order, tiles: the same used units
+    # grid order, tiles, 2 / 4 token blocks a step (per expert; experts of 3 blocks: a part-used
+    # last step): the same used units
+    for order in ((16, 2, True), (64, 4, False), (32, 4), (16, 4, True, 2), (16, 4, False, 4)):
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
+    with pytest.raises(ValueError, match="step_blocks"):
+        token_block_quant(dy, offs, per_expert, (16, 4, True, 3))
     # 16-bit input: the reciprocal division (scale_division) gives the float32 input's codes
     d16 = dy.bfloat16()
     (qa, sa), (qb, sb) = token_block_quant(d16, offs, per_expert), token_block_quant(d16.float(), offs, per_expert)
@@ -397,11 +401,12 @@ def test_token_block_codes_exact(per_expert):
     offs = torch.tensor([300, 300, 440], dtype=torch.int32)
     t = _fp8_exact((460, 48), 21, 2)
     q_ref, s_ref, used = _padded_reference(t, offs, per_expert)
-    q, s = token_block_quant(t, offs, per_expert)
     cols = padded_columns(offs, 460)
     cols = cols[cols >= 0]
-    assert torch.equal(q.view(torch.uint8)[:, cols], q_ref.view(torch.uint8)[:, cols])
-    assert torch.equal(s, s_ref) if per_expert else torch.equal(s[used], s_ref[used])
+    for config in (None, (16, 4, True, 2)):  # 2 token blocks a step: the 300-row expert's 3 in 2 steps
+        q, s = token_block_quant(t, offs, per_expert, config)
+        assert torch.equal(q.view(torch.uint8)[:, cols], q_ref.view(torch.uint8)[:, cols])
+        assert torch.equal(s, s_ref) if per_expert else torch.equal(s[used], s_ref[used])
     assert torch.all(s_ref[used] == 4.0)
 
 
