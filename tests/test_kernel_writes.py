@@ -157,8 +157,8 @@ def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["dw_ptr"]
 
 
-@pytest.mark.parametrize("per_expert", [False, True])
-def test_training_kernels_write_their_outputs_only(per_expert):
+@pytest.mark.parametrize("per_expert,step", [(False, 1), (True, 1), (True, 2)])
+def test_training_kernels_write_their_outputs_only(per_expert, step):
     M_, C, E_ = 64, 32, 4
     offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
     bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)
@@ -166,7 +166,7 @@ def test_training_kernels_write_their_outputs_only(per_expert):
     written = _written(token_block_quant_kernel, t_ptr=torch.empty(M_, C, dtype=torch.bfloat16),
                        q_ptr=torch.empty(C, blocks * bm, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(blocks, C),
                        offs_ptr=offs, C=C, stride_tm=C, stride_qc=blocks * bm, stride_sb=C, E=E_, E_POW2=E_,
-                       BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert, COLS_FAST=True, RCP=True)
+                       BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert, COLS_FAST=True, RCP=True, STEP_BLOCKS=step)
     assert written == ["q_ptr", "s_ptr"]
     N_, K_ = 32, 32
     written = _written(grouped_wgrad_fp8_kernel, qdy_ptr=torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn),
@@ -179,22 +179,23 @@ def test_training_kernels_write_their_outputs_only(per_expert):
     assert written == ["dw_ptr"]
 
 
-@pytest.mark.parametrize("per_row,flat,pair,words", [(True, True, False, False), (True, False, False, False),
-                                                     (False, True, False, False), (False, False, False, False),
-                                                     (False, True, True, False), (False, True, True, True)])
-def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair, words):
+@pytest.mark.parametrize("per_row,flat,pair,words,one_read", [
+    (True, True, False, False, False), (True, False, False, False, False), (True, True, False, False, True),
+    (False, True, False, False, False), (False, False, False, False, False), (False, True, True, False, False),
+    (False, True, True, True, False)])
+def test_weight_cast_writes_codes_and_scales_only(per_row, flat, pair, words, one_read):
     """Codes and scales only; with ``PAIR`` (``recipe_weights``) W^T's codes and scales too;
     ``WORDS`` (the pair): W^T's codes four a word (the stored values come from W's loads: W is
-    not written)."""
+    not written); ``ONE_READ``: a channel unit's whole K in one tile."""
     E_, N_, K_ = 2, 64, 256
     written = _written(fp8_weight_quant_kernel, w_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16),
                        q_ptr=torch.empty(E_, N_, K_, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(E_, N_, 1),
                        E=E_, N=N_, K=K_, stride_we=N_ * K_, stride_wn=K_, stride_wk=1, stride_qe=N_ * K_,
                        stride_qn=K_, stride_qk=1, stride_se=N_, stride_sn=1, stride_sk=0,
-                       BLOCK_N=16, BLOCK_K=128, PER_ROW=per_row, FLAT=flat, RCP=True,
+                       BLOCK_N=16, BLOCK_K=256 if one_read else 128, PER_ROW=per_row, FLAT=flat, RCP=True,
                        qt_ptr=torch.empty(E_, K_, N_, dtype=torch.float8_e4m3fn), st_ptr=torch.empty(E_, 2, 1),
                        stride_qte=N_ * K_, stride_qtn=1, stride_qtk=N_, stride_ste=2, stride_stn=0, stride_stk=1,
-                       PAIR=pair, WORDS=words)
+                       PAIR=pair, WORDS=words, ONE_READ=one_read)
     assert written == (["q_ptr", "qt_ptr", "s_ptr", "st_ptr"] if pair else ["q_ptr", "s_ptr"])
 
 

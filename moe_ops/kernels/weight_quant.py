@@ -26,9 +26,9 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
                    stride_se, stride_sn, stride_sk,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr, RCP: tl.constexpr,
                    qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                   PAIR: tl.constexpr, WORDS: tl.constexpr):
-    """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``: one read of W where ``BLOCK_K``
-    covers K, else two passes of ``BLOCK_K`` columns), else the tile (pid_n, pid_k).
+                   PAIR: tl.constexpr, WORDS: tl.constexpr, ONE_READ: tl.constexpr):
+    """One unit: ``BLOCK_N`` rows over all of K (``PER_ROW``: with ``ONE_READ``, ``BLOCK_K >= K``,
+    one read of W; else two passes of ``BLOCK_K`` columns), else the tile (pid_n, pid_k).
     ``PAIR`` (tiles only): the tile's codes and scale also go to ``qt_ptr`` / ``st_ptr`` through
     their own strides (element (n, k) of W at ``n * stride_qtn + k * stride_qtk``: W^T's layout).
     ``WORDS`` (with ``PAIR``): W^T's codes are written four rows of W a 32-bit word
@@ -37,7 +37,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
     n_mask = rn < N
     w_base = w_ptr + e * stride_we + rn.to(tl.int64)[:, None] * stride_wn
     q_base = q_ptr + e * stride_qe + rn.to(tl.int64)[:, None] * stride_qn
-    if PER_ROW and BLOCK_K >= K:  # the rows' whole K in one tile: one read of W
+    if PER_ROW and ONE_READ:  # the rows' whole K in one tile (BLOCK_K >= K): one read of W
         rk = tl.arange(0, BLOCK_K)
         m = n_mask[:, None] & (rk < K)[None, :]
         v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
@@ -103,7 +103,8 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_ROW: tl.constexpr,
                             FLAT: tl.constexpr, RCP: tl.constexpr,
                             qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                            PAIR: tl.constexpr = False, WORDS: tl.constexpr = False):
+                            PAIR: tl.constexpr = False, WORDS: tl.constexpr = False,
+                            ONE_READ: tl.constexpr = False):
     if FLAT:  # a 1-D grid over the units, K tiles fastest, then N tiles, then experts (memory
         # order: neighbours read neighbours); a grid smaller than the units loops (persistent)
         tiles_k = 1 if PER_ROW else tl.cdiv(K, BLOCK_K)
@@ -113,13 +114,13 @@ def fp8_weight_quant_kernel(w_ptr, q_ptr, s_ptr, E, N, K,
                            pid % tiles_k, N, K, stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                            stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP,
                            qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk,
-                           PAIR, WORDS)
+                           PAIR, WORDS, ONE_READ)
     else:
         _quantize_unit(w_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), N, K,
                        stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk,
                        stride_se, stride_sn, stride_sk, BLOCK_N, BLOCK_K, PER_ROW, RCP,
                        qt_ptr, st_ptr, stride_qte, stride_qtn, stride_qtk, stride_ste, stride_stn, stride_stk, PAIR,
-                       WORDS)
+                       WORDS, ONE_READ)
 
 
 def _grid_options(config):
@@ -244,5 +245,6 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
             wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
             BLOCK_N=bn, BLOCK_K=bk, PER_ROW=per_row, FLAT=flat, RCP=rcp, qt_ptr=pair_args[0], st_ptr=pair_args[1],
             stride_qte=pair_args[2], stride_qtn=pair_args[3], stride_qtk=pair_args[4], stride_ste=pair_args[5],
-            stride_stn=pair_args[6], stride_stk=pair_args[7], PAIR=pair, WORDS=words, num_warps=warps)
+            stride_stn=pair_args[6], stride_stk=pair_args[7], PAIR=pair, WORDS=words,
+            ONE_READ=per_row and bk >= C, num_warps=warps)
     return (q, s, qt, st) if pair else (q, s)
