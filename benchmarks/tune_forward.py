@@ -201,7 +201,7 @@ def tune_fp8_promotion(shapes, out_path, T: int = 4096):
         pre = dispatch.quantize_act(x, "fp8_token")
         xq, xs = pre  # the float64 product of exactly these codes and scales
         ref = reference.segment_mm(xq.double() * xs.double(), wd.double() * ws.double(), offs, "nt")
-        table = choose_forward_config(M, N, K, E, 8, K, act_bits=8)
+        table = choose_forward_config(M, N, K, E, 8, K, act_bits=8, fp8_dot=True)  # the current default
         space = FP8_PROMOTION["many" if M / E > 512 else "few"]
         space = [table] + [c for c in space if c != table]
 
