@@ -16,6 +16,17 @@ Matched on Dynamo's graph, every piece or nothing (the graph is left alone other
 histogram, cumsum) becomes one launch at decode sizes. Numerics: the same weights up to
 float32 rounding; top-k ties go to the lower expert (``torch.topk`` leaves ties unspecified).
 Differentiable in ``logits`` through the weights, as the matched graph.
+
+The router GEMM folds in too where ``logits = F.linear(x, router_weight)`` (no bias) and
+nothing in the graph wants gradients (``router_route`` has no autograd): ``router_route(x,
+router_weight, k, "softmax", renormalize, None, semaphore)``, the GEMM and the routing in one
+launch at decode sizes, ``logits``' other uses reading its logits output. ``semaphore`` is a
+zeroed int32 ``[1]`` buffer that the pass registers on the graph's module (one per device;
+AOTAutograd lifts it as a buffer, so CUDA graphs take its in-place update as they take a
+module buffer's); every launch leaves it at 0. As for ``moe_ops.MoE``'s buffer, two launches of
+one compiled graph must not run concurrently on two streams. Policy ``"auto"`` folds on GPUs
+only (on the CPU ``router_route`` is ``F.linear`` then ``route``: nothing to gain),
+``"always"`` everywhere.
 """
 from __future__ import annotations
 
@@ -27,13 +38,48 @@ import torch.fx
 from .passes import _args, _is, _val
 
 
-def fuse_routing(graph: torch.fx.Graph) -> int:
-    """Pass 5 on ``graph`` in place; returns the number of rewrites."""
+def fuse_routing(graph: torch.fx.Graph, policy: str = "auto") -> int:
+    """Pass 5 on ``graph`` in place; returns the number of rewrites (a routing chain with its
+    router GEMM folded counts once). ``policy``: where the router GEMM folds (module docstring)."""
+    if policy not in ("auto", "always"):
+        raise ValueError(f"policy: expected 'auto' or 'always', got {policy!r}")
     count = 0
     for node in list(graph.nodes):
         if _is(node, "call_function", torch.topk) or _is(node, "call_method", "topk"):
-            count += _fuse_route(graph, node)
+            count += _fuse_route(graph, node, policy)
     return count
+
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _router_gemm(logits, policy):
+    """``(x, router_weight)`` when ``logits`` is ``F.linear(x, router_weight)`` without bias,
+    2-D operands of one floating dtype, on a device the policy folds on, traced without
+    autograd recording; else None."""
+    if not (logits.op == "call_function" and logits.target in _LINEAR):
+        return None
+    a = _args(logits, ("input", "weight", "bias"))
+    x, w = a.get("input"), a.get("weight")
+    xv, wv, lv = _val(x), _val(w), _val(logits)
+    if a.get("bias") is not None or xv is None or wv is None or lv is None or lv.requires_grad:
+        return None
+    if xv.dim() != 2 or wv.dim() != 2 or xv.dtype != wv.dtype or xv.dtype not in (torch.bfloat16, torch.float16,
+                                                                                    torch.float32):
+        return None
+    return (x, w) if policy == "always" or xv.device.type in ("cuda", "xpu") else None
+
+
+def _semaphore(graph, device):
+    """A ``get_attr`` node of the zeroed int32 ``[1]`` buffer that the graph's module holds for
+    ``router_route`` launches on ``device`` (registered on first use)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    gm = graph.owning_module
+    name = f"moe_ops_router_semaphore_{device.type}{'' if device.index is None else device.index}"
+    if not hasattr(gm, name):
+        with unset_fake_temporarily():
+            gm.register_buffer(name, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+    return graph.get_attr(name)
 
 
 def _softmax_logits(p):
@@ -127,7 +173,7 @@ def _offsets(counts):
     return None
 
 
-def _fuse_route(graph, topk) -> int:
+def _fuse_route(graph, topk, policy) -> int:
     a = _args(topk, ("input", "k", "dim", "largest", "sorted"))
     logits = _softmax_logits(a.get("input"))
     k = a.get("k")
@@ -149,9 +195,20 @@ def _fuse_route(graph, topk) -> int:
         return 0
     norm = _renormalized(w)
     weights = norm if norm is not None else w
-    with graph.inserting_before(a["input"]):
-        r = graph.call_function(torch.ops.moe_ops.route.default, (logits, k, "softmax", norm is not None))
-        new = [graph.call_function(operator.getitem, (r, i)) for i in range(4)]
+    gemm = _router_gemm(logits, policy) if graph.owning_module is not None else None
+    if gemm is not None:
+        with graph.inserting_before(logits):
+            sem = _semaphore(graph, _val(logits).device)
+            r = graph.call_function(torch.ops.moe_ops.router_route.default,
+                                    (*gemm, k, "softmax", norm is not None, None, sem))
+            new = [graph.call_function(operator.getitem, (r, i)) for i in range(5)]
+        logits.replace_all_uses_with(new[0])
+        graph.erase_node(logits)
+        new = new[1:]
+    else:
+        with graph.inserting_before(a["input"]):
+            r = graph.call_function(torch.ops.moe_ops.route.default, (logits, k, "softmax", norm is not None))
+            new = [graph.call_function(operator.getitem, (r, i)) for i in range(4)]
     weights.replace_all_uses_with(new[0])
     offs[0].replace_all_uses_with(new[3])
     for u in list(order.users):  # pass 4's order.to(int32) is the kernel's row order itself

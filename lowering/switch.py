@@ -28,7 +28,7 @@ class MoEGraphPass(CustomGraphPass):
     def __call__(self, graph) -> None:
         self.rewrites += passes.rewrite_grouped_mm(graph, self.policy)
         self.rewrites += passes.fuse_moe_patterns(graph)
-        self.rewrites += routing_pass.fuse_routing(graph)
+        self.rewrites += routing_pass.fuse_routing(graph, self.policy)
         if self.then is not None:
             self.then(graph)
 

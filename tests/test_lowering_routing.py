@@ -1,11 +1,12 @@
 """Pass 5 of moe_ops.lowering (``lowering/routing_pass.py``): softmax top-k routing and the
-expert sort as model code writes them -> ``moe_ops::route``; the FX code after the pass locked
-with expecttest, numerics against the unrewritten graph, near misses left alone."""
+expert sort as model code writes them -> ``moe_ops::route`` (with the router GEMM, in
+inference graphs: ``moe_ops::router_route``); the FX code after the pass locked with
+expecttest, numerics against the unrewritten graph, near misses left alone."""
 import torch
 from torch.testing._internal.common_utils import TestCase
 
 import moe_ops.lowering as lowering
-from test_lowering import _calls, _traced
+from test_lowering import PlainMoEBlock, _calls, _traced
 
 T, E, K = 13, 6, 2
 
@@ -80,3 +81,102 @@ call_function _operator.floordiv""")
             before = _calls(gm)
             self.assertEqual(lowering.fuse_routing(gm.graph), 0)
             self.assertEqual(_calls(gm), before)
+
+
+H = 16
+
+
+def _router(bias=False):
+    torch.manual_seed(11)
+    return torch.nn.Linear(H, E, bias=bias, dtype=torch.bfloat16)
+
+
+def _x():
+    return torch.randn(T, H, generator=torch.Generator().manual_seed(4)).bfloat16()
+
+
+class RouterFoldTest(TestCase):
+    """The router GEMM folded into ``router_route`` (inference graphs, policy "always" on the
+    CPU: "auto" folds on GPUs only)."""
+
+    def _fold(self, fn, x, policy="always", expect=1, router=None):
+        with torch.no_grad():
+            gm = _traced(fn, x)
+        # the router's parameters are placeholders too, named after the closure variable
+        named = {"x": x}
+        for n in gm.graph.nodes:
+            for part in ("weight", "bias"):
+                if n.op == "placeholder" and n.target.endswith(f"_parameters_{part}_"):
+                    named[n.target[2:-1]] = getattr(router, part)
+        with torch.no_grad():
+            ref = _all(gm, **named)
+            self.assertEqual(lowering.fuse_routing(gm.graph, policy), expect)
+            gm.recompile()
+            got = _all(gm, **named)
+        for a, b in zip(got, ref):  # the same linear and float32 routing on the CPU: equal
+            self.assertEqual(a.dtype, b.dtype)
+            self.assertTrue(torch.equal(a, b))
+        return gm
+
+    def test_router_gemm_folds_into_router_route(self):
+        router = _router()
+        gm = self._fold(lambda x: (*_routing(router(x)), router(x)), _x(), router=router)
+        # the second router(x) is another linear node: left alone; the routed one is folded
+        self.assertExpectedInline(_calls(gm), """\
+call_function moe_ops.router_route.default
+call_function _operator.getitem
+call_function _operator.getitem
+call_method long
+call_function _operator.getitem
+call_function _operator.floordiv
+call_function torch._C._nn.linear""")
+        sems = [n for n in gm.graph.nodes if n.op == "get_attr"]
+        self.assertEqual(len(sems), 1)
+        sem = getattr(gm, sems[0].target)
+        self.assertEqual((sem.dtype, tuple(sem.shape), int(sem)), (torch.int32, (1,), 0))
+        self.assertNotIn(sems[0].target, gm.state_dict())  # not persistent: no checkpoint change
+
+    def test_logits_used_elsewhere_read_router_route_logits(self):
+        router = _router()
+
+        def fn(x):
+            logits = router(x)
+            return (*_routing(logits), logits.float().pow(2).mean())  # e.g. an auxiliary loss
+        gm = self._fold(fn, _x(), router=router)
+        self.assertNotIn("linear", _calls(gm))
+
+    def test_not_folded(self):
+        x = _x()
+        router, with_bias = _router(), _router(bias=True)
+        for fn, policy, r in ((lambda x: _routing(router(x)), "auto", router),  # "auto": GPUs only
+                              (lambda x: _routing(with_bias(x)), "always", with_bias),  # a biased router
+                              (lambda x: _routing(x[:, :E] * 2), "always", None)):  # logits not from a linear
+            gm = self._fold(fn, x, policy, router=r)
+            self.assertIn("moe_ops.route.default", _calls(gm))
+            self.assertNotIn("router_route", _calls(gm))
+        router = _router()
+        gm = _traced(lambda x: _routing(router(x)), x)  # traced recording autograd: no fold
+        self.assertEqual(lowering.fuse_routing(gm.graph, "always"), 1)
+        self.assertIn("moe_ops.route.default", _calls(gm))
+        self.assertIn("linear", _calls(gm))
+        with self.assertRaisesRegex(ValueError, "policy"):
+            lowering.fuse_routing(gm.graph, "never")
+
+
+def test_inference_block_compiled_with_the_router_folded():
+    """The plain block compiled by Inductor (CPU, policy "always") with the router folded: the
+    semaphore buffer lifted by AOTAutograd, outputs as the block compiled without the passes,
+    and again on a second call (the semaphore left as it was)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = PlainMoEBlock()
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    opts = lowering.compile_options("always")
+    opts["fx_graph_cache"] = False
+    with torch.no_grad():
+        ref = torch.compile(block, fullgraph=True)(x)
+        step = torch.compile(block, fullgraph=True, options=opts)
+        outs = [step(x), step(x)]
+    assert opts["pre_grad_custom_pass"].rewrites == 5  # 2 GEMMs + SwiGLU + combine, the routing
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fused vs unfused bf16 roundings

@@ -2,6 +2,7 @@
 torch._grouped_mm MoE block launches our Triton kernels itself, matches the block compiled
 without the passes, and decodes under CUDA graphs with the sync-debug mode at error."""
 import os
+import re
 import sys
 
 import pytest
@@ -34,13 +35,43 @@ def test_generated_code_launches_our_kernels():
 
 
 def test_reduce_overhead_decode_no_sync():
+    """Decode under CUDA graphs with the router folded into ``router_route`` (its semaphore a
+    buffer the pass registers): no cudagraph skip for the mutated buffer, no sync, each replay
+    right (a semaphore not left at 0 would misroute the next call)."""
     from plain_moe import PlainMoEBlock
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()
     block = PlainMoEBlock(512, 256, 16, 4, DEV)
     # mode="reduce-overhead" as options (torch.compile takes one of mode / options)
-    step = torch.compile(block, options={"triton.cudagraphs": True, **lowering.compile_options()})
-    xs = [torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) for _ in range(5)]
+    opts = lowering.compile_options()
+    step = torch.compile(block, options={"triton.cudagraphs": True, **opts})
+    xs = [torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) for _ in range(6)]
     replays_without_sync(step, block, xs, 2e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    sems = [b for name, b in step._orig_mod.named_buffers() if "semaphore" in name]
+    assert sems == []  # the buffer lives on the compiled graph, not on the user's module
+
+
+def test_decode_router_folded_into_one_launch():
+    """Inference at decode size: the generated code launches ``router_topk_sort_kernel`` (the
+    router GEMM and the routing in one launch) instead of a GEMM and the routing kernel."""
+    from plain_moe import PlainMoEBlock
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    block = PlainMoEBlock(512, 256, 16, 4, DEV)
+    x = torch.randn(3, 512, device=DEV, dtype=torch.bfloat16)
+    opts = lowering.compile_options()
+    opts["fx_graph_cache"] = False
+    with torch.no_grad():
+        ref = block(x)
+        step = torch.compile(block, options=opts)
+        out, code = run_and_get_code(step, x)
+        again = step(x)
+    src = "\n".join(code)
+    assert "router_topk_sort_kernel" in src and re.search(r"(?<!router_)topk_sort_kernel", src) is None
+    assert "extern_kernels.mm" not in src  # no router GEMM left
+    assert rel_err(out, ref) < 2e-2 and torch.equal(again, out)
 
 
 def test_max_autotune_offers_our_tiles_to_inductor():
