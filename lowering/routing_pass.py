@@ -79,6 +79,14 @@ def _semaphore(graph, device):
     if not hasattr(gm, name):
         with unset_fake_temporarily():
             gm.register_buffer(name, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+        # Where the pass runs before AOTAutograd lifts the module's buffers (torch 2.11), AOT
+        # asks Dynamo's record for each one's source (its dedup and static-input bookkeeping).
+        # Where it runs after the lifting (2.13), the buffer is traced as a constant that the
+        # launch updates in place (or on a clone, if Inductor does not reinplace it): 0 either way.
+        sources = getattr(gm, "_param_name_to_source", None)
+        if isinstance(sources, dict):
+            from torch._dynamo.source import ConstantSource
+            sources[name] = ConstantSource(name)
     return graph.get_attr(name)
 
 

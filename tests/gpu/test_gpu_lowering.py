@@ -2,7 +2,6 @@
 torch._grouped_mm MoE block launches our Triton kernels itself, matches the block compiled
 without the passes, and decodes under CUDA graphs with the sync-debug mode at error."""
 import os
-import re
 import sys
 
 import pytest
@@ -69,7 +68,9 @@ def test_decode_router_folded_into_one_launch():
         out, code = run_and_get_code(step, x)
         again = step(x)
     src = "\n".join(code)
-    assert "router_topk_sort_kernel" in src and re.search(r"(?<!router_)topk_sort_kernel", src) is None
+    # the generated module holds each launched kernel's source: the one-launch router, not
+    # the routing kernel that reads logits (whose name router_topk_sort_kernel's docstring cites)
+    assert "def router_topk_sort_kernel(" in src and "def topk_sort_kernel(" not in src
     assert "extern_kernels.mm" not in src  # no router GEMM left
     assert rel_err(out, ref) < 2e-2 and torch.equal(again, out)
 
