@@ -77,7 +77,9 @@ def _semaphore(graph, device):
     gm = graph.owning_module
     name = f"moe_ops_router_semaphore_{device.type}{'' if device.index is None else device.index}"
     if not hasattr(gm, name):
-        with unset_fake_temporarily():
+        # a normal tensor even when compiling under inference_mode (an inference tensor could
+        # not be updated in place by a later call outside it)
+        with unset_fake_temporarily(), torch.inference_mode(False):
             gm.register_buffer(name, torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
         # Where the pass runs before AOTAutograd lifts the module's buffers (torch 2.11), AOT
         # asks Dynamo's record for each one's source (its dedup and static-input bookkeeping).

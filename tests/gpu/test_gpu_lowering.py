@@ -96,3 +96,19 @@ def test_max_autotune_offers_our_tiles_to_inductor():
     assert "grouped_gemm_kernel" in src and src.count("'BLOCK_N':") >= 4
     assert rel_err(out.cpu(), oracle_grouped_mm(x, (w, None, None, "none", "none", 0), offs)) < 1e-2
     assert torch.all(out[int(offs[-1]):] == 0)
+
+
+def test_router_folded_compiled_under_inference_mode():
+    """Compiled first under ``inference_mode``: the pass's semaphore is still a normal tensor, so
+    a later call of the same compiled graph outside inference_mode may update it in place."""
+    from plain_moe import PlainMoEBlock
+    torch._dynamo.reset()
+    block = PlainMoEBlock(512, 256, 16, 4, DEV)
+    x = torch.randn(2, 512, device=DEV, dtype=torch.bfloat16)
+    step = torch.compile(block, options=lowering.compile_options())
+    with torch.inference_mode():
+        first = step(x)
+    with torch.no_grad():
+        again = step(x)
+        ref = block(x)
+    assert torch.equal(first, again) and rel_err(first, ref) < 2e-2
