@@ -8,7 +8,6 @@ Usage (GPU): ``python benchmarks/probe_maxnreg.py [--out DIR]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -61,8 +60,7 @@ def main(args):
                 print(f"{lname} int4 T={T} fused MLP maxnreg={cap}: {us:.1f} us (equal: {same})", flush=True)
         m = None
     CAP["value"] = None
-    with open(os.path.join(args.out, "probe_maxnreg.json"), "w") as fh:
-        json.dump({"env": env, "rows": rows}, fh, indent=1)
+    harness.write_json(os.path.join(args.out, "probe_maxnreg.json"), {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage (GPU): ``python benchmarks/probe_warp_specialize.py [--out DIR] [--grouped
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
-from moe_ops.kernels.grouped_gemm import _expert_of_tile  # noqa: E402
+from moe_ops.kernels.grouped_gemm import _expert_of_tile, swizzled_tile  # noqa: E402
 
 
 @triton.jit
@@ -86,14 +85,7 @@ def grouped_ws_kernel(x_ptr, w_ptr, y_ptr, map_ptr, M, N, K, stride_xm, stride_w
                       GROUP_M: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr, W_T: tl.constexpr):
     """``y[g] = x[g] @ B[e]`` over expert row groups, ``B[e] = W[e]^T`` (``W_T`` False: W
     ``[E, N, K]``) or ``W[e]`` (``W_T``: W ``[E, K, N]``, the dgrad); 16-bit, K stride 1."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
-    per_group = GROUP_M * num_n
-    first_tile = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
-    tile = first_tile + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    tile, pid_n = swizzled_tile(tl.program_id(0), M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
     tm = map_ptr + tile * 4
     expert = tl.load(tm)
     row0 = tl.load(tm + 1)
@@ -180,8 +172,7 @@ def grouped(args, dev, env):
                              "TFLOPs": flops / ms / 1e9, "rel_err_vs_aten": err})
                 print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: {ms * 1e3:.1f} us "
                       f"{flops / ms / 1e9:.0f} TFLOP/s err {err:.2e}", flush=True)
-    with open(os.path.join(args.out, "probe_warp_specialize_grouped.json"), "w") as fh:
-        json.dump({"env": env, "rows": rows}, fh, indent=1)
+    harness.write_json(os.path.join(args.out, "probe_warp_specialize_grouped.json"), {"env": env, "rows": rows})
 
 
 def _case(M, N, K, scaled, BM, BN, warps, stages, ws, dev):
@@ -233,8 +224,7 @@ def main(args):
                 rows.append({"recipe": "fp8_block" if scaled else "bf16", "M": M, "N": N, "K": K,
                              "tile": f"{BM}x{BN}/w{warps}/s{stages}", "ws": ws, "ms": ms, "TFLOPs": tf, "rel_err": err})
                 print(f"{name}: {ms * 1e3:.1f} us {tf:.0f} TFLOP/s err {err:.2e}", flush=True)
-    with open(os.path.join(args.out, "probe_warp_specialize.json"), "w") as fh:
-        json.dump({"env": env, "rows": rows}, fh, indent=1)
+    harness.write_json(os.path.join(args.out, "probe_warp_specialize.json"), {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

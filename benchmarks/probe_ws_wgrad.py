@@ -11,7 +11,6 @@ Usage (GPU): ``python benchmarks/probe_ws_wgrad.py [--out DIR]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -127,8 +126,7 @@ def main(args):
                 print(f"{name} {recipe} {label}: {ms * 1e3:.1f} us {flops / ms / 1e9:.0f} TFLOP/s err {err:.2e}",
                       flush=True)
         x = w = dy = None
-    with open(os.path.join(args.out, "probe_ws_wgrad.json"), "w") as fh:
-        json.dump({"env": env, "rows": rows}, fh, indent=1)
+    harness.write_json(os.path.join(args.out, "probe_ws_wgrad.json"), {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":

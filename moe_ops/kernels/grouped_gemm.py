@@ -130,6 +130,20 @@ def _tiles_of_expert(prev, ends, expert, E: tl.constexpr, E_POW2: tl.constexpr, 
 
 
 @triton.jit
+def swizzled_tile(pid, M, N, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(row tile, column tile)`` of program ``pid`` over ``cdiv(M, BLOCK_M) + min(M, E) + 1``
+    row tiles (the grouped grid's static bound) and ``cdiv(N, BLOCK_N)`` column tiles: GROUP_M
+    consecutive row tiles walk the column tiles together, so a weight tile is read from memory
+    once per GROUP_M row tiles of its expert (L2 reuse)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
+    per_group = GROUP_M * num_n
+    first_tile = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
+    return first_tile + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
 def grouped_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr, slot_ptr,
     x_desc, w_desc,
@@ -158,16 +172,7 @@ def grouped_gemm_kernel(
                          PACK, GEMV, BLOCK_M, BLOCK_N, BLOCK_K, GEMV_PREFETCH, GEMV_KSPLIT, ACT, SWIGLU, COMBINE,
                          COMBINE_POW2)
         return
-    # swizzle: GROUP_M consecutive M tiles walk the N tiles together, so a weight tile is
-    # read from memory once per GROUP_M row tiles of its expert (L2 reuse)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
-    per_group = GROUP_M * num_n
-    first_tile = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
-    tile = first_tile + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    tile, pid_n = swizzled_tile(tl.program_id(0), M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
