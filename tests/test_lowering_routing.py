@@ -164,19 +164,24 @@ call_function torch._C._nn.linear""")
 
 
 def test_inference_block_compiled_with_the_router_folded():
-    """The plain block compiled by Inductor (CPU, policy "always") with the router folded: the
-    semaphore buffer lifted by AOTAutograd, outputs as the block compiled without the passes,
-    and again on a second call (the semaphore left as it was)."""
+    """The plain block compiled by Inductor (CPU, policy "always") with the router folded (the
+    semaphore buffer on the graph's module: lifted by AOTAutograd or, where the pre-grad passes
+    run after the lifting, traced as a constant), outputs as the block compiled without the
+    passes, and again on a second call."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = PlainMoEBlock()
     x = torch.randn(40, 32, dtype=torch.bfloat16)
-    opts = lowering.compile_options("always")
-    opts["fx_graph_cache"] = False
+    seen = []  # the graph after our passes (the pass's "then" hook)
+    p = lowering.MoEGraphPass("always", then=lambda g: seen.append(
+        [str(n.target) for n in g.nodes if n.op in ("call_function", "get_attr")]))
+    opts = {"pre_grad_custom_pass": p, "fx_graph_cache": False}
     with torch.no_grad():
         ref = torch.compile(block, fullgraph=True)(x)
         step = torch.compile(block, fullgraph=True, options=opts)
         outs = [step(x), step(x)]
-    assert opts["pre_grad_custom_pass"].rewrites == 5  # 2 GEMMs + SwiGLU + combine, the routing
+    assert p.rewrites == 5  # 2 GEMMs + SwiGLU + combine, the routing
+    assert len(seen) == 1 and "moe_ops.router_route.default" in seen[0] and "moe_ops.route.default" not in seen[0]
+    assert "moe_ops_router_semaphore_cpu" in seen[0]
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fused vs unfused bf16 roundings
