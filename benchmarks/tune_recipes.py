@@ -142,8 +142,10 @@ def main(out_dir, only=("",)):
             kind = "wgrad_fp8_" + ("rowwise" if per_expert else "blockwise")
             if not wanted(kind):
                 continue
+            # (tile, tma): every tile by pointer loads and by TMA descriptors
             rk = harness.sweep(lambda c, p=per_expert, a=(qdy, qx, sdy, sx): (
-                lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c)), WGRAD, f"{sname} {kind}", graph=True)
+                lambda: launch_wgrad_fp8(*a, offs, p, torch.bfloat16, c[0], tma=c[1])),
+                [(c, t) for c in WGRAD for t in (False, True)], f"{sname} {kind}", graph=True)
             record(sname, kind, rk, "flop", 2.0 * M * N * K)
         # the casts: bandwidth-bound, but their best tiles differ with K and N
         act_bytes = M * K * 3

@@ -157,8 +157,9 @@ def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["dw_ptr"]
 
 
-@pytest.mark.parametrize("per_expert,step", [(False, 1), (True, 1), (True, 2)])
-def test_training_kernels_write_their_outputs_only(per_expert, step):
+@pytest.mark.parametrize("per_expert,step,tma", [(False, 1, False), (True, 1, False), (True, 2, False),
+                                                  (False, 1, True)])
+def test_training_kernels_write_their_outputs_only(per_expert, step, tma):
     M_, C, E_ = 64, 32, 4
     offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
     bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)
@@ -169,13 +170,16 @@ def test_training_kernels_write_their_outputs_only(per_expert, step):
                        BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert, COLS_FAST=True, RCP=True, STEP_BLOCKS=step)
     assert written == ["q_ptr", "s_ptr"]
     N_, K_ = 32, 32
-    written = _written(grouped_wgrad_fp8_kernel, qdy_ptr=torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn),
-                       qx_ptr=torch.empty(K_, blocks * bm, dtype=torch.float8_e4m3fn),
+    qdy = torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn)
+    qx = torch.empty(K_, blocks * bm, dtype=torch.float8_e4m3fn)
+    # TMA: the token-block tiles as descriptors (torch's "stable" metadata), as the launcher passes them
+    meta = {"dy_desc": ("stable", ([32, bm],)), "x_desc": ("stable", ([32, bm],))} if tma else None
+    written = _written(grouped_wgrad_fp8_kernel, tma=meta, qdy_ptr=qdy, qx_ptr=qx,
                        dw_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16), offs_ptr=offs,
-                       sdy_ptr=torch.empty(blocks, N_), sx_ptr=torch.empty(blocks, K_), N=N_, K=K_,
-                       stride_dyn=blocks * bm, stride_xk=blocks * bm, stride_we=N_ * K_, stride_wn=K_, stride_wk=1,
-                       stride_sdy=N_, stride_sx=K_, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32,
-                       PER_EXPERT=per_expert)
+                       sdy_ptr=torch.empty(blocks, N_), sx_ptr=torch.empty(blocks, K_), dy_desc=qdy, x_desc=qx,
+                       N=N_, K=K_, stride_dyn=blocks * bm, stride_xk=blocks * bm, stride_we=N_ * K_, stride_wn=K_,
+                       stride_wk=1, stride_sdy=N_, stride_sx=K_, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_N=32,
+                       BLOCK_K=32, PER_EXPERT=per_expert, TMA=tma)
     assert written == ["dw_ptr"]
 
 

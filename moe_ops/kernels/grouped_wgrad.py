@@ -83,10 +83,14 @@ def _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stri
 
 
 @triton.jit
-def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr, N, K,
+def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr, dy_desc, x_desc, N, K,
                              stride_dyn, stride_xk, stride_we, stride_wn, stride_wk, stride_sdy, stride_sx,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_EXPERT: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_EXPERT: tl.constexpr,
+                             TMA: tl.constexpr = False):
+    """``TMA``: each token block's operand tiles by TMA descriptors (``dy_desc`` ``[BLOCK_N,
+    BLOCK_M]`` over ``qdy_t``, ``x_desc`` ``[BLOCK_K, BLOCK_M]`` over ``qx_t``; rows past N / K
+    read as zero); else masked pointer loads."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -107,8 +111,12 @@ def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr,
     for j in range(0, count):
         blk = first + j
         col = blk * BLOCK_M + ri  # a whole, aligned, zero-padded token block
-        a = tl.load(dy_rows + col[None, :], mask=n_mask[:, None], other=0.0)
-        b = tl.load(x_rows + col[None, :], mask=k_mask[:, None], other=0.0)
+        if TMA:
+            a = dy_desc.load([pid_n * BLOCK_N, blk * BLOCK_M])
+            b = x_desc.load([pid_k * BLOCK_K, blk * BLOCK_M])
+        else:
+            a = tl.load(dy_rows + col[None, :], mask=n_mask[:, None], other=0.0)
+            b = tl.load(x_rows + col[None, :], mask=k_mask[:, None], other=0.0)
         if PER_EXPERT:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
         else:
@@ -154,13 +162,20 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
     return dw
 
 
+# the FP8 wgrad's token-block tiles by TMA descriptors where the device and layout allow
+# (grouped_wgrad_fp8_kernel TMA; benchmarks/tune_recipes.py --only wgrad_fp8_tma)
+WGRAD_FP8_TMA = True
+
+
 def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor, sx: torch.Tensor,
-                     offs: torch.Tensor, per_expert: bool, out_dtype: torch.dtype, config=None) -> torch.Tensor:
+                     offs: torch.Tensor, per_expert: bool, out_dtype: torch.dtype, config=None,
+                     tma: bool = None) -> torch.Tensor:
     """``[E, N, K]`` in ``out_dtype`` from the padded token-block operands of
     :func:`.token_block_quant.token_block_quant`: ``qdy_t`` ``[N, P]``, ``qx_t`` ``[K, P]``
     float8 and their scales (``[E, .]`` if ``per_expert`` else per block). ``config``:
     ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` (default: ``choose_wgrad_fp8_config``); the
-    reduction chunk is one token block."""
+    reduction chunk is one token block. ``tma`` (default ``WGRAD_FP8_TMA``): TMA descriptors
+    for the token-block tiles, where :mod:`.launch` allows them."""
     N, K, E = qdy_t.shape[0], qx_t.shape[0], offs.shape[0]
     dw = torch.empty(E, N, K, dtype=out_dtype, device=qdy_t.device)
     if E == 0 or N == 0 or K == 0:
@@ -168,9 +183,15 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
     rows = qdy_t.shape[1] - E * BLOCK  # P = (cdiv(M, BLOCK) + E) * BLOCK: M rounded up to a block
     bn, bk, warps, stages = config or choose_wgrad_fp8_config(rows, E, per_expert)
     grid = (cdiv(N, bn) * cdiv(K, bk), E)
-    wrap_triton(grouped_wgrad_fp8_kernel)[grid](
-        qdy_t, qx_t, dw, offs, sdy, sx, N, K, qdy_t.stride(0), qx_t.stride(0),
-        dw.stride(0), dw.stride(1), dw.stride(2), sdy.stride(0), sx.stride(0),
-        E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
-        num_warps=warps, num_stages=stages)
+    use_tma = ((WGRAD_FP8_TMA if tma is None else tma) and launch.tma_device(qdy_t) and launch.tma_aligned(qdy_t)
+               and launch.tma_aligned(qx_t) and launch.descriptors_allowed(qdy_t))
+    descs = {"dy_desc": (qdy_t, (bn, BLOCK)), "x_desc": (qx_t, (bk, BLOCK))} if use_tma else {}
+    kwargs = dict(qdy_ptr=qdy_t, qx_ptr=qx_t, dw_ptr=dw, offs_ptr=offs, sdy_ptr=sdy, sx_ptr=sx, N=N, K=K,
+                  stride_dyn=qdy_t.stride(0), stride_xk=qx_t.stride(0), stride_we=dw.stride(0),
+                  stride_wn=dw.stride(1), stride_wk=dw.stride(2), stride_sdy=sdy.stride(0), stride_sx=sx.stride(0),
+                  E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
+                  TMA=use_tma)
+    if not use_tma:
+        kwargs.update(dy_desc=qdy_t, x_desc=qx_t)  # plain pointers in the descriptors' places
+    launch.launch(grouped_wgrad_fp8_kernel, grid, kwargs, descs, num_warps=warps, num_stages=stages)
     return dw

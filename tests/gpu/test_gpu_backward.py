@@ -191,11 +191,11 @@ def test_wgrad_fp8_tiles(recipe, other, bound):
     qx, sx = token_block_quant(xd, od, per_expert)
     ref = moe_ops.reference.grouped_mm_wgrad(dy, x, offs, recipe)  # float32 scales, as the kernels
     dws = []
-    for config in (None, other):
+    for config, tma in ((None, None), (other, None), (None, False)):  # the default tile by TMA and by pointers
         torch.full((4, N, K), float("nan"), device=DEV)  # poison the allocator's next block
-        dws.append(launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.float32, config).cpu())
+        dws.append(launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.float32, config, tma=tma).cpu())
         assert torch.all(dws[-1][2] == 0) and rel_err(dws[-1], ref) < bound
-    assert rel_err(dws[1], dws[0]) < 1e-6
+    assert rel_err(dws[1], dws[0]) < 1e-6 and rel_err(dws[2], dws[0]) < 1e-6
 
 
 def test_compiled_backward_matches_eager():
