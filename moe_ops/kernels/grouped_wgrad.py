@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from moe_ops.lowering.kernel_choice import choose_wgrad_config, choose_wgrad_fp8_config
 from . import launch
@@ -163,7 +162,7 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
 
 
 # the FP8 wgrad's token-block tiles by TMA descriptors where the device and layout allow
-# (grouped_wgrad_fp8_kernel TMA; benchmarks/tune_recipes.py --only wgrad_fp8_tma)
+# (grouped_wgrad_fp8_kernel TMA; benchmarks/tune_recipes.py --only wgrad_fp8)
 WGRAD_FP8_TMA = True
 
 

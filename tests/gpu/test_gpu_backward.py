@@ -198,15 +198,17 @@ def test_wgrad_fp8_tiles(recipe, other, bound):
     assert rel_err(dws[1], dws[0]) < 1e-6 and rel_err(dws[2], dws[0]) < 1e-6
 
 
-def test_compiled_backward_matches_eager():
+@pytest.mark.parametrize("recipe", [None, "fp8_rowwise", "fp8_blockwise"])
+def test_compiled_backward_matches_eager(recipe):
     """grouped_mm under torch.compile: the backward graph's dgrad and wgrad (TMA descriptors on
-    Hopper, recorded as torch's TMA metadata and rebuilt by Inductor) give the eager gradients
-    bit for bit."""
+    Hopper, recorded as torch's TMA metadata and rebuilt by Inductor; the FP8 recipes' wgrad
+    token-block tiles too) give the eager gradients bit for bit."""
     x, dy, w, offs = _case(6)
     xd, wd, od, dyd = x.to(DEV), w.bfloat16().to(DEV), offs.to(DEV), dy.to(DEV)
     grads = []
+    torch._dynamo.reset()
     for fn in (moe_ops.grouped_mm, torch.compile(moe_ops.grouped_mm, fullgraph=True)):
         xg, wg = xd.clone().requires_grad_(), wd.clone().requires_grad_()
-        fn(xg, wg, od).backward(dyd)
+        fn(xg, wg, od, recipe=recipe).backward(dyd)
         grads.append((xg.grad, wg.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
