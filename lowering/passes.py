@@ -91,10 +91,18 @@ def _prefer_ours(device: torch.device, policy: str) -> bool:
     return device.type in ("xpu", "cpu")
 
 
+POLICIES = ("auto", "always")
+
+
+def check_policy(policy: str) -> None:
+    """``policy`` is one of :data:`POLICIES`, else a ValueError naming it."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected 'auto' or 'always', got {policy!r}")
+
+
 def rewrite_grouped_mm(graph: torch.fx.Graph, policy: str = "auto") -> int:
     """Passes 1 and 2 on ``graph`` in place; returns the number of rewritten nodes."""
-    if policy not in ("auto", "always"):
-        raise ValueError(f"policy: expected 'auto' or 'always', got {policy!r}")
+    check_policy(policy)
     count = 0
     for node in list(graph.nodes):
         if node.op != "call_function":

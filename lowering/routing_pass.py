@@ -35,14 +35,13 @@ import operator
 import torch
 import torch.fx
 
-from .passes import _args, _is, _val
+from .passes import _args, _is, _val, check_policy
 
 
 def fuse_routing(graph: torch.fx.Graph, policy: str = "auto") -> int:
     """Pass 5 on ``graph`` in place; returns the number of rewrites (a routing chain with its
     router GEMM folded counts once). ``policy``: where the router GEMM folds (module docstring)."""
-    if policy not in ("auto", "always"):
-        raise ValueError(f"policy: expected 'auto' or 'always', got {policy!r}")
+    check_policy(policy)
     count = 0
     for node in list(graph.nodes):
         if _is(node, "call_function", torch.topk) or _is(node, "call_method", "topk"):

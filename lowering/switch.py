@@ -20,8 +20,7 @@ class MoEGraphPass(CustomGraphPass):
     caches stay correct)."""
 
     def __init__(self, policy: str = "auto", then=None):
-        if policy not in ("auto", "always"):
-            raise ValueError(f"policy: expected 'auto' or 'always', got {policy!r}")
+        passes.check_policy(policy)
         self.policy, self.then = policy, then
         self.rewrites = 0  # nodes rewritten over this pass's lifetime (tests, diagnostics)
 
