@@ -256,8 +256,13 @@ def test_plain_moe_block_compiled_with_passes():
 
 
 def test_enable_disable_switch():
+    import pytest
     import torch._inductor.config as cfg
     before = cfg.pre_grad_custom_pass
     with lowering.enabled("always") as p:
         assert cfg.pre_grad_custom_pass is p and p.then is before
+    assert cfg.pre_grad_custom_pass is before
+    for bad in (lambda: lowering.MoEGraphPass("never"), lambda: lowering.rewrite_grouped_mm(torch.fx.Graph(), "never")):
+        with pytest.raises(ValueError, match="policy"):
+            bad()
     assert cfg.pre_grad_custom_pass is before
