@@ -17,6 +17,9 @@ The tuning key is the weight shape and format (``N``, ``K``, ``E``, the format c
 the decode/prefill bucket (each bucket has its own candidate list, hence its own tuner), never
 the row counts, which are data. Candidates only vary tiles; every one computes the same
 function, and each launch writes every output element, so timing runs need no restore.
+Candidates are tiles of ``grouped_gemm_kernel``: calls that the persistent kernel serves
+(``kernel_choice.choose_persistent_config``: 16-bit prefill forward and dgrad on TMA devices,
+measured faster than that kernel's tiles) take it, tuner or not.
 """
 from __future__ import annotations
 

@@ -213,6 +213,26 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3, tma=True)
 
 
+def choose_persistent_config(M: int, N: int, K: int, E: int, dgrad: bool = False):
+    """The tile of the persistent grouped GEMM (:mod:`moe_ops.kernels.persistent_gemm`: 16-bit
+    plain weights, TMA tiles, one program per SM over the flattened tile and K loops) for ``M``
+    rows over ``E`` experts, ``[N, K]`` weights, or None where the one-program-a-tile kernel
+    (:func:`choose_forward_config`) stays the choice: decode sizes (64 rows per expert or fewer,
+    where tiles stream weights), and dgrad above 512 rows per expert.
+    ``benchmarks/probe_persistent.py`` on an H100 (results/probe_persistent_h100_s19*, T=4096,
+    CUDA-graph timed, two runs; 128x256x64 tiles, 8 warps, against ``choose_forward_config``'s
+    tile in the same run): forward Qwen3-30B-A3B gate_up 485 -> 454 us / 496 -> 465 (4
+    stages), down 290 -> 258 / 292 -> 251, DeepSeek-V3 E=32 3127 -> 2937 / 3190 -> 2966 (3
+    stages), Mixtral 3226 -> 2973 / 3303 -> 3017 (3 stages; 4 stages measured 3716 in the
+    second run); dgrad Qwen3-30B-A3B gate_up 485 -> 465 / 501 -> 472, down 254 -> 244 / 255
+    -> 250 (4 stages); at 1024 rows per expert the dgrad moved -2% to +7% (DeepSeek-V3 3047 ->
+    2981 / 3106 -> 3011, Mixtral 2989 -> 3207 / 3056 -> 3037): kept one program a tile."""
+    rpe = rows_per_expert_hint(M, E)
+    if rpe <= 64 or (dgrad and rpe > 512):
+        return None
+    return KernelConfig(128, 256, 64, 8, 4 if rpe <= 512 else 3)
+
+
 # the fused expert MLP's down launch token-major with the combine (KernelConfig.combine) up to
 # this many rows per expert and this expert intermediate size (the down launch's K): each slot
 # reads its expert's weights (as the gemv tiles do), and a program runs top_k * K codes.

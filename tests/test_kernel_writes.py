@@ -243,3 +243,25 @@ def test_tuned_launch_passes_every_constexpr(monkeypatch):
     constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
     for cfg in tuner.configs:
         assert constexprs - set(named) - set(cfg.kwargs) == set()
+
+
+@pytest.mark.parametrize("dgrad", [False, True])
+def test_persistent_launch_writes_its_output_only(dgrad, monkeypatch):
+    """The persistent 16-bit kernel that prefill-sized calls take on TMA devices (more than 64
+    rows per expert; ``choose_persistent_config``), x and W as descriptors: only ``y`` is written."""
+    seen = []
+    monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
+    monkeypatch.setattr(dispatch.persistent_gemm, "_programs", lambda x, bound: 132)  # an SM count, not a GPU's
+    monkeypatch.setattr(dispatch.launch, "launch",
+                        lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
+    w = torch.randn(4, 192, 128).bfloat16()
+    offs = torch.tensor([50, 50, 200, 300], dtype=torch.int32)
+    if dgrad:
+        dispatch.grouped_mm_dgrad(torch.randn(300, 192).bfloat16(), w, None, None, offs, "none", "none", 0, "none")
+    else:
+        dispatch.grouped_mm(torch.randn(300, 128).bfloat16(), w, None, None, offs, "none", "none", 0, "none", "none")
+    (kernel, kw, descs), = seen
+    assert kernel.fn.__name__ == "persistent_grouped_kernel" and set(descs) == {"x_desc", "w_desc"}
+    assert kw["W_T"] == dgrad
+    meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
+    assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]

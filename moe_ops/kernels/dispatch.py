@@ -1,5 +1,8 @@
 """Launchers: which Triton kernel serves an operator call, with which constexprs and tiles.
 
+16-bit plain weights at prefill sizes on TMA devices take the persistent kernel of
+:mod:`.persistent_gemm` (``choose_persistent_config``; forward, and dgrad up to 512 rows per
+expert); every other call :func:`.grouped_gemm.grouped_gemm_kernel`.
 Each launcher returns None for a combination no Triton kernel serves (``grouped_mm``:
 ``int8_token`` with weight scales that vary inside a 32*PACK-column K tile; ``grouped_mm_dgrad``:
 packed int4/int2 weights); the operator then runs the reference path. Training recipes go to
@@ -17,9 +20,9 @@ from torch.library import wrap_triton
 from moe_ops import formats
 from moe_ops.lowering import autotune
 from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_configs, choose_forward_config,
-                                            fused_expert_mlp_pays)
+                                            choose_persistent_config, fused_expert_mlp_pays)
 
-from . import launch
+from . import launch, persistent_gemm
 from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
 from .host_math import cdiv, next_power_of_2
@@ -276,6 +279,16 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     return y
 
 
+def _persistent(x, w, y, offs, M, N, K, config: KernelConfig, dgrad: bool):
+    """``y`` by :func:`.persistent_gemm.launch_persistent` (16-bit plain weights, prefill tiles,
+    TMA devices: :func:`~moe_ops.lowering.kernel_choice.choose_persistent_config`)."""
+    if M == 0:
+        return y
+    if K == 0 or N == 0:
+        return y.zero_()
+    return persistent_gemm.launch_persistent(x, w, y, offs, config, dgrad)
+
+
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
                config: KernelConfig = None, out: torch.Tensor = None, prequantized=None):
     """Triton forward, or None when no kernel serves this combination (quantized activations
@@ -296,7 +309,10 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     pack = spec.pack if spec is not None else 1
     candidates = None
-    if config is None:
+    persistent = None
+    if config is None and spec is None and act == 0 and persistent_gemm.serves(x, w):
+        persistent = choose_persistent_config(M, N, K, E)
+    if persistent is None and config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
@@ -305,10 +321,12 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if persistent is not None:
+        return _persistent(x, w, y, offs, M, N, K, persistent, dgrad=False)
     bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y
     if K == 0 or N == 0:
@@ -341,12 +359,16 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     unit_n, unit_k = _scale_unit(granularity, group_size)  # units along (N, K) of W
     t_unit_n, t_unit_k = unit_k, unit_n  # along (K, N): the transposed view's (out, reduction)
     has_scale = w_scale is not None
+    y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
+    if config is None and spec is None and persistent_gemm.serves(dy, w):
+        persistent = choose_persistent_config(M, K, N, E, dgrad=True)
+        if persistent is not None:
+            return _persistent(dy, w, y, offs, M, K, N, persistent, dgrad=True)
     if config is None:  # scales that vary faster than a 16-wide K tile are gathered per element
         tile_unit = t_unit_k if (has_scale and 16 <= t_unit_k < _HUGE) else max(N, 1)
         config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit,
                                        k_contiguous=False, dgrad=True)
     bk = max(config.block_k, 16)
-    y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     if M == 0:
         return y
     if K == 0 or N == 0:

@@ -27,6 +27,11 @@ from torch.library import wrap_triton
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRET
+
+
 def tma_device(t: torch.Tensor) -> bool:
     """Whether launches on ``t``'s device may take TMA descriptors (CUDA capability 9.0 and
     later; the interpreter emulates them)."""

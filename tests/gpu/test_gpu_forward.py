@@ -192,6 +192,34 @@ def test_act_quant_kernel_bit_exact(mode, shape):
         assert torch.equal(qk.cpu().view(torch.uint8), qr.view(torch.uint8))
 
 
+def _sync_free_and_replayed(fn, xd, *more):
+    """``fn(xd)`` (and ``more``: other calls) under sync-debug "error" after a warm-up call (the
+    kernels' compilation), then ``fn(xd)`` captured in a CUDA graph and replayed on new ``xd``
+    data: equal to an eager call on that data, and different from the first output."""
+    fn(xd)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = fn(xd)
+        for call in more:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(xd)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        yg = fn(xd)
+    xd.copy_(torch.randn_like(xd))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, fn(xd))
+    assert not torch.equal(yg, y)
+
+
 def test_sync_free_and_cuda_graph():
     if DEV != "cuda":
         pytest.skip("CUDA-only checks")
@@ -199,27 +227,8 @@ def test_sync_free_and_cuda_graph():
     x, w, offs = _case(31, M, E, N, K)
     qw = moe_ops.quantize_weight(w.bfloat16(), "int4_asym", "group", 128).to(DEV)
     xd, od = x.to(DEV), offs.to(DEV)
-    moe_ops.grouped_mm(xd, qw, od)  # compile the kernel first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        y = moe_ops.grouped_mm(xd, qw, od)
-        moe_ops.grouped_mm(xd, qw, od, act_quant="int8_token")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        moe_ops.grouped_mm(xd, qw, od)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        yg = moe_ops.grouped_mm(xd, qw, od)
-    xd.copy_(torch.randn_like(xd))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(yg, moe_ops.grouped_mm(xd, qw, od))
-    assert not torch.equal(yg, y)
+    _sync_free_and_replayed(lambda a: moe_ops.grouped_mm(a, qw, od), xd,
+                            lambda: moe_ops.grouped_mm(xd, qw, od, act_quant="int8_token"))
 
 
 def test_opcheck_cuda():
@@ -344,3 +353,75 @@ def test_tma_launch_from_a_fresh_thread():
     t.join()
     assert not err, err
     assert torch.equal(out[0], ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,E,N,K", [(2000, 8, 384, 520), (5000, 4, 1000, 2048)])
+def test_persistent_tiles(M, E, N, K, dtype, monkeypatch):
+    """The persistent kernel (:mod:`moe_ops.kernels.persistent_gemm`), which prefill-sized 16-bit
+    calls take on TMA devices (``choose_persistent_config``: forward above 64 rows per expert,
+    dgrad up to 512): forward and dgrad on ragged experts (an empty one, rows past offs[-1]),
+    partial K and N tiles, outputs poisoned; equal bit for bit to the one-program-a-tile kernel
+    at the same tile (same MMAs, same order), and the oracle within the bound. The dgrad at
+    1250 rows per expert (not the choice there) is launched directly."""
+    if not _tma_capable():
+        pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
+    from moe_ops.kernels import persistent_gemm
+    from moe_ops.lowering.kernel_choice import choose_persistent_config
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(a[-1]) or orig(*a, **k))
+    x, w, offs = _case(hash((M, str(dtype), "persistent")) % 10000, M, E, N, K)
+    x, w = x.to(dtype), w.to(dtype)
+    xd, wd, od = x.to(DEV), w.to(DEV), offs.to(DEV)
+    tile = choose_persistent_config(M, N, K, E)
+    same_tile = KernelConfig(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tma=True)
+    _poison(M, N, dtype)
+    y = moe_ops.grouped_mm(xd, wd, od)
+    assert taken == [False] and not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+    assert torch.equal(y, dispatch.grouped_mm(xd, wd, None, None, od, "none", "none", 0, "none", "none",
+                                              config=same_tile))
+    args = (w, None, None, "none", "none", 0)
+    assert rel_err(y.cpu(), oracle_grouped_mm(x, args, offs)) < GPU_BOUND_BF16
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(M)).to(dtype)
+    dgrad_tile = choose_persistent_config(M, K, N, E, dgrad=True)
+    _poison(M, K, dtype)
+    if dgrad_tile is not None:
+        dx = dispatch.grouped_mm_dgrad(dy.to(DEV), wd, None, None, od, "none", "none", 0, "none")
+        assert taken == [False, True]
+    else:
+        dgrad_tile = tile
+        dx = persistent_gemm.launch_persistent(dy.to(DEV), wd, torch.empty(M, K, dtype=dtype, device=DEV), od,
+                                               dgrad_tile, True)
+    assert not torch.isnan(dx).any() and torch.all(dx[int(offs[-1]):] == 0)
+    same_tile = KernelConfig(dgrad_tile.block_m, dgrad_tile.block_n, dgrad_tile.block_k, dgrad_tile.num_warps,
+                             dgrad_tile.num_stages, tma=True)
+    assert torch.equal(dx, dispatch.grouped_mm_dgrad(dy.to(DEV), wd, None, None, od, "none", "none", 0, "none",
+                                                     config=same_tile))
+    ref = torch.zeros(M, K, dtype=torch.float64)
+    start = 0
+    for e in range(E):
+        end = int(offs[e])
+        ref[start:end] = dy[start:end].double() @ w[e].double()
+        start = end
+    assert rel_err(dx.cpu(), ref) < GPU_BOUND_BF16
+
+
+def test_persistent_sync_free_graph_and_compiled():
+    """The persistent launch: no host sync (sync-debug "error"), captured in a CUDA graph and
+    replayed on new data, and under torch.compile (dynamic shapes) launched by the generated
+    code with Inductor's descriptors, equal to eager."""
+    if not _tma_capable():
+        pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
+    M, E, N, K = 3000, 8, 512, 1024
+    x, w, offs = _case(81, M, E, N, K)
+    xd, wd, od = x.to(DEV), w.bfloat16().to(DEV), offs.to(DEV)
+    _sync_free_and_replayed(lambda a: moe_ops.grouped_mm(a, wd, od), xd)
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, o: moe_ops.grouped_mm(a, wd, o), fullgraph=True, dynamic=True)
+    yc, code = run_and_get_code(f, xd, od)
+    assert "persistent_grouped_kernel" in "\n".join(code)
+    assert torch.equal(yc, moe_ops.grouped_mm(xd, wd, od))
+    yc2 = f(xd[:2500], torch.clamp(od, max=2500))  # another row count (dynamic shapes)
+    assert torch.equal(yc2, moe_ops.grouped_mm(xd[:2500], wd, torch.clamp(od, max=2500)))

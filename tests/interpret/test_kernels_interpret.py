@@ -525,3 +525,62 @@ def test_wgrad_tma_chunks_equal_pointer_loads(dtype, monkeypatch):
     assert rel_err(with_tma, plain) < 1e-4
     ref = reference.grouped_mm_wgrad(dy[: int(offs[-1])].double(), x[: int(offs[-1])].double(), offs, "none")
     assert rel_err(with_tma, ref) < (1e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+PERSISTENT_TILE = KernelConfig(16, 32, 32, 4, 2, group_m=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [K, 80])  # 80: a partial last K tile
+def test_persistent_gemm_forward_and_dgrad(dtype, k):
+    """:mod:`moe_ops.kernels.persistent_gemm`: three programs loop over the tiles of ragged
+    experts (an empty one; rows past offs[-1] written as zeros by the second loop), 16-row tiles
+    (experts span several, part-filled ones read the next expert's rows, masked at the store),
+    GROUP_M 2, N and K off the tile; forward and dgrad against the float64 reference."""
+    from moe_ops.kernels import persistent_gemm
+    x, w, offs = _data(hash((str(dtype), k)) % 997, dtype, k)
+    w = w.to(dtype)
+    y = torch.full((M, N), float("nan"), dtype=dtype)
+    persistent_gemm.launch_persistent(x, w, y, offs, PERSISTENT_TILE, dgrad=False)
+    ref = reference.grouped_mm(x.double(), w.double(), None, None, offs, "none", "none", 0, "none", "none")
+    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+    bound = 1e-3 if dtype == torch.float16 else 8e-3  # the output's rounding
+    assert rel_err(y, ref) < bound
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(8)).to(dtype)
+    dx = torch.full((M, k), float("nan"), dtype=dtype)
+    persistent_gemm.launch_persistent(dy, w, dx, offs, PERSISTENT_TILE, dgrad=True)
+    ref = reference.grouped_mm_dgrad(dy.double(), w.double(), None, None, offs, "none", "none", 0, "none")
+    assert not torch.isnan(dx).any() and torch.all(dx[int(offs[-1]):] == 0)
+    assert rel_err(dx, ref) < bound
+
+
+def test_persistent_gemm_is_the_prefill_choice_where_it_serves(monkeypatch):
+    """16-bit plain weights above 64 rows per expert take the persistent kernel, forward and
+    dgrad (its tile from ``choose_persistent_config``: 128x256); quantized weights, float32,
+    rows not 16-byte aligned, an explicit config or decode sizes take the one-program-a-tile
+    kernel."""
+    from moe_ops.kernels import persistent_gemm
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **kw: taken.append(a[-1]) or orig(*a, **kw))
+    g = torch.Generator().manual_seed(21)
+    m, e, n, k = 300, 2, 48, 64
+    offs = torch.tensor([120, 290], dtype=torch.int32)
+    x = torch.randn(m, k, generator=g).half()
+    w = torch.randn(e, n, k, generator=g).half()
+    y = dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none")
+    ref = reference.grouped_mm(x.double(), w.double(), None, None, offs, "none", "none", 0, "none", "none")
+    assert taken == [False] and rel_err(y, ref) < 1e-3 and torch.all(y[290:] == 0)
+    dy = torch.randn(m, n, generator=g).half()
+    dx = dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none")
+    assert taken == [False, True]
+    assert rel_err(dx, reference.grouped_mm_dgrad(dy.double(), w.double(), None, None, offs, "none", "none", 0,
+                                                  "none")) < 1e-3
+    q = moe_ops.quantize_weight(w, "fp8_e4m3", "channel", 0).op_args()
+    dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "none", "none")
+    dispatch.grouped_mm(x.float(), w.float(), None, None, offs, "none", "none", 0, "none", "none")
+    dispatch.grouped_mm(x[:, :60].contiguous(), w[:, :, :60].contiguous(), None, None, offs, "none", "none", 0, "none", "none")
+    dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=CONFIGS["prefill"])
+    dispatch.grouped_mm(x[:100], w, None, None, torch.tensor([50, 100], dtype=torch.int32), "none", "none", 0,
+                        "none", "none")
+    assert taken == [False, True]

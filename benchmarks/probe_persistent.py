@@ -1,0 +1,86 @@
+"""Probe: the persistent bf16 grouped GEMM (:mod:`moe_ops.kernels.persistent_gemm`: one program
+per SM looping over the output tiles, the tile loop and the K loop flattened into one
+software-pipelined loop, or not: ``flatten``) against ``grouped_gemm_kernel`` at
+``choose_forward_config``'s tile (one program a tile; what ``moe_ops.grouped_mm`` ran before
+``choose_persistent_config``) and ``torch._grouped_mm``, at the training shapes and Mixtral's
+gate_up, T=4096, skewed routing; forward ``y[g] = x[g] @ W[e]^T`` and dgrad ``dx[g] = dy[g] @
+W[e]``. CUDA-graph timed; error relative to ``torch._grouped_mm``'s output.
+
+Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+from moe_ops.kernels import dispatch  # noqa: E402
+from moe_ops.kernels.persistent_gemm import launch_persistent  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config  # noqa: E402
+
+SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 2048),
+          "dsv3_gate_up_e32": (32, 8, 7168, 4096), "mixtral_gate_up": (8, 2, 4096, 28672)}
+# (tile, flatten)
+TILES = [(KernelConfig(128, 256, 64, 8, 3), True), (KernelConfig(128, 256, 64, 8, 4), True),
+         (KernelConfig(128, 256, 64, 8, 3), False), (KernelConfig(128, 128, 64, 8, 4), True),
+         (KernelConfig(128, 128, 64, 4, 4), True), (KernelConfig(128, 256, 64, 8, 3, group_m=1), True)]
+
+
+def main(args):
+    dev = torch.device("cuda")
+    env = harness.environment(dev)
+    ceil = harness.ceilings(dev)
+    print(env, ceil, flush=True)
+    rows = []
+    for name in args.shapes:
+        E, k, K, N = SHAPES[name]
+        offs, x, w, dy = harness.training_operands(E, k, K, N, 4096, dev)
+        M = x.shape[0]
+        for dgrad in (False, True):
+            a = dy if dgrad else x
+            wt = w if dgrad else w.transpose(-2, -1)
+            ref = torch._grouped_mm(a, wt, offs=offs)
+            used = int(offs[-1])
+            flops = 2 * used * N * K
+            n_out = K if dgrad else N
+            one_a_tile = choose_forward_config(M, n_out, N if dgrad else K, E, 16, N if dgrad else K,
+                                               k_contiguous=not dgrad, dgrad=dgrad)
+            cands = {"torch._grouped_mm": lambda: torch._grouped_mm(a, wt, offs=offs)}
+            if dgrad:
+                cands[f"one_a_tile {one_a_tile}"] = lambda: dispatch.grouped_mm_dgrad(
+                    dy, w, None, None, offs, "none", "none", 0, "none", config=one_a_tile)
+            else:
+                cands[f"one_a_tile {one_a_tile}"] = lambda: dispatch.grouped_mm(
+                    x, w, None, None, offs, "none", "none", 0, "none", "none", config=one_a_tile)
+            for tile, flatten in TILES:
+                y = torch.empty(M, n_out, dtype=a.dtype, device=dev)
+                cands[f"persistent {tile} flatten={flatten}"] = (
+                    lambda t=tile, f=flatten, y=y: launch_persistent(a, w, y, offs, t, dgrad, flatten=f))
+            for label, fn in cands.items():
+                try:
+                    out = fn()
+                    torch.cuda.synchronize()
+                    err = float((out[:used].double() - ref[:used].double()).norm() / ref[:used].double().norm())
+                    ms = harness.bench_graph_ms(fn)
+                except Exception as e:  # a config the compiler rejects: recorded, not fatal
+                    print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: FAILED {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}", flush=True)
+                    continue
+                tf = flops / ms / 1e9
+                rows.append({"shape": name, "pass": "dgrad" if dgrad else "fwd", "variant": label, "ms": ms,
+                             "TFLOPs": tf, "mm_share": tf / ceil["bf16_TFLOPs"], "rel_err_vs_aten": err})
+                print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: {ms * 1e3:.1f} us {tf:.0f} TFLOP/s "
+                      f"({tf / ceil['bf16_TFLOPs']:.2f} of the bf16 ceiling) err {err:.2e}", flush=True)
+    harness.write_json(os.path.join(args.out, "probe_persistent.json"), {"env": env, "ceilings": ceil, "rows": rows})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    main(p.parse_args())

@@ -1,0 +1,136 @@
+"""Persistent Triton grouped GEMM for 16-bit plain weights on TMA devices (Hopper and later).
+
+``y[g] = x[g] @ W[e]^T`` (forward, W stored ``[E, N, K]``) or ``dx[g] = dy[g] @ W[e]`` (dgrad,
+the same stored W read as ``[E, K_red, N_out]`` tiles): bf16/fp16 x and W, float32
+accumulation, output in x's dtype. One program per SM (at most the static tile bound) loops
+over the output tiles; the tile loop and the K loop are flattened into one software-pipelined
+loop (``tl.range(..., flatten=True)``), so the loads of a tile's first K steps are issued while
+the previous tile's epilogue runs. x's and W's tiles come by host TMA descriptors: x ``[M, K]``
+with block ``[BLOCK_M, BLOCK_K]`` (rows of the next expert read into a part-filled tile are
+masked at the store; columns past K read as zero), W 3-D with block ``[1, BLOCK_N, BLOCK_K]``
+(dgrad ``[1, BLOCK_K, BLOCK_N]``), so a tile never reads another expert's weights.
+
+Tiles are numbered as :func:`.grouped_gemm._expert_of_tile` numbers them (expert by expert,
+``cdiv(rows, BLOCK_M)`` each, ``GROUP_M`` row tiles walking the column tiles together); each
+program reads ``offs`` once, and its tiles' experts come from that prefix sum on the device
+(no host sync). Only used tiles are visited; a second loop writes zeros to the rows at or past
+``offs[-1]``. Same function as :func:`.grouped_gemm.grouped_gemm_kernel` with ``ACT`` 0 and
+plain weights (summation order per output element: K tiles in order).
+
+Measured against that kernel's default tile (``benchmarks/probe_persistent.py``, H100, T=4096):
+:data:`moe_ops.lowering.kernel_choice.choose_forward_config` takes it where it was faster.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+from .grouped_gemm import _expert_tiles
+from .host_math import cdiv, next_power_of_2
+
+
+@triton.jit
+def persistent_grouped_kernel(y_ptr, offs_ptr, x_desc, w_desc, M, N, K, stride_ym, stride_yn,
+                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                              W_T: tl.constexpr, STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                              FLATTEN: tl.constexpr = True):
+    """``y [M, N]``; ``K`` the reduction. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
+    True (dgrad): over the stored ``[E, K, N]``. ``STAGES``: the loop's pipeline depth; ``FLATTEN``
+    False keeps the tile loop and the K loop apart (only the K loop pipelined; for the probe).
+    ``UPCAST_DOT``: float32 dot (Triton's interpreter, whose bf16 dot is wrong). The descriptors
+    follow the pointers: torch's TTIR mutation analysis (Inductor's, ``tests/test_kernel_writes.py``)
+    numbers parameters as if a descriptor were one, so parameters after a descriptor get the
+    wrong names there (with torch 2.13 and Triton 3.9 on the CPU: no writes found at all)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    e_idx = tl.arange(0, E_POW2)  # offs as values (see grouped_gemm._expert_tiles)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
+    idx, ntiles = _expert_tiles(prev, ends, E, E_POW2, BLOCK_M)
+    cum = tl.cumsum(ntiles, 0)
+    total = tl.sum(ntiles, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for t in tl.range(pid, total * num_n, programs, flatten=FLATTEN, num_stages=STAGES):
+        first = (t // per_group) * GROUP_M
+        group_rows = tl.minimum(total - first, GROUP_M)
+        tile = first + (t % per_group) % group_rows
+        pid_n = (t % per_group) // group_rows
+        expert = tl.sum((cum <= tile).to(tl.int32), 0)
+        sel = idx == expert
+        row0 = tl.sum(tl.where(sel, prev, 0), 0) + (tile - tl.sum(tl.where(sel, cum - ntiles, 0), 0)) * BLOCK_M
+        row_end = tl.sum(tl.where(sel, ends, 0), 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([row0, ki * BLOCK_K])
+            if W_T:
+                b = tl.reshape(w_desc.load([expert, ki * BLOCK_K, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
+            else:
+                b = tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, ki * BLOCK_K]), (BLOCK_N, BLOCK_K)).T
+            if UPCAST_DOT:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rm < row_end)[:, None] & (rn < N)[None, :])
+    # the rows at or past offs[-1]: zeros
+    last_end = tl.max(tl.where(e_idx < E, ends, 0), 0)
+    for r0 in range(last_end + pid * BLOCK_M, M, programs * BLOCK_M):
+        rm = r0 + tl.arange(0, BLOCK_M)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn,
+                     tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                     mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`launch_persistent` serves ``x`` (``[M, K]``) and the stored ``w`` now:
+    16-bit x and W of one dtype, a TMA device, TMA-legal layouts, descriptors allowed (see
+    :mod:`.launch`)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and x.dim() == 2 and w.dim() == 3
+            and launch.tma_device(x) and launch.tma_aligned(x) and launch.tma_aligned(w)
+            and launch.descriptors_allowed(x))
+
+
+def _programs(x: torch.Tensor, tile_bound) -> object:
+    """One program per SM, at most ``tile_bound`` (a SymInt under dynamic shapes)."""
+    if launch.interpreting():
+        sms = 3  # a few programs, each looping over several tiles
+    else:
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return torch.sym_min(tile_bound, sms)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, config,
+                      dgrad: bool, flatten: bool = True) -> torch.Tensor:
+    """``y`` (``[M, N_out]``, written in full) from ``x`` ``[M, K_red]`` and the stored ``w``:
+    ``[E, N_out, K_red]`` (forward) or ``[E, K_red, N_out]`` (``dgrad``). ``config``: a
+    :class:`~moe_ops.lowering.kernel_choice.KernelConfig` (its block sizes, ``group_m``, warps,
+    stages); ``flatten``: the kernel's ``FLATTEN``. The caller checks :func:`serves`."""
+    M, K = x.shape
+    E = offs.shape[0]
+    N = w.shape[2] if dgrad else w.shape[1]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    tile_bound = (cdiv(M, bm) + torch.sym_min(M, E) + 1) * cdiv(N, bn)
+    descs = {"x_desc": (x, (bm, bk)), "w_desc": (w, (1, bk, bn) if dgrad else (1, bn, bk))}
+    kwargs = dict(y_ptr=y, offs_ptr=offs, M=M, N=N, K=K, stride_ym=y.stride(0), stride_yn=y.stride(1),
+                  E=E, E_POW2=next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
+                  W_T=dgrad, STAGES=config.num_stages, UPCAST_DOT=launch.interpreting(),
+                  FLATTEN=flatten)
+    launch.launch(persistent_grouped_kernel, (_programs(x, tile_bound),), kwargs, descs,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return y
