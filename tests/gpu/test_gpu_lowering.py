@@ -77,7 +77,8 @@ def test_decode_router_folded_into_one_launch():
 
 def test_max_autotune_offers_our_tiles_to_inductor():
     """Under max_autotune the compiled graph launches a triton.autotune kernel with our
-    candidate tiles (Inductor's user-kernel autotuner times them on the first run)."""
+    candidate tiles (Inductor's user-kernel autotuner times them on the first run); 16-bit
+    weights at prefill sizes take the persistent kernel instead, untuned (lowering.autotune)."""
     import moe_ops
     from helpers import oracle_grouped_mm, ragged_offs
     from torch._inductor.utils import run_and_get_code
@@ -86,16 +87,22 @@ def test_max_autotune_offers_our_tiles_to_inductor():
     x = torch.randn(3000, 512, generator=g).bfloat16()
     w = (torch.randn(8, 384, 512, generator=g) * 0.05).bfloat16()
     offs = ragged_offs(3000, 8, g, empty=(2,), tail=7)
-    fn = torch.compile(lambda a, b, o: torch.ops.moe_ops.grouped_mm(a, b, None, None, o, "none", "none", 0,
-                                                                     "none", "none"),
-                       options={"max_autotune": True, "fx_graph_cache": False})
-    out, code = run_and_get_code(fn, x.to(DEV), w.to(DEV), offs.to(DEV))
-    src = "\n".join(code)
-    # Inductor's user_autotune(configs=[{'kwargs': {'BLOCK_M': .., 'BLOCK_N': .., ...}}, ...]): one
-    # entry per candidate tile (a single static launch names BLOCK_N once, in its constants)
-    assert "grouped_gemm_kernel" in src and src.count("'BLOCK_N':") >= 4
-    assert rel_err(out.cpu(), oracle_grouped_mm(x, (w, None, None, "none", "none", 0), offs)) < 1e-2
-    assert torch.all(out[int(offs[-1]):] == 0)
+    qw = moe_ops.quantize_weight(w, "int8_sym", "channel", 0)
+    for args, kernel in ((qw.op_args(), "grouped_gemm_kernel"), ((w, None, None, "none", "none", 0), None)):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, o, args=args: torch.ops.moe_ops.grouped_mm(
+            a, *[t.to(DEV) if torch.is_tensor(t) else t for t in args[:3]], o, *args[3:], "none", "none"),
+            options={"max_autotune": True, "fx_graph_cache": False})
+        out, code = run_and_get_code(fn, x.to(DEV), offs.to(DEV))
+        src = "\n".join(code)
+        if kernel:
+            # Inductor's user_autotune(configs=[{'kwargs': {'BLOCK_M': .., 'BLOCK_N': .., ...}}, ...]): one
+            # entry per candidate tile (a single static launch names BLOCK_N once, in its constants)
+            assert kernel in src and src.count("'BLOCK_N':") >= 4
+        elif torch.cuda.get_device_capability()[0] >= 9:
+            assert "persistent_grouped_kernel" in src and "grouped_gemm_kernel" not in src
+        assert rel_err(out.cpu(), oracle_grouped_mm(x, args, offs)) < 1e-2
+        assert torch.all(out[int(offs[-1]):] == 0)
 
 
 def test_router_folded_compiled_under_inference_mode():
