@@ -16,8 +16,9 @@ A node is left alone unless every fact the rewrite needs is known from its examp
 ``policy`` says where pass 1 applies: ``"always"``, or ``"auto"``: devices where aten has no
 grouped GEMM kernel or a slower one (XPU, CUDA before compute capability 9.0, the CPU), and
 everywhere to the two GEMMs of a gate/up -> SwiGLU -> down pair, which pass 3 then fuses. A
-lone GEMM on Hopper stays aten's: our bf16 kernel measured 1.04x aten's at prefill
-(benchmarks/results/forward_h100.md), too close to swap, while the fused layer measured 1.46x
+lone GEMM on Hopper stays aten's: our bf16 forward measured 1.01-1.14x aten's at prefill
+(benchmarks/results/forward_h100_s19_prefill.md) and our wgrad 0.81-1.0x
+(training_h100_s19.md), too close to swap under autograd, while the fused layer measured 1.46x
 (moe_layer_h100.md). Pass 2 always applies (aten has no fused form).
 
 3. ``grouped_mm`` (ours, after 1) -> ``chunk(2)`` -> ``silu(gate) * up`` -> ``grouped_mm``
