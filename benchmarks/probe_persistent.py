@@ -6,7 +6,11 @@ software-pipelined loop, or not: ``flatten``) against ``grouped_gemm_kernel`` at
 gate_up, T=4096, skewed routing; forward ``y[g] = x[g] @ W[e]^T`` and dgrad ``dx[g] = dy[g] @
 W[e]``. CUDA-graph timed; error relative to ``torch._grouped_mm``'s output.
 
-Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...]``
+``--fp8``: the forward of fp8 W8A8 (``fp8_token`` x, e4m3 channel-scaled W; the GEMM alone on x
+cast beforehand) through the kernel's ``FP8`` path against ``grouped_gemm_kernel`` at the
+table's fp8 tile and ``torch._scaled_grouped_mm`` on the same codes and scales.
+
+Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8]``
 """
 from __future__ import annotations
 
@@ -31,11 +35,60 @@ TILES = [(KernelConfig(128, 256, 64, 8, 3), True), (KernelConfig(128, 256, 64, 8
          (KernelConfig(128, 128, 64, 4, 4), True), (KernelConfig(128, 256, 64, 8, 3, group_m=1), True)]
 
 
+FP8_TILES = [(KernelConfig(128, 128, 256, 8, 3), True), (KernelConfig(128, 128, 256, 8, 2), True),
+             (KernelConfig(128, 128, 128, 8, 4), True), (KernelConfig(128, 256, 128, 8, 3), True),
+             (KernelConfig(64, 128, 128, 4, 3), True), (KernelConfig(128, 128, 256, 8, 3), False)]
+
+
+def fp8(args, dev, env, ceil):
+    import moe_ops
+    rows = []
+    for name in args.shapes:
+        E, k, K, N = SHAPES[name]
+        offs, x, w, _ = harness.training_operands(E, k, K, N, 4096, dev)
+        M = x.shape[0]
+        used = int(offs[-1])
+        flops = 2 * used * N * K
+        qw = moe_ops.quantize_weight(w, "fp8_e4m3", "channel", 0).op_args()
+        xq, xs = dispatch.quantize_act(x, "fp8_token")
+        ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
+        peer = torch._scaled_grouped_mm(xq, qw[0].transpose(-2, -1), xs.view(-1), qw[1].view(E, N), offs=offs,
+                                        out_dtype=torch.bfloat16)
+        ours = dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "fp8_token", "none", prequantized=(xq, xs))
+        cands = {"torch._scaled_grouped_mm": lambda: torch._scaled_grouped_mm(
+                     xq, qw[0].transpose(-2, -1), xs.view(-1), qw[1].view(E, N), offs=offs, out_dtype=torch.bfloat16),
+                 "one_a_tile default": lambda: dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "fp8_token", "none",
+                                                                   prequantized=(xq, xs))}
+        for tile, flatten in FP8_TILES:
+            y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+            cands[f"persistent {tile} flatten={flatten}"] = (
+                lambda t=tile, f=flatten, y=y: launch_persistent(xq, qw[0], y, offs, t, False, flatten=f,
+                                                                 scales=(xs, ws, (xs.stride(0), st[0], st[1]))))
+        for label, fn in cands.items():
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                err = float((out[:used].double() - peer[:used].double()).norm() / peer[:used].double().norm())
+                same = bool(torch.equal(out, ours))
+                ms = harness.bench_graph_ms(fn)
+            except Exception as e:  # a config the compiler rejects: recorded, not fatal
+                print(f"{name} fp8 {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            tf = flops / ms / 1e9
+            rows.append({"shape": name, "pass": "fwd_fp8_w8a8", "variant": label, "ms": ms, "TFLOPs": tf,
+                         "mm_share": tf / ceil["fp8_TFLOPs"], "rel_err_vs_peer": err, "equal_to_default": same})
+            print(f"{name} fp8 {label}: {ms * 1e3:.1f} us {tf:.0f} TFLOP/s ({tf / ceil['fp8_TFLOPs']:.2f} of the fp8 "
+                  f"ceiling) err vs peer {err:.2e} equal to default {same}", flush=True)
+    harness.write_json(os.path.join(args.out, "probe_persistent_fp8.json"), {"env": env, "ceilings": ceil, "rows": rows})
+
+
 def main(args):
     dev = torch.device("cuda")
     env = harness.environment(dev)
     ceil = harness.ceilings(dev)
     print(env, ceil, flush=True)
+    if args.fp8:
+        return fp8(args, dev, env, ceil)
     rows = []
     for name in args.shapes:
         E, k, K, N = SHAPES[name]
@@ -83,4 +136,5 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--fp8", action="store_true")
     main(p.parse_args())

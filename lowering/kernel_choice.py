@@ -213,7 +213,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     return KernelConfig(128, 128, _block_k(K, scale_k_unit, 64), 8, 3, tma=True)
 
 
-def choose_persistent_config(M: int, N: int, K: int, E: int, dgrad: bool = False):
+def choose_persistent_config(M: int, N: int, K: int, E: int, dgrad: bool = False, fp8_dot: bool = False):
     """The tile of the persistent grouped GEMM (:mod:`moe_ops.kernels.persistent_gemm`: 16-bit
     plain weights, TMA tiles, one program per SM over the flattened tile and K loops) for ``M``
     rows over ``E`` experts, ``[N, K]`` weights, or None where the one-program-a-tile kernel
@@ -226,8 +226,16 @@ def choose_persistent_config(M: int, N: int, K: int, E: int, dgrad: bool = False
     stages), Mixtral 3226 -> 2973 / 3303 -> 3017 (3 stages; 4 stages measured 3716 in the
     second run); dgrad Qwen3-30B-A3B gate_up 485 -> 465 / 501 -> 472, down 254 -> 244 / 255
     -> 250 (4 stages); at 1024 rows per expert the dgrad moved -2% to +7% (DeepSeek-V3 3047 ->
-    2981 / 3106 -> 3011, Mixtral 2989 -> 3207 / 3056 -> 3037): kept one program a tile."""
+    2981 / 3106 -> 3011, Mixtral 2989 -> 3207 / 3056 -> 3037): kept one program a tile.
+    ``fp8_dot``: float8 x and W, scales constant along K (the kernel's ``FP8`` path): above 512
+    rows per expert, :func:`choose_forward_config`'s 128x128x256 tile, persistent
+    (``probe_persistent.py --fp8``, results/probe_persistent_fp8_h100_s19.*, the GEMM alone,
+    bit-equal to the one-program-a-tile kernel at that tile): DeepSeek-V3 E=32 2108 -> 1988 us
+    (``torch._scaled_grouped_mm`` 2055 in the same run), Mixtral 2296 -> 2100 (2120); at 256 rows
+    per expert (Qwen3-30B-A3B) 0-2%: the 64-row tile stays."""
     rpe = rows_per_expert_hint(M, E)
+    if fp8_dot:
+        return KernelConfig(128, 128, 256, 8, 3) if rpe > 512 and not dgrad and K % 256 == 0 else None
     if rpe <= 64 or (dgrad and rpe > 512):
         return None
     return KernelConfig(128, 256, 64, 8, 4 if rpe <= 512 else 3)

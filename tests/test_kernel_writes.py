@@ -265,3 +265,22 @@ def test_persistent_launch_writes_its_output_only(dgrad, monkeypatch):
     assert kw["W_T"] == dgrad
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]
+
+
+def test_persistent_fp8_launch_writes_its_output_only(monkeypatch):
+    """The persistent kernel's FP8 path (fp8_token x, channel-scaled e4m3 W, above 512 rows per
+    expert): the scales are read, only ``y`` is written."""
+    seen = []
+    monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
+    monkeypatch.setattr(dispatch.persistent_gemm, "_programs", lambda x, bound: 132)
+    monkeypatch.setattr(dispatch.launch, "launch",
+                        lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
+    m, k = 1200, 256
+    q = moe_ops.quantize_weight(torch.randn(2, 64, k), "fp8_e4m3", "channel", 0).op_args()
+    xq, xs = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, 1)
+    dispatch.grouped_mm(torch.empty(m, k).bfloat16(), *q[:3], torch.tensor([600, 1200], dtype=torch.int32), *q[3:],
+                        "fp8_token", "none", prequantized=(xq, xs))
+    (kernel, kw, descs), = seen
+    assert kernel.fn.__name__ == "persistent_grouped_kernel" and kw["FP8"] and kw["xs_ptr"] is xs
+    meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
+    assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]

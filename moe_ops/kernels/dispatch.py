@@ -2,7 +2,9 @@
 
 16-bit plain weights at prefill sizes on TMA devices take the persistent kernel of
 :mod:`.persistent_gemm` (``choose_persistent_config``; forward, and dgrad up to 512 rows per
-expert); every other call :func:`.grouped_gemm.grouped_gemm_kernel`.
+expert), and so does the fp8 x fp8 forward with scales constant along K (``fp8_token`` x,
+channel or tensor-scaled fp8 W) above 512 rows per expert; every other call
+:func:`.grouped_gemm.grouped_gemm_kernel`.
 Each launcher returns None for a combination no Triton kernel serves (``grouped_mm``:
 ``int8_token`` with weight scales that vary inside a 32*PACK-column K tile; ``grouped_mm_dgrad``:
 packed int4/int2 weights); the operator then runs the reference path. Training recipes go to
@@ -279,14 +281,15 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     return y
 
 
-def _persistent(x, w, y, offs, M, N, K, config: KernelConfig, dgrad: bool):
-    """``y`` by :func:`.persistent_gemm.launch_persistent` (16-bit plain weights, prefill tiles,
-    TMA devices: :func:`~moe_ops.lowering.kernel_choice.choose_persistent_config`)."""
+def _persistent(x, w, y, offs, M, N, K, config: KernelConfig, dgrad: bool, scales=None):
+    """``y`` by :func:`.persistent_gemm.launch_persistent` (prefill tiles on TMA devices, as
+    :func:`~moe_ops.lowering.kernel_choice.choose_persistent_config` picks them: 16-bit plain
+    weights, or with ``scales`` float8 x and W)."""
     if M == 0:
         return y
     if K == 0 or N == 0:
         return y.zero_()
-    return persistent_gemm.launch_persistent(x, w, y, offs, config, dgrad)
+    return persistent_gemm.launch_persistent(x, w, y, offs, config, dgrad, scales=scales)
 
 
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
@@ -312,6 +315,10 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     persistent = None
     if config is None and spec is None and act == 0 and persistent_gemm.serves(x, w):
         persistent = choose_persistent_config(M, N, K, E)
+    fp8_persistent = (config is None and act_quant == "fp8_token" and spec is not None and spec.kind == "fp8"
+                      and unit_k >= _HUGE and persistent_gemm.serves_fp8(x, w))
+    if fp8_persistent:
+        persistent = choose_persistent_config(M, N, K, E, fp8_dot=True)
     if persistent is None and config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
@@ -322,8 +329,13 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    if persistent is not None:
+    if persistent is not None and not fp8_persistent:
         return _persistent(x, w, y, offs, M, N, K, persistent, dgrad=False)
+    if persistent is not None:  # fp8_token x and channel/tensor-scaled fp8 W
+        xq, xs = prequantized if prequantized is not None else quantize_act(x, act_quant)
+        ws, _wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
+        return _persistent(xq, w, y, offs, M, N, K, persistent, dgrad=False,
+                           scales=(xs, ws, (xs.stride(0), s_strides[0], s_strides[1])))
     bk = _tile_k(config, act, pack)
     if act and not (unit_k >= _HUGE or unit_k % bk == 0):
         return None  # quantized activations need the weight scale constant over a K tile

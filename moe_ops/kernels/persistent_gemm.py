@@ -34,12 +34,16 @@ from .host_math import cdiv, next_power_of_2
 
 
 @triton.jit
-def persistent_grouped_kernel(y_ptr, offs_ptr, x_desc, w_desc, M, N, K, stride_ym, stride_yn,
+def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M, N, K, stride_ym, stride_yn,
+                              stride_xsm, stride_se, stride_sn,
                               E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                               W_T: tl.constexpr, STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                              FLATTEN: tl.constexpr = True):
-    """``y [M, N]``; ``K`` the reduction. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
+                              FLATTEN: tl.constexpr = True, FP8: tl.constexpr = False):
+    """``y [M, N]``; ``K`` the reduction. ``FP8``: x and W float8 codes, scales constant along K
+    (x's ``xs [M]`` per row, W's ``ws`` per (expert, output column), stride 0 where broadcast):
+    each K tile's product promoted into the float32 tile, ``(acc * xs) * ws`` at the end, as
+    :func:`.grouped_gemm._gemm_acc` (ACT 2) computes it. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
     True (dgrad): over the stored ``[E, K, N]``. ``STAGES``: the loop's pipeline depth; ``FLATTEN``
     False keeps the tile loop and the K loop apart (only the K loop pipelined; for the probe).
     ``UPCAST_DOT``: float32 dot (Triton's interpreter, whose bf16 dot is wrong). The descriptors
@@ -73,12 +77,19 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, x_desc, w_desc, M, N, K, stride_y
                 b = tl.reshape(w_desc.load([expert, ki * BLOCK_K, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
             else:
                 b = tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, ki * BLOCK_K]), (BLOCK_N, BLOCK_K)).T
-            if UPCAST_DOT:
+            if FP8:  # the tensor core's fp8 sums promoted every K tile (grouped_gemm._gemm_acc)
+                acc += tl.dot(a, b, out_dtype=tl.float32)
+            elif UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
         rm = row0 + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if FP8:
+            xs = tl.load(xs_ptr + rm.to(tl.int64) * stride_xsm, mask=rm < row_end, other=0.0)
+            ws = tl.load(ws_ptr + expert.to(tl.int64) * stride_se + rn.to(tl.int64) * stride_sn, mask=rn < N,
+                         other=0.0)
+            acc = acc * xs[:, None] * ws[None, :]
         tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=(rm < row_end)[:, None] & (rn < N)[None, :])
     # the rows at or past offs[-1]: zeros
@@ -101,6 +112,15 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
             and launch.descriptors_allowed(x))
 
 
+def serves_fp8(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the ``FP8`` path serves 16-bit ``x`` (``[M, K]``, cast to e4m3 codes per row by
+    the caller) and the stored float8 ``w`` now: a TMA device, the codes' rows 16-byte aligned
+    (K a multiple of 16) and W's layout TMA-legal, descriptors allowed."""
+    return (w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and x.dim() == 2 and w.dim() == 3
+            and x.shape[1] % 16 == 0 and launch.tma_device(x) and launch.tma_aligned(w)
+            and launch.descriptors_allowed(x))
+
+
 def _programs(x: torch.Tensor, tile_bound) -> object:
     """One program per SM, at most ``tile_bound`` (a SymInt under dynamic shapes)."""
     if launch.interpreting():
@@ -116,21 +136,25 @@ def _sm_count(index: int) -> int:
 
 
 def launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, config,
-                      dgrad: bool, flatten: bool = True) -> torch.Tensor:
+                      dgrad: bool, flatten: bool = True, scales=None) -> torch.Tensor:
     """``y`` (``[M, N_out]``, written in full) from ``x`` ``[M, K_red]`` and the stored ``w``:
     ``[E, N_out, K_red]`` (forward) or ``[E, K_red, N_out]`` (``dgrad``). ``config``: a
     :class:`~moe_ops.lowering.kernel_choice.KernelConfig` (its block sizes, ``group_m``, warps,
-    stages); ``flatten``: the kernel's ``FLATTEN``. The caller checks :func:`serves`."""
+    stages); ``flatten``: the kernel's ``FLATTEN``. ``scales`` (forward, float8 x and W):
+    ``(xs, ws, (stride_xsm, stride_se, stride_sn))``, the kernel's ``FP8`` path. The caller
+    checks :func:`serves` (or :func:`serves_fp8`)."""
     M, K = x.shape
     E = offs.shape[0]
     N = w.shape[2] if dgrad else w.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     tile_bound = (cdiv(M, bm) + torch.sym_min(M, E) + 1) * cdiv(N, bn)
     descs = {"x_desc": (x, (bm, bk)), "w_desc": (w, (1, bk, bn) if dgrad else (1, bn, bk))}
-    kwargs = dict(y_ptr=y, offs_ptr=offs, M=M, N=N, K=K, stride_ym=y.stride(0), stride_yn=y.stride(1),
+    xs, ws, (stride_xsm, stride_se, stride_sn) = scales if scales is not None else (y, y, (0, 0, 0))
+    kwargs = dict(y_ptr=y, offs_ptr=offs, xs_ptr=xs, ws_ptr=ws, M=M, N=N, K=K, stride_ym=y.stride(0),
+                  stride_yn=y.stride(1), stride_xsm=stride_xsm, stride_se=stride_se, stride_sn=stride_sn,
                   E=E, E_POW2=next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
-                  W_T=dgrad, STAGES=config.num_stages, UPCAST_DOT=launch.interpreting(),
-                  FLATTEN=flatten)
+                  W_T=dgrad, STAGES=config.num_stages, UPCAST_DOT=launch.interpreting() and scales is None,
+                  FLATTEN=flatten, FP8=scales is not None)
     launch.launch(persistent_grouped_kernel, (_programs(x, tile_bound),), kwargs, descs,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return y

@@ -154,11 +154,16 @@ def test_fp8_activations(mode, fmt, gran):
 
 
 @pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "channel"), ("fp8_e5m2", "tensor")])
-def test_fp8_dot_k_tile_256(fmt, gran):
+def test_fp8_dot_k_tile_256(fmt, gran, monkeypatch):
     """fp8_token x fp8 W above 512 rows an expert: the default tile takes 256-column K tiles
-    (half the float32 promotions); against the float64 product of the same codes it is as
-    accurate as the 128-column tile (the tensor core sums at most one K tile before each
-    promotion), on ragged experts with an empty one, outputs poisoned."""
+    (half the float32 promotions), in the persistent kernel on TMA devices (its FP8 path:
+    the same sums as the one-program-a-tile kernel at that tile); against the float64 product
+    of the same codes it is as accurate as the 128-column tile (the tensor core sums at most
+    one K tile before each promotion), on ragged experts with an empty one, outputs poisoned."""
+    from moe_ops.kernels import persistent_gemm
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(k) or orig(*a, **k))
     M, E, N, K = 2600, 4, 384, 1792
     x, w, offs = _case(hash((fmt, gran, "k256")) % 10000, M, E, N, K)
     assert int((offs - torch.cat([offs.new_zeros(1), offs[:-1]])).max()) > 512
@@ -176,6 +181,7 @@ def test_fp8_dot_k_tile_256(fmt, gran):
                                 out=out, prequantized=(xq, xs))
         assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
         errs[cfg] = rel_err(y.cpu(), ref)
+    assert len(taken) == (1 if _tma_capable() else 0)
     assert errs[None] == errs[wide]  # the default is the 256-column tile
     assert errs[wide] < 5e-3, errs  # bf16 output rounding and the tensor core's sums
     assert errs[wide] < 1.2 * errs[KernelConfig(128, 128, 128, 8, 4, tma=True)], errs

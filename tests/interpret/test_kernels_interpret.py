@@ -584,3 +584,26 @@ def test_persistent_gemm_is_the_prefill_choice_where_it_serves(monkeypatch):
     dispatch.grouped_mm(x[:100], w, None, None, torch.tensor([50, 100], dtype=torch.int32), "none", "none", 0,
                         "none", "none")
     assert taken == [False, True]
+
+
+def test_persistent_gemm_fp8_path(monkeypatch):
+    """fp8_token x and e4m3 channel / e5m2 tensor-scaled W above 512 rows per expert take the
+    persistent kernel's FP8 path (each K tile's product promoted, ``(acc * xs) * ws`` at the
+    end): equal to the one-program-a-tile kernel at the same 128x128x256 tile; rows past
+    offs[-1] zero; K not a multiple of 256 keeps the one-program-a-tile kernel."""
+    from moe_ops.kernels import persistent_gemm
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **kw: taken.append(a[-1]) or orig(*a, **kw))
+    g = torch.Generator().manual_seed(31)
+    m, n = 1700, 40  # 567 rows per expert (the static bound M / E)
+    offs = torch.tensor([0, 900, 1690], dtype=torch.int32)  # an empty expert, 10 rows past offs[-1]
+    for fmt, gran, k in (("fp8_e4m3", "channel", 256), ("fp8_e5m2", "tensor", 512), ("fp8_e4m3", "channel", 240)):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        q = moe_ops.quantize_weight(torch.randn(3, n, k, generator=g).bfloat16(), fmt, gran, 0).op_args()
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none", out=y)
+        ref = dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none",
+                                  config=KernelConfig(128, 128, 256 if k % 256 == 0 else 16, 8, 3, tma=True))
+        assert torch.equal(y, ref) and torch.all(y[1690:] == 0)
+    assert taken == [False, False]  # the two K % 256 == 0 cases
