@@ -18,8 +18,9 @@ the decode/prefill bucket (each bucket has its own candidate list, hence its own
 the row counts, which are data. Candidates only vary tiles; every one computes the same
 function, and each launch writes every output element, so timing runs need no restore.
 Candidates are tiles of ``grouped_gemm_kernel``: calls that the persistent kernel serves
-(``kernel_choice.choose_persistent_config``: 16-bit prefill forward and dgrad on TMA devices,
-measured faster than that kernel's tiles) take it, tuner or not.
+(``kernel_choice.choose_persistent_config``: 16-bit prefill forward and dgrad, and the fp8 x fp8
+forward with per-row / per-channel scales above 512 rows per expert, on TMA devices; measured
+faster than the static tile) take it, tuner or not.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
-"""Persistent Triton grouped GEMM for 16-bit plain weights on TMA devices (Hopper and later).
+"""Persistent Triton grouped GEMM on TMA devices (Hopper and later): 16-bit plain weights, and
+float8 x and W with scales constant along K.
 
 ``y[g] = x[g] @ W[e]^T`` (forward, W stored ``[E, N, K]``) or ``dx[g] = dy[g] @ W[e]`` (dgrad,
 the same stored W read as ``[E, K_red, N_out]`` tiles): bf16/fp16 x and W, float32
-accumulation, output in x's dtype. One program per SM (at most the static tile bound) loops
+accumulation, output in x's dtype; or (``FP8``, forward) e4m3 x codes with per-row scales and
+float8 W with channel or tensor scales, each K tile's product promoted into the float32 tile,
+output bf16/fp16. One program per SM (at most the static tile bound) loops
 over the output tiles; the tile loop and the K loop are flattened into one software-pipelined
 loop (``tl.range(..., flatten=True)``), so the loads of a tile's first K steps are issued while
 the previous tile's epilogue runs. x's and W's tiles come by host TMA descriptors: x ``[M, K]``
@@ -14,11 +17,13 @@ Tiles are numbered as :func:`.grouped_gemm._expert_of_tile` numbers them (expert
 ``cdiv(rows, BLOCK_M)`` each, ``GROUP_M`` row tiles walking the column tiles together); each
 program reads ``offs`` once, and its tiles' experts come from that prefix sum on the device
 (no host sync). Only used tiles are visited; a second loop writes zeros to the rows at or past
-``offs[-1]``. Same function as :func:`.grouped_gemm.grouped_gemm_kernel` with ``ACT`` 0 and
-plain weights (summation order per output element: K tiles in order).
+``offs[-1]``. Same function and summation order as :func:`.grouped_gemm.grouped_gemm_kernel`
+at the same tile (``ACT`` 0 with plain weights, or ``ACT`` 2 with scales constant along K):
+bit-equal outputs (GPU ``test_persistent_tiles``, ``test_fp8_dot_k_tile_256``).
 
-Measured against that kernel's default tile (``benchmarks/probe_persistent.py``, H100, T=4096):
-:data:`moe_ops.lowering.kernel_choice.choose_forward_config` takes it where it was faster.
+Measured against that kernel's default tiles (``benchmarks/probe_persistent.py [--fp8]``, H100,
+T=4096): :func:`moe_ops.lowering.kernel_choice.choose_persistent_config` takes it where it was
+faster.
 """
 from __future__ import annotations
 
