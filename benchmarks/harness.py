@@ -50,6 +50,22 @@ def bench_graph_ms(fn, reps: int = 20) -> float:
     return bench_ms(g.replay) / reps
 
 
+def time_variant(label: str, fn, ref: torch.Tensor, rows=None):
+    """``(output, ms, error)`` of ``fn``: CUDA-graph timed, the error relative to ``ref`` (Frobenius,
+    over the first ``rows`` rows, all if None); or None after printing why ``fn`` failed (a
+    config the compiler rejects is recorded, not fatal)."""
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        o, r = (out, ref) if rows is None else (out[:rows], ref[:rows])
+        err = float((o.double() - r.double()).norm() / r.double().norm())
+        ms = bench_graph_ms(fn)
+    except Exception as e:  # noqa: BLE001  (reported, the probe goes on)
+        print(f"{label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        return None
+    return out, ms, err
+
+
 def sweep(make_fn, space, label: str, graph: bool = False) -> list:
     """Time ``make_fn(cfg)()`` for each config of ``space``; ``[(ms, cfg)]`` fastest first.
     Infeasible configs (out of shared memory, ...) are printed and left out. ``graph`` times

@@ -65,15 +65,11 @@ def fp8(args, dev, env, ceil):
                 lambda t=tile, f=flatten, y=y: launch_persistent(xq, qw[0], y, offs, t, False, flatten=f,
                                                                  scales=(xs, ws, (xs.stride(0), st[0], st[1]))))
         for label, fn in cands.items():
-            try:
-                out = fn()
-                torch.cuda.synchronize()
-                err = float((out[:used].double() - peer[:used].double()).norm() / peer[:used].double().norm())
-                same = bool(torch.equal(out, ours))
-                ms = harness.bench_graph_ms(fn)
-            except Exception as e:  # a config the compiler rejects: recorded, not fatal
-                print(f"{name} fp8 {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            timed = harness.time_variant(f"{name} fp8 {label}", fn, peer, used)
+            if timed is None:
                 continue
+            out, ms, err = timed
+            same = bool(torch.equal(out, ours))
             tf = flops / ms / 1e9
             rows.append({"shape": name, "pass": "fwd_fp8_w8a8", "variant": label, "ms": ms, "TFLOPs": tf,
                          "mm_share": tf / ceil["fp8_TFLOPs"], "rel_err_vs_peer": err, "equal_to_default": same})
@@ -115,15 +111,10 @@ def main(args):
                 cands[f"persistent {tile} flatten={flatten}"] = (
                     lambda t=tile, f=flatten, y=y: launch_persistent(a, w, y, offs, t, dgrad, flatten=f))
             for label, fn in cands.items():
-                try:
-                    out = fn()
-                    torch.cuda.synchronize()
-                    err = float((out[:used].double() - ref[:used].double()).norm() / ref[:used].double().norm())
-                    ms = harness.bench_graph_ms(fn)
-                except Exception as e:  # a config the compiler rejects: recorded, not fatal
-                    print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: FAILED {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}", flush=True)
+                timed = harness.time_variant(f"{name} {'dgrad' if dgrad else 'fwd'} {label}", fn, ref, used)
+                if timed is None:
                     continue
+                _, ms, err = timed
                 tf = flops / ms / 1e9
                 rows.append({"shape": name, "pass": "dgrad" if dgrad else "fwd", "variant": label, "ms": ms,
                              "TFLOPs": tf, "mm_share": tf / ceil["bf16_TFLOPs"], "rel_err_vs_aten": err})

@@ -140,14 +140,10 @@ def main(args):
         for tile, per_sm in TILES:
             cands[f"persistent {tile} x{per_sm}"] = (lambda t=tile, p=per_sm: persistent_wgrad(dy, x, offs, t, p * sms))
         for label, fn in cands.items():
-            try:
-                out = fn()
-                torch.cuda.synchronize()
-                err = float((out.double() - ref.double()).norm() / ref.double().norm())
-                ms = harness.bench_graph_ms(fn)
-            except Exception as e:  # a config the compiler rejects: recorded, not fatal
-                print(f"{name} wgrad {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            timed = harness.time_variant(f"{name} wgrad {label}", fn, ref)
+            if timed is None:
                 continue
+            _, ms, err = timed
             tf = flops / ms / 1e9
             rows.append({"shape": name, "variant": label, "ms": ms, "TFLOPs": tf,
                          "mm_share": tf / ceil["bf16_TFLOPs"], "rel_err_vs_aten": err})

@@ -160,14 +160,10 @@ def grouped(args, dev, env):
             for t in GROUPED_TILES:
                 cands[f"ws {t}"] = (lambda t=t: grouped_ws(a, w, offs, t, dgrad))
             for label, fn in cands.items():
-                try:
-                    out = fn()
-                    err = float((out[:used].double() - ref[:used].double()).norm() / ref[:used].double().norm())
-                    ms = harness.bench_graph_ms(fn)
-                except Exception as e:  # a config the compiler rejects: recorded, not fatal
-                    print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: FAILED {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}", flush=True)
+                timed = harness.time_variant(f"{name} {'dgrad' if dgrad else 'fwd'} {label}", fn, ref, used)
+                if timed is None:
                     continue
+                _, ms, err = timed
                 rows.append({"shape": name, "pass": "dgrad" if dgrad else "fwd", "variant": label, "ms": ms,
                              "TFLOPs": flops / ms / 1e9, "rel_err_vs_aten": err})
                 print(f"{name} {'dgrad' if dgrad else 'fwd'} {label}: {ms * 1e3:.1f} us "
