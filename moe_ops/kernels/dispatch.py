@@ -281,17 +281,6 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     return y
 
 
-def _persistent(x, w, y, offs, M, N, K, config: KernelConfig, dgrad: bool, scales=None):
-    """``y`` by :func:`.persistent_gemm.launch_persistent` (prefill tiles on TMA devices, as
-    :func:`~moe_ops.lowering.kernel_choice.choose_persistent_config` picks them: 16-bit plain
-    weights, or with ``scales`` float8 x and W)."""
-    if M == 0:
-        return y
-    if K == 0 or N == 0:
-        return y.zero_()
-    return persistent_gemm.launch_persistent(x, w, y, offs, config, dgrad, scales=scales)
-
-
 def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, act_quant, recipe,
                config: KernelConfig = None, out: torch.Tensor = None, prequantized=None):
     """Triton forward, or None when no kernel serves this combination (quantized activations
@@ -312,12 +301,11 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     pack = spec.pack if spec is not None else 1
     candidates = None
-    persistent = None
+    persistent = None  # the persistent kernel's tile, where it serves the call (16-bit x and W, or ACT 2)
     if config is None and spec is None and act == 0 and persistent_gemm.serves(x, w):
         persistent = choose_persistent_config(M, N, K, E)
-    fp8_persistent = (config is None and act_quant == "fp8_token" and spec is not None and spec.kind == "fp8"
-                      and unit_k >= _HUGE and persistent_gemm.serves_fp8(x, w))
-    if fp8_persistent:
+    elif (config is None and act_quant == "fp8_token" and spec is not None and spec.kind == "fp8"
+          and unit_k >= _HUGE and persistent_gemm.serves_fp8(x, w)):
         persistent = choose_persistent_config(M, N, K, E, fp8_dot=True)
     if persistent is None and config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
@@ -328,17 +316,11 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)
+    if persistent is None:
+        bk = _tile_k(config, act, pack)
+        if act and not (unit_k >= _HUGE or unit_k % bk == 0):
+            return None  # quantized activations need the weight scale constant over a K tile
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    if persistent is not None and not fp8_persistent:
-        return _persistent(x, w, y, offs, M, N, K, persistent, dgrad=False)
-    if persistent is not None:  # fp8_token x and channel/tensor-scaled fp8 W
-        xq, xs = prequantized if prequantized is not None else quantize_act(x, act_quant)
-        ws, _wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
-        return _persistent(xq, w, y, offs, M, N, K, persistent, dgrad=False,
-                           scales=(xs, ws, (xs.stride(0), s_strides[0], s_strides[1])))
-    bk = _tile_k(config, act, pack)
-    if act and not (unit_k >= _HUGE or unit_k % bk == 0):
-        return None  # quantized activations need the weight scale constant over a K tile
     if M == 0:
         return y
     if K == 0 or N == 0:
@@ -349,6 +331,9 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         xq, xs = quantize_act(x, act_quant) if act else (x, x)
     has_scale = w_scale is not None
     ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=False)
+    if persistent is not None:
+        scales = (xs, ws, (xs.stride(0), s_strides[0], s_strides[1])) if act else None
+        return persistent_gemm.launch_persistent(xq, w, y, offs, persistent, False, scales=scales)
     return _launch(xq, xs, w, (w.stride(0), w.stride(1), w.stride(2)), ws, wz, s_strides, y, offs, M, N, K, E,
                    spec, unit_n, unit_k, act, act_unit_k, act == 1 and w_format == "int8_asym",
                    act == 0 and has_scale and unit_k >= _HUGE, config, bk, candidates=candidates)
@@ -371,20 +356,22 @@ def grouped_mm_dgrad(dy, w, w_scale, w_zero, offs, w_format, granularity, group_
     unit_n, unit_k = _scale_unit(granularity, group_size)  # units along (N, K) of W
     t_unit_n, t_unit_k = unit_k, unit_n  # along (K, N): the transposed view's (out, reduction)
     has_scale = w_scale is not None
-    y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
+    persistent = None  # the persistent kernel's tile, where it serves the call
     if config is None and spec is None and persistent_gemm.serves(dy, w):
         persistent = choose_persistent_config(M, K, N, E, dgrad=True)
-        if persistent is not None:
-            return _persistent(dy, w, y, offs, M, K, N, persistent, dgrad=True)
-    if config is None:  # scales that vary faster than a 16-wide K tile are gathered per element
+    if persistent is None and config is None:
+        # scales that vary faster than a 16-wide K tile are gathered per element
         tile_unit = t_unit_k if (has_scale and 16 <= t_unit_k < _HUGE) else max(N, 1)
         config = choose_forward_config(M, K, N, E, 16 if spec is None else spec.bits, tile_unit,
                                        k_contiguous=False, dgrad=True)
-    bk = max(config.block_k, 16)
+    y = torch.empty(M, K, dtype=dy.dtype, device=dy.device) if out is None else out
     if M == 0:
         return y
     if K == 0 or N == 0:
         return y.zero_()
+    if persistent is not None:
+        return persistent_gemm.launch_persistent(dy, w, y, offs, persistent, True)
+    bk = max(config.block_k, 16)
     ws, wz, s_strides = _scale_operands(w, w_scale, w_zero, granularity, transposed=True)
     return _launch(dy, dy, w, (w.stride(0), w.stride(2), w.stride(1)), ws, wz, s_strides, y, offs, M, K, N, E,
                    spec, t_unit_n, t_unit_k, 0, _HUGE, False, False, config, bk)

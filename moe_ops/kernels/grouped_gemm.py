@@ -101,19 +101,25 @@ def _expert_tiles(prev, ends, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
+def _locate_tile(tile, idx, ntiles, cum, prev, ends, BLOCK_M: tl.constexpr):
+    """(expert, first row, end row of the expert) of used tile ``tile``, from
+    :func:`_expert_tiles`' ``idx`` and ``ntiles`` and ``cum`` = their inclusive prefix sum."""
+    expert = tl.sum((cum <= tile).to(tl.int32), 0)
+    sel = idx == expert
+    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    start = tl.sum(tl.where(sel, prev, 0), 0)
+    return expert, start + (tile - first_tile) * BLOCK_M, tl.sum(tl.where(sel, ends, 0), 0)
+
+
+@triton.jit
 def _expert_of_tile(prev, ends, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(expert, first row of the tile, end row of the expert, number of used tiles, end row of
     the last expert). Tiles are numbered expert by expert, ``cdiv(rows, BLOCK_M)`` each, every
     tile starting ``BLOCK_M * j`` rows after its expert's first row."""
     idx, ntiles = _expert_tiles(prev, ends, E, E_POW2, BLOCK_M)
     cum = tl.cumsum(ntiles, 0)
-    expert = tl.sum((cum <= tile).to(tl.int32), 0)
+    expert, row0, end = _locate_tile(tile, idx, ntiles, cum, prev, ends, BLOCK_M)
     total = tl.sum(ntiles, 0)
-    sel = idx == expert
-    first_tile = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
-    start = tl.sum(tl.where(sel, prev, 0), 0)
-    end = tl.sum(tl.where(sel, ends, 0), 0)
-    row0 = start + (tile - first_tile) * BLOCK_M
     last_end = tl.max(tl.where(idx < E, ends, 0), 0)
     return expert, row0, end, total, last_end
 
@@ -130,17 +136,22 @@ def _tiles_of_expert(prev, ends, expert, E: tl.constexpr, E_POW2: tl.constexpr, 
 
 
 @triton.jit
+def grouped_order(t, row_tiles, num_n, GROUP_M: tl.constexpr):
+    """``(row tile, column tile)`` of the ``t``-th output tile over ``row_tiles`` x ``num_n``
+    tiles: GROUP_M consecutive row tiles walk the column tiles together, so a weight tile is read
+    from memory once per GROUP_M row tiles of its expert (L2 reuse)."""
+    per_group = GROUP_M * num_n
+    first_tile = (t // per_group) * GROUP_M
+    group_rows = tl.minimum(row_tiles - first_tile, GROUP_M)
+    return first_tile + (t % per_group) % group_rows, (t % per_group) // group_rows
+
+
+@triton.jit
 def swizzled_tile(pid, M, N, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """``(row tile, column tile)`` of program ``pid`` over ``cdiv(M, BLOCK_M) + min(M, E) + 1``
-    row tiles (the grouped grid's static bound) and ``cdiv(N, BLOCK_N)`` column tiles: GROUP_M
-    consecutive row tiles walk the column tiles together, so a weight tile is read from memory
-    once per GROUP_M row tiles of its expert (L2 reuse)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1
-    per_group = GROUP_M * num_n
-    first_tile = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_tiles - first_tile, GROUP_M)
-    return first_tile + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+    row tiles (the grouped grid's static bound) and ``cdiv(N, BLOCK_N)`` column tiles, in
+    :func:`grouped_order`."""
+    return grouped_order(pid, tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1, tl.cdiv(N, BLOCK_N), GROUP_M)
 
 
 @triton.jit

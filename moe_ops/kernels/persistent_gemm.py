@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .grouped_gemm import _expert_tiles
+from .grouped_gemm import _expert_tiles, _locate_tile, grouped_order
 from .host_math import cdiv, next_power_of_2
 
 
@@ -64,17 +64,10 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M
     cum = tl.cumsum(ntiles, 0)
     total = tl.sum(ntiles, 0)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     for t in tl.range(pid, total * num_n, programs, flatten=FLATTEN, num_stages=STAGES):
-        first = (t // per_group) * GROUP_M
-        group_rows = tl.minimum(total - first, GROUP_M)
-        tile = first + (t % per_group) % group_rows
-        pid_n = (t % per_group) // group_rows
-        expert = tl.sum((cum <= tile).to(tl.int32), 0)
-        sel = idx == expert
-        row0 = tl.sum(tl.where(sel, prev, 0), 0) + (tile - tl.sum(tl.where(sel, cum - ntiles, 0), 0)) * BLOCK_M
-        row_end = tl.sum(tl.where(sel, ends, 0), 0)
+        tile, pid_n = grouped_order(t, total, num_n, GROUP_M)
+        expert, row0, row_end = _locate_tile(tile, idx, ntiles, cum, prev, ends, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = x_desc.load([row0, ki * BLOCK_K])
