@@ -11,7 +11,14 @@ fixed outside the outer loop) does not apply. Two persistent forms:
   chunk and stored at its last, so the loads of the next unit's chunks are in flight while a
   unit's epilogue runs (an empty expert's units take one all-masked step: exact zeros).
 
-Usage (GPU): ``python benchmarks/probe_persistent_wgrad.py [--out DIR]``
+``nested`` also with the dW tile stored by a 3-D TMA descriptor over ``dW [E, N, K]`` (block
+``[1, BLOCK_N, BLOCK_K]``: a tile never crosses an expert, so no mask is needed): Triton's
+pipeliner then waits for a store only before reusing its shared-memory buffer at the next
+unit's epilogue, so the store drains while the next unit's chunks load and multiply. With as
+many programs as units, the same kernel is one program a tile (``launch_wgrad``'s grid and
+order).
+
+Usage (GPU): ``python benchmarks/probe_persistent_wgrad.py [--store] [--out DIR]``
 """
 from __future__ import annotations
 
@@ -42,10 +49,11 @@ def _unit(u, prev, ends, idx, TILES_E: tl.constexpr, NUM_K: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def persistent_wgrad_kernel(dw_ptr, offs_ptr, dy_ptr, x_ptr, dy_desc, x_desc, N, K, stride_dym, stride_xm,
+def persistent_wgrad_kernel(dw_ptr, offs_ptr, dy_ptr, x_ptr, dy_desc, x_desc, dw_desc, N, K, stride_dym, stride_xm,
                             stride_we, stride_wn, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_N: tl.constexpr,
-                            NUM_K: tl.constexpr, FLAT: tl.constexpr, STAGES: tl.constexpr):
+                            NUM_K: tl.constexpr, FLAT: tl.constexpr, STAGES: tl.constexpr,
+                            STORE_TMA: tl.constexpr):
     """``dw [E, N, K]`` (contiguous along K) from dy ``[M, N]`` and x ``[M, K]``."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -95,12 +103,17 @@ def persistent_wgrad_kernel(dw_ptr, offs_ptr, dy_ptr, x_ptr, dy_desc, x_desc, N,
                 b = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                             mask=(rm < end)[:, None] & (rk < K)[None, :], other=0.0)
                 acc = tl.dot(tl.trans(a), b, acc)
-            out = dw_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-            tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
+            if STORE_TMA:
+                dw_desc.store([e, pn * BLOCK_N, pk * BLOCK_K],
+                              acc.to(dw_ptr.dtype.element_ty).reshape(1, BLOCK_N, BLOCK_K))
+            else:
+                out = dw_ptr + e.to(tl.int64) * stride_we + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+                tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
 
 
-def persistent_wgrad(dy, x, offs, tile, programs):
-    """``dW [E, N, K]`` in dy's dtype; ``tile``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, flat)``."""
+def persistent_wgrad(dy, x, offs, tile, programs, store_tma=False):
+    """``dW [E, N, K]`` in dy's dtype; ``tile``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, flat)``;
+    ``programs`` None: one program a unit."""
     bm, bn, bk, warps, stages, flat = tile
     M, N = dy.shape
     K = x.shape[1]
@@ -109,18 +122,31 @@ def persistent_wgrad(dy, x, offs, tile, programs):
     kwargs = dict(dw_ptr=dw, offs_ptr=offs, dy_ptr=dy, x_ptr=x, N=N, K=K, stride_dym=dy.stride(0),
                   stride_xm=x.stride(0), stride_we=dw.stride(0), stride_wn=dw.stride(1), E=E,
                   E_POW2=triton.next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_N=triton.cdiv(N, bn),
-                  NUM_K=triton.cdiv(K, bk), FLAT=flat, STAGES=stages)
-    launch.launch(persistent_wgrad_kernel, (programs,), kwargs, {"dy_desc": (dy, (bm, bn)), "x_desc": (x, (bm, bk))},
-                  num_warps=warps, num_stages=stages)
+                  NUM_K=triton.cdiv(K, bk), FLAT=flat, STAGES=stages, STORE_TMA=store_tma)
+    if programs is None:
+        programs = E * triton.cdiv(N, bn) * triton.cdiv(K, bk)
+    descs = {"dy_desc": (dy, (bm, bn)), "x_desc": (x, (bm, bk))}
+    if store_tma:
+        descs["dw_desc"] = (dw, (1, bn, bk))
+    else:
+        kwargs["dw_desc"] = dw  # a plain pointer in the descriptor's place
+    launch.launch(persistent_wgrad_kernel, (programs,), kwargs, descs, num_warps=warps, num_stages=stages)
     return dw
 
 
 SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 2048),
           "dsv3_gate_up_e32": (32, 8, 7168, 4096)}
-# (tile, programs per SM)
-TILES = [((64, 128, 128, 8, 3, True), 1), ((64, 128, 128, 8, 3, True), 2), ((64, 128, 128, 8, 4, True), 1),
-         ((64, 256, 128, 8, 3, True), 1), ((64, 128, 128, 8, 3, False), 2), ((64, 128, 128, 8, 3, False), 1),
-         ((64, 256, 128, 8, 3, False), 1)]
+# (tile, programs per SM (None: one a unit), dW by TMA store)
+TILES_S19 = [((64, 128, 128, 8, 3, True), 1, False), ((64, 128, 128, 8, 3, True), 2, False),
+             ((64, 128, 128, 8, 4, True), 1, False), ((64, 256, 128, 8, 3, True), 1, False),
+             ((64, 128, 128, 8, 3, False), 2, False), ((64, 128, 128, 8, 3, False), 1, False),
+             ((64, 256, 128, 8, 3, False), 1, False)]
+TILES_STORE = [((64, 128, 128, 8, 3, False), None, False), ((64, 128, 128, 8, 3, False), None, True),
+               ((64, 256, 128, 8, 3, False), None, True), ((64, 128, 128, 8, 2, False), None, True),
+               ((64, 128, 128, 8, 3, False), 1, True), ((64, 128, 128, 8, 4, False), 1, True),
+               ((64, 128, 128, 8, 2, False), 2, True), ((64, 256, 128, 8, 3, False), 1, True),
+               ((64, 256, 128, 8, 2, False), 1, True), ((128, 256, 128, 8, 2, False), 1, True),
+               ((64, 128, 256, 8, 3, False), 1, True), ((32, 256, 128, 8, 4, False), 1, True)]
 
 
 def main(args):
@@ -137,8 +163,10 @@ def main(args):
         ref = torch._grouped_mm(dy.t(), x, offs=offs)  # aten's wgrad: [E, N, K]
         cands = {"torch._grouped_mm": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
                  "launch_wgrad default": lambda: launch_wgrad(dy, x, offs, dy.dtype)}
-        for tile, per_sm in TILES:
-            cands[f"persistent {tile} x{per_sm}"] = (lambda t=tile, p=per_sm: persistent_wgrad(dy, x, offs, t, p * sms))
+        for tile, per_sm, store in (TILES_STORE if args.store else TILES_S19):
+            where = "one a unit" if per_sm is None else f"x{per_sm}"
+            cands[f"persistent {tile} {where}{' tma-store' if store else ''}"] = (
+                lambda t=tile, p=per_sm, st=store: persistent_wgrad(dy, x, offs, t, p and p * sms, st))
         for label, fn in cands.items():
             timed = harness.time_variant(f"{name} wgrad {label}", fn, ref)
             if timed is None:
@@ -149,11 +177,13 @@ def main(args):
                          "mm_share": tf / ceil["bf16_TFLOPs"], "rel_err_vs_aten": err})
             print(f"{name} wgrad {label}: {ms * 1e3:.1f} us {tf:.0f} TFLOP/s ({tf / ceil['bf16_TFLOPs']:.2f} of the "
                   f"bf16 ceiling) err {err:.2e}", flush=True)
-    harness.write_json(os.path.join(args.out, "probe_persistent_wgrad.json"), {"env": env, "ceilings": ceil,
+    harness.write_json(os.path.join(args.out, f"probe_persistent_wgrad{'_store' if args.store else ''}.json"), {"env": env, "ceilings": ceil,
                                                                               "rows": rows})
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--store", action="store_true", help="the TMA-store epilogue variants (session 20) "
+                   "instead of session 19's persistent forms")
     main(p.parse_args())

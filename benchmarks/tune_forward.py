@@ -6,8 +6,10 @@ inform the static table in ``lowering/kernel_choice.py`` (kernel choice stays st
 at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core decode tile.
 ``--w-lhs``: weight-only formats with the dequantized weight as the MMA's register operand.
 ``--packed-gemv``: int4 decode on the CUDA cores, codes read as 32-bit words, against the table.
-``--tma [--shapes ...] [--tokens ...]``: prefill tiles with x and W by TMA descriptors (Hopper)
-against the table's pointer-load tiles, forward and bf16 dgrad.
+``--tma [--shapes ...] [--tokens ...] [--variants ...]``: prefill tiles with x and W by TMA
+descriptors (Hopper; int4 weight-only: x only) against the table's pointer-load tiles, forward
+and (with bf16 among the variants) bf16 dgrad; with ``--tma-w``, the weight-only ``w_lhs`` tiles
+with W's stored tile by TMA too against x alone (``dispatch.W_LHS_TMA_W``).
 ``--fp8-promotion [--shapes ...]``: fp8 W8A8 (``fp8_token`` x, channel-scaled W) at T=4096, the
 GEMM alone on x cast beforehand, K tiles of 128 and 256 (the fp32 promotion interval: each K
 tile's product accumulates in the tensor core, then is added to the float32 tile), each
@@ -109,9 +111,29 @@ def w_lhs_cases(shapes, variants, tokens) -> list:
 
 # --tma: the table's prefill tile with x and W by TMA descriptors (KernelConfig.tma), and wider
 # TMA tiles; forward formats whose W tile is one code a stored element, and bf16 dgrad
-TMA_VARIANTS = ["bf16", "w8a8_fp8", "fp8_e4m3_ch"]
-TMA_EXTRA = {16: [C(128, 256, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, tma=True)],
-             8: [C(128, 256, 128, 8, 3, tma=True), C(128, 128, 128, 8, 4, tma=True), C(64, 128, 128, 4, 4, tma=True)]}
+TMA_VARIANTS = ["bf16", "w8a8_fp8", "fp8_e4m3_ch", "int4_asym_g128", "int8_sym_ch"]
+# weight-only 8-bit codes: x by TMA (fp8 W too outside w_lhs; int8 codes by pointers)
+_TMA_W8 = [C(256, 128, 64, 8, 4, w_lhs=True, tma=True), C(256, 128, 64, 8, 3, w_lhs=True, tma=True),
+           C(128, 128, 64, 8, 4, w_lhs=True, tma=True), C(128, 256, 64, 8, 3, tma=True),
+           C(128, 128, 64, 8, 4, tma=True)]
+TMA_EXTRA = {"bf16": [C(128, 256, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, tma=True)],
+             "w8a8_fp8": [C(128, 256, 128, 8, 3, tma=True), C(128, 128, 128, 8, 4, tma=True),
+                          C(64, 128, 128, 4, 4, tma=True)],
+             # int4 weight-only: x by TMA (W's packed codes by pointers), both weight-operand sides
+             "int4_asym_g128": [C(256, 128, 64, 8, 3, w_lhs=True, tma=True), C(128, 128, 64, 4, 4, tma=True),
+                                C(128, 128, 64, 8, 3, tma=True), C(128, 256, 64, 8, 3, tma=True),
+                                C(128, 128, 128, 8, 3, w_lhs=True, tma=True),
+                                C(128, 256, 64, 8, 3, w_lhs=True, tma=True),
+                                C(256, 128, 64, 8, 4, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 4, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 5, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 3, w_lhs=True, tma=True),
+                                C(128, 64, 64, 4, 4, w_lhs=True, tma=True), C(64, 128, 64, 8, 4, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 3, group_m=1, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 3, group_m=16, w_lhs=True, tma=True),
+                                C(128, 128, 32, 8, 4, w_lhs=True, tma=True),
+                                C(128, 128, 64, 8, 2, w_lhs=True, tma=True)],
+             "int8_sym_ch": _TMA_W8, "fp8_e4m3_ch": _TMA_W8}
 
 
 def _with_tma(cfg, on: bool = True):
@@ -127,15 +149,16 @@ def tma_cases(shapes, tokens, variants=TMA_VARIANTS, dgrad=True) -> list:
         for t in tokens:
             for v in variants:
                 act8 = v.startswith("w8a8")
-                table = choose_forward_config(t * top_k, N, K, E, _BITS[v], K, act_bits=8 if act8 else 16)
-                extra = TMA_EXTRA[8] if act8 else (TMA_EXTRA[16] if v == "bf16" else [])
+                table = choose_forward_config(t * top_k, N, K, E, _BITS[v], 128 if "g128" in v else K,
+                                              act_bits=8 if act8 else 16)
+                extra = TMA_EXTRA[v]
                 cases.append((s, t, v, [_with_tma(table, False), _with_tma(table)]
                               + [c for c in extra if c != _with_tma(table)], False))
             if not dgrad:
                 continue
             table = choose_forward_config(t * top_k, K, N, E, 16, N, k_contiguous=False, dgrad=True)
             cases.append((s, t, "bf16", [_with_tma(table, False), _with_tma(table)]
-                          + [c for c in TMA_EXTRA[16] if c != _with_tma(table)], True))
+                          + [c for c in TMA_EXTRA["bf16"] if c != _with_tma(table)], True))
     return cases
 
 
@@ -167,6 +190,63 @@ def tune_tma(cases, out_path, offs_seed=None):
                         "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
         w = wd = x = None
         harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
+
+
+# --tma --tma-w: the weight-only w_lhs tiles marked tma with W's stored tile by TMA too
+# (dispatch.W_LHS_TMA_W) against x alone by TMA, same tiles, same run
+TMA_W_TILES = [C(128, 128, 64, 8, 3, w_lhs=True, tma=True), C(256, 128, 64, 8, 4, w_lhs=True, tma=True),
+               C(128, 128, 64, 8, 4, w_lhs=True, tma=True)]
+# decode sizes (16-row w_lhs tiles): the table's tile, its TMA twin and these
+TMA_W_DECODE = [C(16, 64, 128, 4, 4, group_m=1, w_lhs=True, tma=True),
+                C(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
+                C(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
+                C(16, 128, 128, 4, 4, group_m=1, w_lhs=True, tma=True)]
+
+
+def tune_tma_w(shapes, tokens, variants, out_path):
+    """Per case, the table's tile, its TMA twin and :data:`TMA_W_TILES` (decode sizes:
+    :data:`TMA_W_DECODE`) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
+    timed), and whether the two give the same bits."""
+    import moe_ops
+    dev = torch.device("cuda")
+    results = []
+    for sname in shapes:
+        E, top_k, K, N = SHAPES[sname]
+        for T in tokens:
+            for lab in variants:
+                _, f, gr, gs, act = next(o for o in OURS if o[0] == lab)
+                w = (torch.randn(E, N, K, device=dev) * 0.02).to(torch.bfloat16)
+                wd, ws, wz, fmt, g2, gs2 = moe_ops.quantize_weight(w, f, gr, gs).op_args()
+                offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+                x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16)
+                table = choose_forward_config(T * top_k, N, K, E, _BITS[lab], 128 if "g128" in lab else K)
+                label = f"{sname:18s} T={T:5d} {lab:14s}"
+                rows = []
+                extra = TMA_W_DECODE if table.decode else TMA_W_TILES
+                tiles = [table] + ([_with_tma(table)] if not table.tma else [])
+                for cfg in tiles + [c for c in extra if c not in tiles]:
+                    outs = {}
+                    for tma_w in (False, True):
+                        dispatch.W_LHS_TMA_W = tma_w
+                        try:
+                            fn = (lambda c=cfg: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, "none", "none",
+                                                                    config=c))
+                            outs[tma_w] = fn()
+                            ms, gms = harness.bench_ms(fn), harness.bench_graph_ms(fn)
+                        except Exception as e:  # noqa: BLE001  (an infeasible config: recorded)
+                            print("skip", label, cfg, tma_w, repr(e)[:80], flush=True)
+                            continue
+                        finally:
+                            dispatch.W_LHS_TMA_W = True
+                        rows.append({"config": cfg.__dict__, "tma_w": tma_w, "ms": round(ms, 5),
+                                     "graph_ms": round(gms, 5)})
+                        print(f"{label} {ms:.4f} ms eager, {gms:.4f} ms graph, W by {'TMA' if tma_w else 'pointers'} "
+                              f"{cfg}", flush=True)
+                    if len(outs) == 2:
+                        print(f"{label} {cfg} bitwise equal: {torch.equal(outs[False], outs[True])}", flush=True)
+                results.append({"shape": sname, "T": T, "variant": lab, "rows": rows})
+                w = wd = x = None
+                harness.write_json(out_path, {"env": harness.environment(dev), "results": results})
 
 
 # --fp8-promotion: fp8 x fp8 tiles whose scales are constant along K (x per token, W per channel):
@@ -261,14 +341,19 @@ if __name__ == "__main__":
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
                    help="--w-lhs: weight-only variants")
     p.add_argument("--tma", action="store_true", help="TMA-descriptor prefill tiles against the table's")
+    p.add_argument("--tma-w", action="store_true",
+                   help="with --tma: weight-only w_lhs tiles with W's stored tile by TMA too against x alone")
     p.add_argument("--offs-seed", type=int, help="--tma: routing seed (default T; bench_training uses 1)")
     p.add_argument("--fp8-promotion", action="store_true", help="fp8 W8A8 K tiles 128 / 256 against the peer")
     a = p.parse_args()
     if a.fp8_promotion:
         tune_fp8_promotion(a.shapes, os.path.join(a.out, "tune_fp8_promotion.json"))
+    elif a.tma and a.tma_w:
+        tune_tma_w(a.shapes, a.tokens, a.variants, os.path.join(a.out, "tune_tma_w.json"))
     elif a.tma:
         variants = [v for v in a.variants if v in TMA_VARIANTS] or TMA_VARIANTS
-        tune_tma(tma_cases(a.shapes, a.tokens, variants), os.path.join(a.out, "tune_tma.json"), a.offs_seed)
+        tune_tma(tma_cases(a.shapes, a.tokens, variants, dgrad="bf16" in variants),
+                 os.path.join(a.out, "tune_tma.json"), a.offs_seed)
     elif a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
     elif a.packed_gemv:

@@ -127,15 +127,18 @@ def _packed_gemv_config(K: int, scale_k_unit: int) -> KernelConfig:
 
 def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_unit: int,
                           act_bits: int = 16, k_contiguous: bool = True, packed_gemv: bool = True,
-                          dgrad: bool = False, fp8_dot: bool = False) -> KernelConfig:
+                          dgrad: bool = False, fp8_dot: bool = False, x_tma: bool = True,
+                          w_tma: bool = True) -> KernelConfig:
     """The forward tile config for ``M`` rows (a static upper bound), ``E`` experts, ``[N, K]``
     weights of ``w_bits`` bits, scales constant over ``scale_k_unit`` columns of K, activations
     of ``act_bits`` bits; ``k_contiguous``: the weights' stored K stride is 1 (forward; the
     transposed dgrad view is not), as the gemv and ``w_lhs`` tiles were measured;
     ``packed_gemv``: packed codes can be read as 32-bit words (``dispatch.gemv_layout_ok``);
     ``dgrad``: the launch is dgrad's, over the transposed weight view; ``fp8_dot``: x and W are
-    both float8 (each K tile's tensor-core product is promoted into the float32 tile).
-    The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
+    both float8 (each K tile's tensor-core product is promoted into the float32 tile);
+    ``x_tma``: x's tiles can come by TMA descriptors (a device with TMA, x's rows read in order,
+    not gathered, and 16-byte aligned; ``dispatch.x_tma_possible``); ``w_tma``: W's stored
+    ``[E, N, K / PACK]`` can (``dispatch.w_tma_possible``). The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
     ``--w-lhs`` sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
@@ -154,14 +157,42 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         # 96 us; T=16 77 -> 51 us, 339 -> 254 us, 296 -> 224 us. 64-wide tiles, 128-wide where
         # K is short (Qwen3 down, K 768: 13.4 -> 12.4 us at T=1, 29.0 -> 26.1 at T=16)
         if act_bits == 16 and k_contiguous:
+            bk = _block_k(K, scale_k_unit, 128)
+            if x_tma and w_tma and bk * w_bits % 128 == 0:
+                # x and W's codes by TMA (tune_forward.py --tma --tma-w --tokens 16 1, results/
+                # tune_tma_w_decode_h100_s20.*, CUDA-graph timed, bit-equal to the pointer
+                # tiles), T=16: Qwen3-30B-A3B gate_up 43.0 -> 35.8 us, down 27.6 -> 20.7,
+                # DeepSeek-V3 E=32 218 -> 161, Mixtral 183 -> 159; three stages (four: 37.9,
+                # 166, 162 us)
+                return KernelConfig(16, 128 if K < 2048 else 64, bk, 4, 3, group_m=1, w_lhs=True, tma=True)
             if K < 2048:
-                return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, w_lhs=True)
-            return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1, w_lhs=True)
+                return KernelConfig(16, 128, bk, 4, 3, group_m=1, w_lhs=True)
+            return KernelConfig(16, 64, bk, 4, 4, group_m=1, w_lhs=True)
         # int8 activations (W4A8): results/tune_int4_decode_h100.json (weight-only then), 64-wide
         # tiles at most half a row per expert, 128-wide above
         if rpe <= 0.5:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
+    if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > 32:
+        # int4/int2 weight-only prefill: the dequantized weight as the register operand (w_lhs),
+        # x's tiles by TMA, and W's stored codes too where a 16-byte multiple. tune_forward.py
+        # --tma (results/tune_tma_x_weight_only_h100_s20.*, eager, x by TMA, bit-equal to the
+        # pointer-load twins) against the previous table's tiles in the same run: T=4096
+        # Qwen3-30B-A3B gate_up 0.877 -> 0.665 ms, down 0.472 -> 0.371, DeepSeek-V3 E=32 6.04 ->
+        # 4.85, Mixtral 5.96 -> 4.73; T=1024 (64 / 256 rows per expert) 0.404 -> 0.304, 0.212 ->
+        # 0.168, 2.44 -> 1.72, 2.18 -> 1.83. With W's codes by TMA as well (tune_forward.py --tma
+        # --tma-w, results/tune_tma_w_h100_s20.*) the 128-row tile: Qwen3 gate_up 0.662 -> 0.572
+        # ms, DeepSeek-V3 5.57 -> 4.76, Mixtral 7.32 -> 4.69 (the 256-row tiles, x alone by TMA:
+        # 4.88 / 4.71; with W by TMA they came out wrong: dispatch._tma_operands). Without W by
+        # TMA, 256-row tiles where each expert's weights are large (N * K >= 2^23: each extra M
+        # tile re-reads them) or rows per expert many, 128 rows where experts are small and
+        # tiles ragged (Qwen3: 0.665 against 0.689). Only with x by TMA: the 128-row tile with
+        # pointer loads took 1.07 ms at Qwen3 gate_up (results/tune_tma_x_int4_qwen3_more_h100_s20.log),
+        # slower than the tiles below
+        bk = _block_k(K, scale_k_unit, 64)
+        if not (w_tma and bk * w_bits % 128 == 0) and (rpe >= 512 or N * K >= 1 << 23):
+            return KernelConfig(256, 128, bk, 8, 4, w_lhs=True, tma=True)
+        return KernelConfig(128, 128, bk, 8, 3, w_lhs=True, tma=True)
     if rpe <= 64:
         return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles
@@ -203,7 +234,10 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     # both routings: Qwen3-30B-A3B gate_up 0.502 -> 0.480 ms, down 0.256 -> 0.240, DeepSeek-V3
     # E=32 3.51 -> 3.07; with four stages up to 512 rows per expert (gate_up 0.461, down 0.234),
     # three above (DeepSeek-V3: 3.05 against 3.12 with four). fp8 weight-only (16-bit x):
-    # Qwen3-30B-A3B gate_up 0.57 -> 0.53 ms, down 0.339 -> 0.304. Not the bf16 forward: its
+    # Qwen3-30B-A3B gate_up 0.57 -> 0.53 ms, down 0.339 -> 0.304. int8 weight-only codes take x
+    # alone by TMA here (since session 20; results/tune_tma_x_weight_only_h100_s20.*: Qwen3-30B-A3B
+    # gate_up 0.624 -> 0.633 ms, down 0.371 -> 0.352, DeepSeek-V3 / Mixtral at T=1024 within 2%).
+    # Not the bf16 forward: its
     # TMA tile won or lost with the routing (DeepSeek-V3 E=32 3.14 -> 3.04 ms with one skewed
     # router, 3.00 -> 3.27 with another; Qwen3-30B-A3B within 2% either way)
     if w_bits == 16:
@@ -303,10 +337,12 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     # the 16-bit gemv tile is ruled out by k_contiguous=False (see GEMV_MAX_ROWS_PER_EXPERT);
     # quantized weights, K-contiguous here, take the w_lhs tiles, or the packed-code gemv tile
     quantized = w_bits < 16
+    # the gate/up launch gathers x's rows; the down launch's tiles were measured with pointer
+    # loads (x_tma=False keeps both on them)
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized,
-                                    packed_gemv=False)
+                                    packed_gemv=False, x_tma=False)
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized,
-                                 packed_gemv=False)
+                                 packed_gemv=False, x_tma=False)
     if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
         # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row

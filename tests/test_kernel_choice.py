@@ -38,6 +38,35 @@ def test_fused_gate_up_tiles_fit_two_accumulators():
         assert not down.one_loop, down  # only a SwiGLU launch has gate and up rows
 
 
+def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
+    """int4/int2 weight-only prefill (over 32 rows per expert) takes the ``w_lhs`` tile with x by
+    TMA where x can come by TMA: 128 rows where W's codes can come by TMA too (at most 128-row
+    tiles take them: ``dispatch._tma_operands``), else 256 rows where an expert's weights are
+    large or its rows many; the K tile inside a scale group. Decode sizes (16-row ``w_lhs``
+    tiles) take TMA where both x and W's codes can. Without TMA for x (gathered rows, no TMA on the
+    device, unaligned rows) and for the dgrad view the tiles stay as they were."""
+    for (H, I, E, k), T, bits, w_tma in itertools.product(LAYERS, TOKENS, (4, 2), (True, False)):
+        M, N = T * k, 2 * I
+        rpe = M / E
+        for unit in (32, 128, H):
+            cfg = choose_forward_config(M, N, H, E, bits, unit, w_tma=w_tma)
+            if cfg.decode and cfg.w_lhs:  # 16-row tiles: TMA where both x and W's codes can take it
+                assert cfg.tma == (w_tma and cfg.block_k * bits % 128 == 0), (T, cfg)
+            elif rpe > 32:
+                assert cfg.w_lhs and cfg.tma and unit % cfg.block_k == 0, (T, cfg)
+                # 128 rows wherever W's codes come by TMA (16-byte rows of the tile); else 256
+                # for large experts or many rows
+                big = rpe >= 512 or N * H >= 1 << 23
+                w_box_ok = w_tma and cfg.block_k * bits % 128 == 0
+                assert cfg.block_m == (256 if big and not w_box_ok else 128), (T, cfg)
+            else:
+                assert not cfg.tma, (T, cfg)
+            gathered = choose_forward_config(M, N, H, E, bits, unit, x_tma=False)
+            assert not gathered.tma, (T, gathered)
+            assert cfg.gemv or (gathered.block_m, gathered.w_lhs) == (cfg.block_m, cfg.w_lhs) or rpe > 32
+            assert not choose_forward_config(M, N, H, E, bits, unit, k_contiguous=False).tma
+
+
 def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():
     from moe_ops.kernels.dispatch import _tile_k, _tile_meta
     cfg = KernelConfig(16, 64, 32, 4, 4, group_m=1, w_lhs=True)

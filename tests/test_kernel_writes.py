@@ -118,28 +118,47 @@ def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, mon
         assert _written(kern, **kw) == sorted(want)
 
 
-@pytest.mark.parametrize("dgrad", [False, True])
-def test_tma_launch_writes_its_output_only(dgrad, monkeypatch):
-    """x and W as TMA descriptors (``KernelConfig.tma``; torch's "stable" metadata, as
-    :mod:`moe_ops.kernels.launch` records them when traced): still only ``y`` counts as written."""
-    from moe_ops.lowering.kernel_choice import KernelConfig
+def _forward_launch_with_descriptors(monkeypatch, run):
+    """The first (kernel, kwargs, descriptors) that ``run()`` hands to :func:`launch.launch`,
+    with TMA allowed, and the parameters the kernel's mutation analysis reports as written."""
     seen = []
     monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
     monkeypatch.setattr(dispatch.launch, "launch",
                         lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
-    x, w = torch.randn(256, 128).bfloat16(), torch.randn(4, 192, 128).bfloat16()
-    offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
-    cfg = KernelConfig(64, 64, 64, 4, 3, tma=True)
-    if dgrad:
-        dispatch.grouped_mm_dgrad(torch.randn(256, 192).bfloat16(), w, None, None, offs, "none", "none", 0, "none",
-                                  config=cfg)
-    else:
-        dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=cfg)
+    run()
     kernel, kw, descs = seen[0]
-    assert set(descs) == {"x_desc", "w_desc"} and kw["TMA_W"] == (2 if dgrad else 1)
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     named = {k: v for k, v in kw.items() if k in kernel.arg_names}
-    assert _written(kernel, tma=meta, **named, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]
+    return kw, descs, _written(kernel, tma=meta, **named, **{n: t for n, (t, _) in descs.items()})
+
+
+# (case, descriptors, TMA_W): bf16 forward and dgrad (x and W by TMA), int4 weight-only with x by
+# TMA and W's codes by pointers (plain tile) or by TMA (the default prefill tile, w_lhs)
+TMA_LAUNCHES = [("forward", {"x_desc", "w_desc"}, 1), ("dgrad", {"x_desc", "w_desc"}, 2),
+                ("int4", {"x_desc"}, 0), ("int4_w_lhs", {"x_desc", "w_desc"}, 1)]
+
+
+@pytest.mark.parametrize("case,names,tma_w", TMA_LAUNCHES)
+def test_tma_launch_writes_its_output_only(case, names, tma_w, monkeypatch):
+    """Operands as TMA descriptors (``KernelConfig.tma``; torch's "stable" metadata, as
+    :mod:`moe_ops.kernels.launch` records them when traced): still only ``y`` counts as written."""
+    from moe_ops.lowering.kernel_choice import KernelConfig
+    x, w = torch.randn(256, 128).bfloat16(), torch.randn(4, 192, 128).bfloat16()
+    offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
+    cfg = KernelConfig(64, 64, 64, 4, 3, tma=True, w_lhs=case == "int4_w_lhs")
+    if case == "dgrad":
+        def run():
+            dispatch.grouped_mm_dgrad(torch.randn(256, 192).bfloat16(), w, None, None, offs, "none", "none", 0,
+                                      "none", config=cfg)
+    else:
+        args = ((w, None, None, "none", "none", 0) if case == "forward"
+                else moe_ops.quantize_weight(w, "int4_asym", "group", 64).op_args())
+
+        def run():
+            dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none", config=cfg)
+    kw, descs, written = _forward_launch_with_descriptors(monkeypatch, run)
+    assert set(descs) == names and kw["TMA_X"] and kw["TMA_W"] == tma_w
+    assert written == ["y_ptr"]
 
 
 def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):

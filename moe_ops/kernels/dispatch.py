@@ -186,22 +186,55 @@ def _tuned_kernel(tiles: tuple):
 
 def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: dict):
     """``({param: (tensor, block_shape)}, TMA_X, TMA_W)`` of a launch (see
-    ``grouped_gemm._gemm_acc`` and :mod:`.launch`): TMA for ``config.tma`` tensor-core tiles of
-    16-bit or fp8 weights (int8 codes measured slower: benchmarks/NOTES.md), x when its rows are
-    read in order (no gather), W unless gate and up rows interleave (``ONE_LOOP``)."""
-    if not (config.tma and consts["W_KIND"] != 1 and not consts["COMBINE"] and not meta["GEMV"]
-            and not meta["W_LHS"] and launch.tma_device(xq) and launch.descriptors_allowed(xq)):
+    ``grouped_gemm._gemm_acc`` and :mod:`.launch`): TMA for ``config.tma`` tensor-core tiles,
+    x when its rows are read in order (no gather), W unless gate and up rows interleave
+    (``ONE_LOOP``). Integer weight codes only under 16-bit x (with one sub-dot a K tile or
+    ``W_LHS``; int8 x int8 tiles keep pointer loads: int8 codes by TMA measured slower,
+    benchmarks/NOTES.md). The ``W_LHS`` tile takes W's stored tile (codes or fp8 values) by TMA
+    where :data:`W_LHS_TMA_W`, its rows are a multiple of 16 bytes and it has at most 128 rows
+    (256-row, 8-warp int4 tiles came out wrong and nondeterministic with it on Triton 3.6:
+    ``benchmarks/probe_w_lhs_tma_w.py``); the other integer-code tiles x only."""
+    int_w = consts["W_KIND"] == 1
+    if int_w and not (consts["ACT"] == 0 and (meta["W_LHS"] or meta["UNPACK_JOIN"] or consts["PACK"] == 1)):
+        return {}, False, 0
+    if not (config.tma and not consts["COMBINE"] and not meta["GEMV"] and launch.tma_device(xq)
+            and launch.descriptors_allowed(xq)):
         return {}, False, 0
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
     descs, tma_w = {}, 0
-    if not consts["GATHER"] and xq.dim() == 2 and launch.tma_aligned(xq):
+    if not consts["GATHER"] and x_tma_possible(xq):
         descs["x_desc"] = (xq, (bm, bk))
+    if int_w or meta["W_LHS"]:
+        w_box = bk // consts["PACK"]
+        if (meta["W_LHS"] and W_LHS_TMA_W and bm <= 128 and w_tma_possible(w)
+                and w_box * w.element_size() % 16 == 0 and not (consts["SWIGLU"] and meta["ONE_LOOP"])):
+            tma_w = 1  # the stored codes' tile [1, BLOCK_N, BLOCK_K // PACK], dequantized in registers
+            descs["w_desc"] = (w, (1, bn, w_box))
+        return descs, "x_desc" in descs, tma_w
     if w.dim() == 3 and launch.tma_aligned(w) and not (consts["SWIGLU"] and meta["ONE_LOOP"]):
         if w_strides[2] == 1:  # stored [E, N, K]
             descs["w_desc"], tma_w = (w, (1, bn, bk)), 1
         elif w_strides[1] == 1:  # stored [E, K, N]: the dgrad view
             descs["w_desc"], tma_w = (w, (1, bk, bn)), 2
     return descs, "x_desc" in descs, tma_w
+
+
+# the W_LHS tile's stored weight tile (codes or fp8 values) by a TMA descriptor too where the
+# tile takes x by TMA (grouped_gemm._dequant_acc_w_lhs TMA_W; benchmarks/tune_forward.py --tma --tma-w)
+W_LHS_TMA_W = True
+
+
+def x_tma_possible(x: torch.Tensor) -> bool:
+    """Whether a plain (not gathered) launch on x ``[M, K]`` can take x's tiles by TMA
+    descriptors (the device, x's layout, and the tracing context allow them: :mod:`.launch`)."""
+    return x.dim() == 2 and launch.tma_device(x) and launch.tma_aligned(x) and launch.descriptors_allowed(x)
+
+
+def w_tma_possible(w: torch.Tensor) -> bool:
+    """Whether W's stored ``[E, N, K / PACK]`` (contiguous along K) can be read by a 3-D TMA
+    descriptor (device, layout, tracing context: :mod:`.launch`)."""
+    return (w.dim() == 3 and w.stride(2) == 1 and launch.tma_device(w) and launch.tma_aligned(w)
+            and launch.descriptors_allowed(w))
 
 
 def _row_tiles(M, block_m: int, E: int):
@@ -312,7 +345,8 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
                                        k_contiguous=w.stride(2) == 1, packed_gemv=words_ok,
-                                       fp8_dot=act == 2 and spec is not None and spec.kind == "fp8")
+                                       fp8_dot=act == 2 and spec is not None and spec.kind == "fp8",
+                                       x_tma=x_tma_possible(x), w_tma=w_tma_possible(w))
         if autotune.enabled():
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)

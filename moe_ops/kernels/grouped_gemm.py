@@ -42,10 +42,12 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
 ``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
               weight as the MMA's left operand, which Hopper's wgmma takes from registers:
               :func:`_dequant_acc_w_lhs`.
-``TMA_X``, ``TMA_W`` (tensor-core tiles of 16-bit or fp8 weights, Hopper and later) x's and
-              W's tiles arrive by TMA descriptors (host-side ``TensorDescriptor``s over x and the
-              stored W) instead of pointer loads: no address arithmetic or masks in the K loop,
-              out-of-range rows and columns read as zero; same values (:func:`_gemm_acc`).
+``TMA_X``, ``TMA_W`` (tensor-core tiles, Hopper and later) x's and W's tiles arrive by TMA
+              descriptors (host-side ``TensorDescriptor``s over x and the stored W) instead of
+              pointer loads: no address arithmetic or masks in the K loop, out-of-range rows
+              and columns read as zero; same values (:func:`_gemm_acc`). W for 16-bit or fp8
+              weights, and in the ``W_LHS`` tile for integer codes too (the stored bytes,
+              unpacked in registers: :func:`_dequant_acc_w_lhs`); x also under integer codes.
 
 Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
 ``GATHER``    (> 0) row r of the GEMM reads x row ``xrow[r] // GATHER`` (xrow = sorted_rows,
@@ -257,7 +259,7 @@ def grouped_gemm_kernel(
                                      stride_se, stride_sn, stride_sk,
                                      W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                      BLOCK_M, TILE_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                     x_ptr.dtype.element_ty)
+                                     x_ptr.dtype.element_ty, x_desc, row0, TMA_X, w_desc, pid_n * BLOCK_N, TMA_W)
         else:
             out = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
@@ -275,7 +277,7 @@ def grouped_gemm_kernel(
                                         stride_se, stride_sn, stride_sk,
                                         W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, POST_SCALE, PACK,
-                                        x_ptr.dtype.element_ty)
+                                        x_ptr.dtype.element_ty, x_desc, row0, TMA_X, w_desc, N + pid_n * BLOCK_N, TMA_W)
             elif GEMV and (W_KIND == 1) and (PACK > 1):
                 up = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                       stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
@@ -559,7 +561,8 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                        IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
-                       PACK: tl.constexpr, X_DTYPE: tl.constexpr):
+                       PACK: tl.constexpr, X_DTYPE: tl.constexpr, x_desc=None, x_row0=0,
+                       TMA_X: tl.constexpr = False, w_desc=None, w_row0=0, TMA_W: tl.constexpr = 0):
     """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) under 16-bit x: the float32
     ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
     ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
@@ -571,7 +574,13 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     (``BLOCK_M <= 16``) with the scale constant over the K tile do it in x's 16-bit type
     (``0x4300 | q`` is bf16 ``128 + q``, ``0x6400 | q`` fp16 ``1024 + q``; two codes per
     instruction) and multiply the tile's exact-code partial sums by the scale: the weight is
-    then not rounded to 16 bits before the product, as in :func:`_gemv_acc`."""
+    then not rounded to 16 bits before the product, as in :func:`_gemv_acc`. ``TMA_X``: x's
+    tile is ``x_desc.load([x_row0, k0])`` transposed (as in :func:`_gemm_acc`: rows past the
+    expert's are other experts' rows, masked at the store; columns past K read as zero).
+    ``TMA_W`` (1): W's stored tile (``[BLOCK_N, BLOCK_K // PACK]`` bytes of codes, or
+    ``[BLOCK_N, BLOCK_K]`` fp8 values) is ``w_desc.load([expert, w_row0, k0 // PACK])`` over the
+    stored ``[E, N, K // PACK]`` (rows past N and columns past the row's end read as zero; ``rn =
+    w_row0 + arange(BLOCK_N)``)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns per K tile
@@ -592,18 +601,26 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
-                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if TMA_X:
+            a = tl.trans(x_desc.load([x_row0, k0]))  # [BLOCK_K, BLOCK_M]
+        else:
+            a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
+                        mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
         if ZERO_MODE == 2:  # z, and the float32 zero with exponent bits included for packed codes
             z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
             zf = z.to(tl.float32) + zero_bias
         else:
             zf = zero_bias + IMPLICIT_ZERO
+        if TMA_W:
+            w_tile = tl.reshape(w_desc.load([expert, w_row0, k0 // PACK]), (BLOCK_N, SUB))
         if W_KIND == 1:
-            rb = k0 // PACK + rs
-            byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
-                           mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
+            if TMA_W:
+                byte = w_tile
+            else:
+                rb = k0 // PACK + rs
+                byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
+                               mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
         if CODES16:
             code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
             q16 = (code | bias16).to(X_DTYPE, bitcast=True)
@@ -624,6 +641,8 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 else:
                     q = byte.to(tl.float32)
                 q = q - zf
+            elif TMA_W:
+                q = w_tile.to(tl.float32)
             else:
                 q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
                             mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)

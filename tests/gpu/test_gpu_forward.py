@@ -310,25 +310,70 @@ def test_forward_tma_tiles(fmt, gran, act, tile_idx, monkeypatch):
         assert seen[-2] == (True, 2) and torch.equal(dxs[0], dxs[1])
 
 
-def test_compiled_forward_tma_tile(monkeypatch):
-    """Under torch.compile the launch's host-side TensorDescriptors are rebuilt by Inductor from
-    the tensors (torch's "stable" TMA metadata): the generated code launches our kernel with
-    them, and the result equals the eager TMA launch."""
+# integer weight codes under 16-bit x: x by TMA, the codes by TMA in the w_lhs tiles of at most
+# 128 rows (by pointers in the others); both weight-operand sides
+INT_TMA_TILES = [KernelConfig(256, 128, 64, 8, 3, w_lhs=True, tma=True), KernelConfig(128, 128, 64, 4, 4, tma=True),
+                 KernelConfig(128, 128, 128, 8, 3, w_lhs=True, tma=True),
+                 KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True)]
+
+
+@pytest.mark.parametrize("tile", INT_TMA_TILES, ids=str)
+@pytest.mark.parametrize("fmt,gran,gs", [("int4_asym", "group", 128), ("int8_sym", "channel", 0)])
+def test_forward_tma_x_integer_weights(fmt, gran, gs, tile, monkeypatch):
+    """Weight-only integer codes with ``KernelConfig.tma`` (Hopper): x's tiles by TMA (rows of the
+    next expert read and masked at the store), W's stored codes by TMA in the ``w_lhs`` tiles of
+    at most 128 rows and by pointers in the others; bit-equal to the pointer-load tile and to
+    itself on a second run, the oracle within the bf16 bound, zero rows past ``offs[-1]``; N = 320
+    leaves a partial N tile, experts ragged with an empty one, outputs poisoned."""
     if not _tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
-    tile = KernelConfig(128, 128, 64, 8, 3, tma=True)
-    monkeypatch.setattr(dispatch, "choose_forward_config", lambda *a, **k: tile)
-    monkeypatch.setattr(dispatch, "choose_persistent_config", lambda *a, **k: None)  # its own test below
+    M, E, N, K = 3000, 8, 320, 640
+    x, w, offs = _case(hash((fmt, gran, str(tile), "tma_x")) % 10000, M, E, N, K)
+    args = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs).op_args()
+    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
+    seen, orig = [], dispatch._tma_operands
+    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    ys = []
+    for cfg in (tile, KernelConfig(**{**tile.__dict__, "tma": False})):
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+        ys.append(dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
+                                      config=cfg, out=out))
+    # W's codes by TMA in w_lhs tiles of at most 128 rows (256-row 8-warp tiles raced with it)
+    assert seen == [(True, 1 if tile.w_lhs and tile.block_m <= 128 else 0), (False, 0)]
+    again = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none", config=tile)
+    assert not torch.isnan(ys[0]).any() and torch.equal(ys[0], ys[1]) and torch.equal(ys[0], again)
+    assert torch.all(ys[0][int(offs[-1]):] == 0)
+    assert rel_err(ys[0].cpu(), oracle_grouped_mm(x, args, offs)) < GPU_BOUND_BF16
+
+
+@pytest.mark.parametrize("fmt", ["none", "int4_asym"])
+def test_compiled_forward_tma_tile(fmt, monkeypatch):
+    """Under torch.compile the launch's host-side TensorDescriptors are rebuilt by Inductor from
+    the tensors (torch's "stable" TMA metadata): the generated code launches our kernel with
+    them, and the result equals the eager TMA launch; bf16 weights (x and W by TMA) and int4
+    g128 (the default prefill tile: ``w_lhs``, x by TMA)."""
+    if not _tma_capable():
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
     M, E, N, K = 1000, 4, 256, 512
     x, w, offs = _case(61, M, E, N, K)
-    wd, xd, od = w.bfloat16().to(DEV), x.to(DEV), offs.to(DEV)
-    f = torch.compile(lambda a, o: moe_ops.grouped_mm(a, wd, o), fullgraph=True)
+    xd, od = x.to(DEV), offs.to(DEV)
+    if fmt == "none":
+        tile = KernelConfig(128, 128, 64, 8, 3, tma=True)
+        monkeypatch.setattr(dispatch, "choose_forward_config", lambda *a, **k: tile)
+        monkeypatch.setattr(dispatch, "choose_persistent_config", lambda *a, **k: None)  # its own test below
+        qw = w.bfloat16().to(DEV)
+        args = (qw, None, None, "none", "none", 0)
+    else:
+        qw = moe_ops.quantize_weight(w.bfloat16().to(DEV), fmt, "group", 128)
+        args = qw.op_args()
+        tile = choose_forward_config(M, N, K, E, 4, 128)
+        assert tile.w_lhs and tile.tma
+    f = torch.compile(lambda a, o: moe_ops.grouped_mm(a, qw, o), fullgraph=True)
     from torch._inductor.utils import run_and_get_code
     y, code = run_and_get_code(f, xd, od)
     src = "\n".join(code)
     assert "grouped_gemm_kernel" in src and "TensorDescriptor" in src
-    assert torch.equal(y, dispatch.grouped_mm(xd, wd, None, None, od, "none", "none", 0, "none", "none",
-                                              config=tile))
+    assert torch.equal(y, dispatch.grouped_mm(xd, *args[:3], od, *args[3:], "none", "none", config=tile))
 
 
 def test_tma_launch_from_a_fresh_thread():

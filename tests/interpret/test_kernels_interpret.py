@@ -439,7 +439,8 @@ def test_fp8_weight_block_codes_exact(n):
 
 TMA_TILE = KernelConfig(32, 32, 32, 4, 1, tma=True)
 TMA_CASES = [("none", "none", 0, "none"), ("fp8_e4m3", "channel", 0, "none"), ("fp8_e5m2", "tensor", 0, "none"),
-             ("fp8_e4m3", "channel", 0, "fp8_token"), ("fp8_e4m3", "block", 0, "fp8_1x128")]
+             ("fp8_e4m3", "channel", 0, "fp8_token"), ("fp8_e4m3", "block", 0, "fp8_1x128"),
+             ("int4_asym", "group", 16, "none"), ("int8_sym", "channel", 0, "none")]
 
 
 def _spy_tma(monkeypatch):
@@ -467,10 +468,11 @@ def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
         moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
     seen = _spy_tma(monkeypatch)
     y = _run(x, args, offs, act, TMA_TILE)
-    assert seen == [(True, 1)]
+    int_codes = fmt.startswith("int")
+    assert seen == [(True, 0 if int_codes else 1)]  # integer codes: x by TMA, W by pointers
     ref = _run(x, args, offs, act, KernelConfig(32, 32, 32, 4, 1))
     assert rel_err(y, ref) < 1e-4
-    if act == "none":  # dgrad: W's stored [E, N, K] read as [E, K, N] tiles
+    if act == "none" and not int_codes:  # dgrad: W's stored [E, N, K] read as [E, K, N] tiles
         dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).half()
         dx = [dispatch.grouped_mm_dgrad(dy, *args[:3], offs, *args[3:], "none", config=c)
               for c in (TMA_TILE, KernelConfig(32, 32, 32, 4, 1))]
@@ -478,17 +480,65 @@ def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
         assert torch.all(dx[0][int(offs[-1]):] == 0)
 
 
+# (format, granularity, group, K tile, K, W's tile by TMA): int4 rows of 48 bytes (K = 96) and fp8
+# rows of 80 take it, int4 rows of 40 bytes (K = 80) and 8-byte boxes (16 int4 columns) do not
+@pytest.mark.parametrize("fmt,gran,gs,bk,k,tma_w", [("int4_asym", "group", 32, 32, 96, 1),
+                                                    ("int4_sym", "channel", 0, 64, 96, 1),
+                                                    ("fp8_e4m3", "channel", 0, 32, 80, 1),
+                                                    ("int4_asym", "group", 16, 16, 96, 0),
+                                                    ("int4_sym", "channel", 0, 32, 80, 0)])
+def test_tma_in_the_w_lhs_tile(fmt, gran, gs, bk, k, tma_w, monkeypatch):
+    """The ``w_lhs`` tile (dequantized weight as the MMA's left operand) with x and, where its
+    layout allows, W's stored tile by TMA: the pointer-load tile's output, on ragged experts
+    with an empty one (a partial last K tile under channel scales), and zero rows past
+    ``offs[-1]``."""
+    x, w, offs = _data(hash((fmt, gran, k)) % 997, torch.float16, k)
+    args = moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
+    seen = _spy_tma(monkeypatch)
+    y = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True, tma=True))
+    assert seen == [(True, tma_w)]
+    ref = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True))
+    assert seen[-1] == (False, 0) and rel_err(y, ref) < 1e-4
+
+
+def test_tma_w_in_the_fused_mlp_w_lhs_tiles(monkeypatch):
+    """The fused expert MLP on int4 codes with ``w_lhs`` tiles marked ``tma``: the gate/up
+    launch (x gathered: by pointers) takes its gate rows and its up rows (``N + n``, second K
+    loop) by TMA, the down launch x and W; the same output as the pointer-load tiles."""
+    seen = _spy_tma(monkeypatch)
+    H, I, T_ = 64, 32, 30
+    g = torch.Generator().manual_seed(11)
+    x16 = torch.randn(T_, H, generator=g).half()
+    q1 = moe_ops.quantize_weight(torch.randn(E, 2 * I, H, generator=g).half(), "int4_asym", "group", 32).op_args()
+    q2 = moe_ops.quantize_weight(torch.randn(E, H, I, generator=g).half(), "int4_asym", "group", 32).op_args()
+    r = moe_ops.route(torch.randn(T_, E, generator=g), 2)
+    outs = []
+    for tma in (True, False):
+        cfg = KernelConfig(32, 32, 32, 4, 1, w_lhs=True, tma=tma)
+        outs.append(dispatch.expert_mlp(x16, r.weights, r.sorted_rows, r.offs, *q1[:3], *q2[:3], "int4_asym", "group",
+                                        32, 32, "none", "none", configs=(cfg, cfg)))
+    assert seen[:2] == [(False, 1), (True, 1)] and seen[2:] == [(False, 0), (False, 0)]
+    assert rel_err(outs[0], outs[1]) < 1e-4
+
+
 def test_tma_falls_back_where_the_layout_does_not_allow(monkeypatch):
     """Rows not 16-byte aligned (K = 84 halves), a gathered x (the expert MLP's gate/up) or
-    interleaved gate/up rows take pointer loads for that operand; integer codes none."""
+    interleaved gate/up rows take pointer loads for that operand; int8 x int8 tiles and packed
+    codes unpacked one sub-dot a field (decode tiles) none; W's codes in ``w_lhs`` tiles of more
+    than 128 rows by pointers."""
     seen = _spy_tma(monkeypatch)
     x, w, offs = _data(5, torch.float16, 84)
     _run(x, (w.half(), None, None, "none", "none", 0), offs, "none", TMA_TILE)
     assert seen[-1] == (False, 0)
     x, w, offs = _data(5, torch.float16)
-    for fmt, act in (("int4_asym", "none"), ("int8_sym", "none"), ("int8_sym", "int8_token")):
-        _run(x, moe_ops.quantize_weight(w.half(), fmt, "channel", 0).op_args(), offs, act, TMA_TILE)
+    for fmt, act, cfg in (("int8_sym", "int8_token", TMA_TILE),
+                          ("int4_asym", "none", KernelConfig(16, 32, 32, 4, 1, tma=True))):
+        _run(x, moe_ops.quantize_weight(w.half(), fmt, "channel", 0).op_args(), offs, act, cfg)
         assert seen[-1] == (False, 0)
+    # w_lhs tiles of more than 128 rows: x by TMA, W's codes by pointers
+    _run(x, moe_ops.quantize_weight(w.half(), "int4_asym", "channel", 0).op_args(), offs, "none",
+         KernelConfig(256, 32, 32, 4, 1, w_lhs=True, tma=True))
+    assert seen[-1] == (True, 0)
     x16 = x[:, :64].contiguous()
     w1 = torch.randn(E, 2 * 32, 64).half()
     w2 = torch.randn(E, 64, 32).half()
