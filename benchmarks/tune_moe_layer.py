@@ -3,14 +3,16 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine]`` (default: Qwen3-30B-A3B's
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine] [--tma-down]``
+(default: Qwen3-30B-A3B's
 layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
 whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
 the gate/up launch, over tiles that read x once for the gate and up rows; ``--pipeline``: both
 launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/int2 decode on the
 CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
 combine, against the row-tile w_lhs down tile and its separate sum; for bf16 against the tensor-core
-decode tile and its sum). Prints the fastest configs per
+decode tile and its sum; ``--tma-down``: only the down launch, its 16-row ``w_lhs`` tiles with x and W by
+TMA and by pointers, against the table's tile). Prints the fastest configs per
 (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -77,6 +79,12 @@ COMBINE16_SPACE = [KernelConfig(1, bn, bk, w, st, group_m=1, gemv=True, combine=
     KernelConfig(16, 64, 64, 2, 4, group_m=1)]
 
 
+# the down launch at decode sizes: 16-row w_lhs tiles with x (the intermediate, read in order)
+# and W's codes by TMA descriptors, and the same tiles by pointers (Hopper)
+TMA_DOWN_SPACE = [KernelConfig(16, bn, 128, 4, st, group_m=1, w_lhs=True, tma=tma)
+                  for bn, st, tma in itertools.product((64, 128), (3, 4), (True, False))]
+
+
 def _weight_only(fname: str) -> bool:
     return FORMATS[fname] is not None and FORMATS[fname][3] in (None, "none")
 
@@ -98,10 +106,12 @@ def main(args):
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
             r = m.route(x)
             args_ = (x, r.weights, r.sorted_rows, r.offs, *a1[:3], *a2[:3], a1[3], a1[4], a1[5], a2[5], act, "none")
-            default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act)
+            default = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act,
+                                                  down_tma=dispatch.down_tma_possible(x, a2[0], I))
             base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
-            launches = (0,) if args.one_loop and not args.pipeline else ((1,) if args.combine else (0, 1))
+            launches = (0,) if args.one_loop and not args.pipeline else ((1,) if args.combine or args.tma_down
+                                                                         else (0, 1))
             for which in launches:
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
@@ -115,6 +125,8 @@ def main(args):
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
                 elif args.combine:
                     space = COMBINE16_SPACE if FORMATS[fname] is None else COMBINE_SPACE
+                elif args.tma_down:
+                    space = [default[1]] + [c for c in TMA_DOWN_SPACE if c != default[1]]
                 elif args.gemv:
                     space = [c for c in GEMV_SPACE if which == 0 or not c.one_loop]
                 elif args.one_loop:
@@ -123,6 +135,9 @@ def main(args):
                 else:
                     space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
                 best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
+                if args.tma_down:  # every row: the table's tile wherever it ranks
+                    for ms, c in best:
+                        print(f"{fname} T={T} down {ms * 1e3:.1f} us {c}", flush=True)
                 if args.combine:  # the reference row (the last of the space), wherever it ranks
                     ref = [(ms, c) for ms, c in best if c == space[-1]]
                     print(f"{fname} T={T} reference {space[-1]}: "
@@ -139,6 +154,8 @@ if __name__ == "__main__":
     p.add_argument("--formats", default="bf16,int4_g128,int8_w8a8,fp8_block")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
     p.add_argument("--w-lhs", action="store_true", help="decode sizes: only the w_lhs decode tiles")
+    p.add_argument("--tma-down", action="store_true",
+                   help="decode, weight-only: the down launch's w_lhs tiles with x and W by TMA, and by pointers")
     p.add_argument("--one-loop", action="store_true", help="only the gate/up launch, its one-loop tiles")
     p.add_argument("--gemv", action="store_true", help="decode, packed int4/int2: the CUDA-core tiles")
     p.add_argument("--combine", action="store_true",

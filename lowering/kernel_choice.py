@@ -138,8 +138,9 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     both float8 (each K tile's tensor-core product is promoted into the float32 tile);
     ``x_tma``: x's tiles can come by TMA descriptors (a device with TMA, x's rows read in order,
     not gathered, and 16-byte aligned; ``dispatch.x_tma_possible``); ``w_tma``: W's stored
-    ``[E, N, K / PACK]`` can (``dispatch.w_tma_possible``). The table comes from ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv`` and
-    ``--w-lhs`` sweeps) on an H100."""
+    ``[E, N, K / PACK]`` can (``dispatch.w_tma_possible``). The table comes from
+    ``benchmarks/tune_forward.py`` (its ``--gemv``, ``--packed-gemv``, ``--w-lhs`` and ``--tma``
+    sweeps) on an H100."""
     rpe = rows_per_expert_hint(M, E)
     if w_bits == 16 and k_contiguous and rpe <= GEMV_MAX_ROWS_PER_EXPERT:
         return _gemv_config(K)
@@ -325,24 +326,31 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int) -> bool:
 
 
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
-                              act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True):
+                              act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True,
+                              down_tma: bool = False):
     """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
     and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
     tiles are at most 128 wide. ``packed_gemv`` / ``packed_gemv_down``: w1's / w2's packed codes
     can be read as 32-bit words (``dispatch.gemv_layout_ok``): the gate/up launch may take the
-    packed-code gemv tile, the down launch its token-major ``combine`` form."""
+    packed-code gemv tile, the down launch its token-major ``combine`` form. ``down_tma``: the
+    down launch's x (the ``[M, I]`` intermediate, read in order) and w2's codes can come by TMA
+    (``dispatch.down_tma_possible``)."""
     unit1 = group_size1 if group_size1 else H
     unit2 = group_size2 if group_size2 else I
     # the 16-bit gemv tile is ruled out by k_contiguous=False (see GEMV_MAX_ROWS_PER_EXPERT);
     # quantized weights, K-contiguous here, take the w_lhs tiles, or the packed-code gemv tile
     quantized = w_bits < 16
-    # the gate/up launch gathers x's rows; the down launch's tiles were measured with pointer
-    # loads (x_tma=False keeps both on them)
+    # the gate/up launch gathers x's rows (no TMA for x). The down launch's decode tiles take x
+    # and W by TMA where they can (tune_moe_layer.py --tma-down, results/tune_moe_layer_tma_down_
+    # {dsv3,qwen3}_h100_s20.log, the fused MLP graph-timed: int4 g128 T=8 DeepSeek-V3 E=32 425.7
+    # -> 406.4 us, Qwen3-30B-A3B 95.6 -> 90.8; T=1, whose down tiles are set below, no gain); its
+    # prefill tiles were measured with pointer loads and keep them
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized,
                                     packed_gemv=False, x_tma=False)
+    down_decode = rows_per_expert_hint(M, E) <= 16
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized,
-                                 packed_gemv=False, x_tma=False)
+                                 packed_gemv=False, x_tma=down_tma and down_decode, w_tma=down_tma and down_decode)
     if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
         # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row
@@ -387,7 +395,7 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     if down.decode and down.w_lhs:
         # int4/int2 weight-only down at decode sizes: 64 wide (same sweep, the layer with this
         # down tile: T=1 53.2 -> 52.7 us, T=8 118.6 -> 113.4 us against the 128-wide tile)
-        down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1, w_lhs=True)
+        down = KernelConfig(16, 64, _block_k(I, min(unit2, I), 128), 4, 3, group_m=1, w_lhs=True, tma=down.tma)
     prefill = not gate_up.decode
     if prefill and rows_per_expert_hint(M, E) > 64 and not (w_bits < 8 and act_bits == 8):
         # one K loop over the interleaved gate/up rows (KernelConfig.one_loop: x read once per K

@@ -67,6 +67,22 @@ def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
             assert not choose_forward_config(M, N, H, E, bits, unit, k_contiguous=False).tma
 
 
+def test_fused_down_takes_tma_at_decode_sizes_only():
+    """The fused MLP's down launch (x the in-order intermediate) takes x and W by TMA where the
+    caller says it can (``down_tma``), at decode sizes only (16-row ``w_lhs`` tiles); its
+    prefill tiles and every gate/up tile are the same as without."""
+    changed = 0
+    for (H, I, E, k), T, bits in itertools.product(LAYERS, TOKENS, BITS):
+        M = T * k
+        g0, d0 = choose_expert_mlp_configs(M, H, I, E, bits, 128, 128)
+        g1, d1 = choose_expert_mlp_configs(M, H, I, E, bits, 128, 128, down_tma=True)
+        assert g0 == g1, (T, bits, g0, g1)
+        if d1 != d0:
+            assert d1.tma and not d0.tma and d1.decode and d1.w_lhs and M / E <= 16 and bits < 8, (T, bits, d1)
+            changed += 1
+    assert changed  # e.g. DeepSeek-V3 T=8, int4
+
+
 def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():
     from moe_ops.kernels.dispatch import _tile_k, _tile_meta
     cfg = KernelConfig(16, 64, 32, 4, 4, group_m=1, w_lhs=True)

@@ -422,16 +422,24 @@ def grouped_mm_wgrad(dy, x, offs, recipe, out_dtype=None, config=None):
 
 
 def expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
-                       packed_gemv: bool = True, packed_gemv_down: bool = True):
+                       packed_gemv: bool = True, packed_gemv_down: bool = True, down_tma: bool = False):
     """The (gate/up, down) tile configs the fused expert MLP picks from static shapes;
     ``packed_gemv`` / ``packed_gemv_down``: w1's / w2's packed codes can be read as 32-bit words
-    (:func:`gemv_layout_ok`)."""
+    (:func:`gemv_layout_ok`); ``down_tma``: :func:`down_tma_possible`."""
     spec = None if w_format == "none" else formats.get_format(w_format)
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     units = [min(_scale_unit(granularity, gs)[1], act_unit_k) for gs in (group_size1, group_size2)]
     return choose_expert_mlp_configs(M, H, I, E, 16 if spec is None else spec.bits,
                                      *[u if u < _HUGE else 0 for u in units], 8 if act_quant != "none" else 16,
-                                     packed_gemv=packed_gemv, packed_gemv_down=packed_gemv_down)
+                                     packed_gemv=packed_gemv, packed_gemv_down=packed_gemv_down,
+                                     down_tma=down_tma)
+
+
+def down_tma_possible(x: torch.Tensor, w2: torch.Tensor, I: int) -> bool:
+    """Whether the fused expert MLP's down launch can take its x (the ``[M, I]`` intermediate in
+    x's dtype, contiguous) and w2's stored codes by TMA descriptors."""
+    return (launch.tma_device(x) and launch.descriptors_allowed(x) and I * x.element_size() % 16 == 0
+            and w_tma_possible(w2))
 
 
 def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2_scale, w2_zero, w_format,
@@ -458,7 +466,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     if configs is None:
         configs = expert_mlp_configs(M, H, I, E, w_format, granularity, group_size1, group_size2, act_quant,
                                      gemv_layout_ok(w1.stride(), w1.storage_offset(), H, pack),
-                                     gemv_layout_ok(w2.stride(), w2.storage_offset(), I, pack))
+                                     gemv_layout_ok(w2.stride(), w2.storage_offset(), I, pack),
+                                     down_tma_possible(x, w2, I))
         if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
             for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
                 unit = min(units[i][1], act_unit_k, max(red, 1))
