@@ -206,8 +206,9 @@ def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: di
         descs["x_desc"] = (xq, (bm, bk))
     if int_w or meta["W_LHS"]:
         w_box = bk // consts["PACK"]
-        if (meta["W_LHS"] and W_LHS_TMA_W and bm <= 128 and w_tma_possible(w)
-                and w_box * w.element_size() % 16 == 0 and not (consts["SWIGLU"] and meta["ONE_LOOP"])):
+        if (meta["W_LHS"] and W_LHS_TMA_W and bm <= 128 and tuple(w_strides) == tuple(w.stride())
+                and w_tma_possible(w) and w_box * w.element_size() % 16 == 0
+                and not (consts["SWIGLU"] and meta["ONE_LOOP"])):  # the stored layout is the logical one
             tma_w = 1  # the stored codes' tile [1, BLOCK_N, BLOCK_K // PACK], dequantized in registers
             descs["w_desc"] = (w, (1, bn, w_box))
         return descs, "x_desc" in descs, tma_w
