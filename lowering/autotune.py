@@ -20,7 +20,11 @@ function, and each launch writes every output element, so timing runs need no re
 Candidates are tiles of ``grouped_gemm_kernel``: calls that the persistent kernel serves
 (``kernel_choice.choose_persistent_config``: 16-bit prefill forward and dgrad, and the fp8 x fp8
 forward with per-row / per-channel scales above 512 rows per expert, on TMA devices; measured
-faster than the static tile) take it, tuner or not.
+faster than the static tile) take it, tuner or not. The candidates load by pointers; launches
+whose static tile is a ``w_lhs`` tile with operands by TMA (int4/int2 weight-only, Hopper)
+keep that tile, tuner or not (:func:`keeps_static`): by pointers the same tiles measured 13-87%
+slower on an H100 (decode T=16 to prefill; benchmarks/results/tune_tma_w_*h100_s20.*,
+tune_tma_x_int4_qwen3_more_h100_s20.log).
 """
 from __future__ import annotations
 
@@ -29,6 +33,12 @@ import functools
 import os
 
 from .kernel_choice import KernelConfig, _block_k
+
+
+def keeps_static(config: KernelConfig) -> bool:
+    """Whether a launch whose static choice is ``config`` stays out of the tuner: ``w_lhs`` tiles
+    with operands by TMA (the tuner's candidates load by pointers)."""
+    return config.w_lhs and config.tma
 
 
 def enabled() -> bool:

@@ -348,7 +348,7 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
                                        k_contiguous=w.stride(2) == 1, packed_gemv=words_ok,
                                        fp8_dot=act == 2 and spec is not None and spec.kind == "fp8",
                                        x_tma=x_tma_possible(x), w_tma=w_tma_possible(w))
-        if autotune.enabled():
+        if autotune.enabled() and not autotune.keeps_static(config):
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)
     if persistent is None:
@@ -471,6 +471,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                                      down_tma_possible(x, w2, I))
         if autotune.enabled():  # the gate/up launch keeps two accumulators: tiles at most 128 wide
             for i, (red, cap, w) in enumerate(((H, 128, w1), (I, 256, w2))):
+                if autotune.keeps_static(configs[i]):
+                    continue
                 unit = min(units[i][1], act_unit_k, max(red, 1))
                 tuned[i] = _feasible(autotune.forward_candidates(configs[i], red, unit, cap, packed=pack > 1), act,
                                      pack, units[i][1], gemv_layout_ok(w.stride(), w.storage_offset(), red, pack))

@@ -67,6 +67,9 @@ def test_off_by_default_no_tuner(monkeypatch):
 def test_tuned_forward_matches_reference_and_keys_on_format_not_rows(monkeypatch):
     monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
     monkeypatch.setattr(dispatch, "_TUNERS", {})
+    # no TMA for x or W: the int4 tiles are the pointer-load ones the tuner serves
+    monkeypatch.setattr(dispatch, "x_tma_possible", lambda x: False)
+    monkeypatch.setattr(dispatch, "w_tma_possible", lambda w: False)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(E, N, K, generator=g).half()
     for fmt, gran, M in (("int4_asym", "group", 40), ("int4_asym", "group", 44), ("int8_sym", "channel", 40)):
@@ -78,6 +81,22 @@ def test_tuned_forward_matches_reference_and_keys_on_format_not_rows(monkeypatch
         assert rel_err(y, ref) < 1e-3 and torch.all(y[int(offs[-1]):] == 0)
     # 40 and 44 rows (one decode bucket) share one tuning; the int8 weights get their own
     assert dispatch._TUNERS and sum(len(t.cache) for t in dispatch._TUNERS.values()) == 2
+
+
+def test_tma_w_lhs_tiles_stay_out_of_the_tuner(monkeypatch):
+    """int4 weight-only where x and W's codes can come by TMA (the interpreter emulates it): the
+    static ``w_lhs`` TMA tile runs, tuner on or not, and no tuner is built for it."""
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    monkeypatch.setattr(dispatch, "_TUNERS", {})
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(E, N, K, generator=g).half()
+    x = torch.randn(40, K, generator=g).half()
+    offs = ragged_offs(40, E, g, empty=(1,), tail=3)
+    args = moe_ops.quantize_weight(w, "int4_asym", "group", 128).op_args()
+    assert autotune.keeps_static(choose_forward_config(40, N, K, E, 4, 128))
+    y = dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none")
+    assert rel_err(y, ref) < 1e-3 and not dispatch._TUNERS
 
 
 def test_tuned_expert_mlp_matches_composition(monkeypatch):
