@@ -201,11 +201,15 @@ TMA_W_DECODE = [C(16, 64, 128, 4, 4, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 4, group_m=1, w_lhs=True, tma=True)]
+# 8-bit weights at decode sizes, also: 256-column K tiles (the pointer table's K tile)
+TMA_W_DECODE_8BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
+                     C(16, 128, 256, 4, 3, group_m=1, w_lhs=True, tma=True)]
 
 
 def tune_tma_w(shapes, tokens, variants, out_path):
-    """Per case, the table's tile, its TMA twin and :data:`TMA_W_TILES` (decode sizes:
-    :data:`TMA_W_DECODE`) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
+    """Per case, the table's tile, its TMA twin, the table's tile where neither x nor W can come
+    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit weights
+    :data:`TMA_W_DECODE_8BIT` too) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
     timed), and whether the two give the same bits."""
     import moe_ops
     dev = torch.device("cuda")
@@ -219,11 +223,15 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 wd, ws, wz, fmt, g2, gs2 = moe_ops.quantize_weight(w, f, gr, gs).op_args()
                 offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
                 x = torch.randn(T * top_k, K, device=dev, dtype=torch.bfloat16)
-                table = choose_forward_config(T * top_k, N, K, E, _BITS[lab], 128 if "g128" in lab else K)
+                choice = (T * top_k, N, K, E, _BITS[lab], 128 if "g128" in lab else K)
+                table = choose_forward_config(*choice)
+                no_tma = choose_forward_config(*choice, x_tma=False, w_tma=False)
                 label = f"{sname:18s} T={T:5d} {lab:14s}"
                 rows = []
-                extra = TMA_W_DECODE if table.decode else TMA_W_TILES
-                tiles = [table] + ([_with_tma(table)] if not table.tma else [])
+                extra = TMA_W_TILES
+                if table.decode:
+                    extra = TMA_W_DECODE + (TMA_W_DECODE_8BIT if _BITS[lab] == 8 else [])
+                tiles = [table] + ([_with_tma(table)] if not table.tma else []) + ([no_tma] if no_tma != table else [])
                 for cfg in tiles + [c for c in extra if c not in tiles]:
                     outs = {}
                     for tma_w in (False, True):

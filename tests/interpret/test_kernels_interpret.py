@@ -481,10 +481,11 @@ def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
 
 
 # (format, granularity, group, K tile, K, W's tile by TMA): int4 rows of 48 bytes (K = 96) and fp8
-# rows of 80 take it, int4 rows of 40 bytes (K = 80) and 8-byte boxes (16 int4 columns) do not
+# and int8 rows of 80 take it, int4 rows of 40 bytes (K = 80) and 8-byte boxes (16 int4 columns) do not
 @pytest.mark.parametrize("fmt,gran,gs,bk,k,tma_w", [("int4_asym", "group", 32, 32, 96, 1),
                                                     ("int4_sym", "channel", 0, 64, 96, 1),
                                                     ("fp8_e4m3", "channel", 0, 32, 80, 1),
+                                                    ("int8_asym", "channel", 0, 32, 80, 1),
                                                     ("int4_asym", "group", 16, 16, 96, 0),
                                                     ("int4_sym", "channel", 0, 32, 80, 0)])
 def test_tma_in_the_w_lhs_tile(fmt, gran, gs, bk, k, tma_w, monkeypatch):
