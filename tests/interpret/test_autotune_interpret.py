@@ -134,6 +134,32 @@ def test_tuned_expert_mlp_with_the_combine(monkeypatch):
     assert rel_err(out, em.composed(*args)) < 2e-3
 
 
+def test_fused_mlp_down_w_lhs_tma_tile_stays_out_of_the_tuner(monkeypatch):
+    """int4 at decode sizes (2 rows per expert): the fused MLP's down launch takes the 16-row
+    ``w_lhs`` tile with x (the intermediate) and w2's codes by TMA (the interpreter emulates it)
+    and keeps it under the tuner, which offers candidates for the gate/up launch only; the
+    result is the composition's."""
+    from moe_ops import expert_mlp as em
+    monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
+    offered = []
+    orig = autotune.forward_candidates
+    monkeypatch.setattr(autotune, "forward_candidates", lambda cfg, *a, **k: offered.append(cfg) or orig(cfg, *a, **k))
+    g = torch.Generator().manual_seed(8)
+    T, H, I, top_k = 4, 128, 64, 2
+    tw, ids = torch.ops.moe_ops.topk_route(torch.randn(T, E, generator=g), top_k, "softmax", True)
+    rows, offs = torch.ops.moe_ops.sort_rows(ids, E)
+    x = torch.randn(T, H, generator=g).half()
+    q1 = moe_ops.quantize_weight(torch.randn(E, 2 * I, H, generator=g).half() * H ** -0.5, "int4_asym", "group", 32)
+    q2 = moe_ops.quantize_weight(torch.randn(E, H, I, generator=g).half() * I ** -0.5, "int4_asym", "group", 32)
+    gate_up, down = dispatch.expert_mlp_configs(T * top_k, H, I, E, "int4_asym", "group", 32, 32, "none",
+                                                down_tma=dispatch.down_tma_possible(x, q2.data, I))
+    assert autotune.keeps_static(down) and not autotune.keeps_static(gate_up)
+    args = (x, tw, rows, offs, *q1.op_args()[:3], *q2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
+    out = dispatch.expert_mlp(*args)
+    assert offered == [gate_up]
+    assert rel_err(out, em.composed(*args)) < 2e-3
+
+
 def test_explicit_config_is_never_tuned(monkeypatch):
     monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
     g = torch.Generator().manual_seed(4)
