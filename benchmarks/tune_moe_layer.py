@@ -12,8 +12,8 @@ launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/in
 CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
 combine, against the row-tile w_lhs down tile and its separate sum; for bf16 against the tensor-core
 decode tile and its sum; ``--tma-down``: only the down launch, its 16-row ``w_lhs`` tiles with x and W by
-TMA and by pointers, against the table's tile). Prints the fastest configs per
-(format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
+TMA and by pointers, against the table's tile and the one it gives where TMA is not possible).
+Prints the fastest configs per (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
 from __future__ import annotations
@@ -125,8 +125,11 @@ def main(args):
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
                 elif args.combine:
                     space = COMBINE16_SPACE if FORMATS[fname] is None else COMBINE_SPACE
-                elif args.tma_down:
-                    space = [default[1]] + [c for c in TMA_DOWN_SPACE if c != default[1]]
+                elif args.tma_down:  # also the down tile the table gives where TMA is not possible
+                    no_tma = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act,
+                                                         down_tma=False)[1]
+                    space = [default[1]] + [c for c in [no_tma] + TMA_DOWN_SPACE if c != default[1]]
+                    space = list(dict.fromkeys(space))
                 elif args.gemv:
                     space = [c for c in GEMV_SPACE if which == 0 or not c.one_loop]
                 elif args.one_loop:

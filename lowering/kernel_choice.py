@@ -151,6 +151,15 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
+            if act_bits == 16 and k_contiguous and x_tma and w_tma and K < 2048 and rpe > 0.5:
+                # 8-bit weight-only, short K, at least half a row per expert: the weight as the
+                # register operand, x and W's stored tile by TMA (tune_forward.py --tma --tma-w
+                # --tokens 16 1, results/tune_tma_w_decode_8bit_h100_s22.*, CUDA-graph timed,
+                # bit-equal to pointer loads), Qwen3-30B-A3B down (K 768) T=16: int8 channel
+                # 32.5 -> 28.7 us, fp8 channel 30.8 -> 25.7. Not at T=1 (8.0 against 8.6 us,
+                # 6.8 against 7.4) nor where K is long (Qwen3 gate_up, DeepSeek-V3: within 2%
+                # or slower), which keep the pointer tile below
+                return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, w_lhs=True, tma=True)
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 256), 4, 3, group_m=1)
         # int4/int2: the dequantized weight as the MMA's register operand (w_lhs), graph-timed
         # on an H100 (results/tune_w_lhs_int4_h100.log, benchmarks/tune_forward.py --w-lhs): T=1
@@ -348,9 +357,9 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     # prefill tiles were measured with pointer loads and keep them
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized,
                                     packed_gemv=False, x_tma=False)
-    down_decode = rows_per_expert_hint(M, E) <= 16
+    down_tma = down_tma and rows_per_expert_hint(M, E) <= 16 and w_bits < 8  # 8-bit: not measured here
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized,
-                                 packed_gemv=False, x_tma=down_tma and down_decode, w_tma=down_tma and down_decode)
+                                 packed_gemv=False, x_tma=down_tma, w_tma=down_tma)
     if gate_up.decode and 4 * M <= E:
         # benchmarks/tune_moe_layer.py (named tune_moe_decode.py then; results/
         # tune_moe_decode_h100.json), Qwen3-30B-A3B T=1 on an H100. Only for at most one row

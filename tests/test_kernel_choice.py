@@ -67,6 +67,29 @@ def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
             assert not choose_forward_config(M, N, H, E, bits, unit, k_contiguous=False).tma
 
 
+def test_8bit_weight_only_decode_takes_w_lhs_by_tma_where_k_is_short():
+    """8-bit weight-only decode (16-row tiles) takes the 128-wide ``w_lhs`` tile with x and W's
+    stored tile by TMA where both can come by TMA, K is under 2048 and there is over half a row
+    per expert (Qwen3-30B-A3B down at T=16); elsewhere, and for W8A8 and the dgrad view, the
+    plain 64-wide pointer tile with 256-column K tiles (or the widest K tile inside a scale unit)."""
+    taken = 0
+    for (H, I, E, k), T, (x_tma, w_tma), act, contiguous in itertools.product(
+            LAYERS, TOKENS, ((True, True), (True, False), (False, True)), (16, 8), (True, False)):
+        M = T * k
+        for N, K in ((2 * I, H), (H, I)):
+            for unit in (128, K):
+                cfg = choose_forward_config(M, N, K, E, 8, unit, act_bits=act, k_contiguous=contiguous,
+                                            x_tma=x_tma, w_tma=w_tma)
+                if not cfg.decode:
+                    continue
+                if act == 16 and contiguous and x_tma and w_tma and K < 2048 and M / E > 0.5:
+                    assert cfg == KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True), (T, K, cfg)
+                    taken += 1
+                else:
+                    assert cfg == KernelConfig(16, 64, min(unit, 256), 4, 3, group_m=1), (T, K, act, cfg)
+    assert taken
+
+
 def test_fused_down_takes_tma_at_decode_sizes_only():
     """The fused MLP's down launch (x the in-order intermediate) takes x and W by TMA where the
     caller says it can (``down_tma``), at decode sizes only (16-row ``w_lhs`` tiles); its

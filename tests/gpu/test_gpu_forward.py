@@ -317,6 +317,29 @@ INT_TMA_TILES = [KernelConfig(256, 128, 64, 8, 3, w_lhs=True, tma=True), KernelC
                  KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True)]
 
 
+def _check_tma_twin(x, w, offs, wq, tile, monkeypatch):
+    """``grouped_mm`` of ``wq`` (quantized ``w``) at ``tile`` (``KernelConfig.tma``) and at its
+    pointer-load twin, outputs poisoned: bit-equal, and equal to itself on a second run; the
+    oracle within the bf16 bound, zero rows past ``offs[-1]``. Returns ``(TMA_X, TMA_W)`` of the
+    TMA launch (:func:`dispatch._tma_operands`)."""
+    M, N = x.shape[0], w.shape[1]
+    args = wq.op_args()
+    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
+    seen, orig = [], dispatch._tma_operands
+    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    ys = []
+    for cfg in (tile, KernelConfig(**{**tile.__dict__, "tma": False})):
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+        ys.append(dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
+                                      config=cfg, out=out))
+    assert seen[1] == (False, 0)
+    again = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none", config=tile)
+    assert not torch.isnan(ys[0]).any() and torch.equal(ys[0], ys[1]) and torch.equal(ys[0], again)
+    assert torch.all(ys[0][int(offs[-1]):] == 0)
+    assert rel_err(ys[0].cpu(), oracle_grouped_mm(x, args, offs)) < GPU_BOUND_BF16
+    return seen[0]
+
+
 @pytest.mark.parametrize("tile", INT_TMA_TILES, ids=str)
 @pytest.mark.parametrize("fmt,gran,gs", [("int4_asym", "group", 128), ("int8_sym", "channel", 0)])
 def test_forward_tma_x_integer_weights(fmt, gran, gs, tile, monkeypatch):
@@ -329,21 +352,28 @@ def test_forward_tma_x_integer_weights(fmt, gran, gs, tile, monkeypatch):
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     M, E, N, K = 3000, 8, 320, 640
     x, w, offs = _case(hash((fmt, gran, str(tile), "tma_x")) % 10000, M, E, N, K)
-    args = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs).op_args()
-    dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
-    seen, orig = [], dispatch._tma_operands
-    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
-    ys = []
-    for cfg in (tile, KernelConfig(**{**tile.__dict__, "tma": False})):
-        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
-        ys.append(dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
-                                      config=cfg, out=out))
+    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
     # W's codes by TMA in w_lhs tiles of at most 128 rows (256-row 8-warp tiles raced with it)
-    assert seen == [(True, 1 if tile.w_lhs and tile.block_m <= 128 else 0), (False, 0)]
-    again = dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none", config=tile)
-    assert not torch.isnan(ys[0]).any() and torch.equal(ys[0], ys[1]) and torch.equal(ys[0], again)
-    assert torch.all(ys[0][int(offs[-1]):] == 0)
-    assert rel_err(ys[0].cpu(), oracle_grouped_mm(x, args, offs)) < GPU_BOUND_BF16
+    assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1 if tile.w_lhs and tile.block_m <= 128 else 0)
+
+
+@pytest.mark.parametrize("fmt,gran", [("int8_asym", "channel"), ("int8_sym", "group"), ("fp8_e4m3", "channel"),
+                                      ("fp8_e5m2", "tensor"), ("fp8_e4m3", "block")])
+def test_forward_tma_decode_8bit_weights(fmt, gran, monkeypatch):
+    """8-bit weight-only decode with K under 2048 and over half a row per expert: the table's
+    16-row ``w_lhs`` tile with x and W's stored tile (int8 codes, fp8 values) by TMA, against its
+    pointer-load twin (:func:`_check_tma_twin`); N = 320 leaves a partial N tile, K = 656 a
+    partial K tile where scales are per channel or tensor (K = 640, whole groups and blocks,
+    elsewhere), experts ragged with an empty one."""
+    if not _tma_capable():
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
+    M, E, N, K = 48, 16, 320, 640 if gran in ("group", "block") else 656
+    x, w, offs = _case(hash((fmt, gran, "tma_decode_8bit")) % 10000, M, E, N, K)
+    gs = 128 if gran == "group" else 0
+    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs)
+    tile = choose_forward_config(M, N, K, E, 8, 128 if gran in ("group", "block") else K)
+    assert tile == KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True)
+    assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1)
 
 
 @pytest.mark.parametrize("fmt", ["none", "int4_asym"])
