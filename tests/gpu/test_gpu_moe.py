@@ -120,6 +120,21 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
     _check_fused(fmt, gran, gs, act, T, (gate_up, COMBINE[cfg]))
 
 
+# 8-bit weight-only down launch in the 16-row w_lhs tile with x (the intermediate) and w2's stored
+# tile by TMA (the forward table's tile for K under 2048: tune_moe_layer.py --tma-down measures it
+# in the fused MLP)
+@pytest.mark.parametrize("T", [3, 16])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (3, 4, 5)])
+def test_fused_expert_mlp_8bit_down_tma(fmt, gran, gs, act, T, monkeypatch):
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
+    seen, orig = [], dispatch._tma_operands
+    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    gate_up = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[0]
+    _check_fused(fmt, gran, gs, act, T, (gate_up, KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True)))
+    assert (True, 1) in seen, seen  # the down launch: x and w2 by TMA
+
+
 # bf16: rounding only (3e-2). FP8 recipes (backward on one ``recipe_weights`` cast per weight):
 # fp8 codes flip where bf16 rounding moves an operand across a rounding boundary (measured
 # 1.4-2.2%; the unfused bf16 composition, which rounds SwiGLU twice, is 2.8-3.0% from the fused one)
