@@ -152,11 +152,12 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
             if act_bits == 16 and k_contiguous and x_tma and w_tma and K < 2048 and rpe > 0.5:
-                # 8-bit weight-only, short K, at least half a row per expert: the weight as the
-                # register operand, x and W's stored tile by TMA (tune_forward.py --tma --tma-w
-                # --tokens 16 1, results/tune_tma_w_decode_8bit_h100_s22.*, CUDA-graph timed,
-                # bit-equal to pointer loads), Qwen3-30B-A3B down (K 768) T=16: int8 channel
-                # 32.5 -> 28.7 us, fp8 channel 30.8 -> 25.7. Not at T=1 (8.0 against 8.6 us,
+                # 8-bit weight-only, short K, over half a row per expert: the weight as the
+                # register operand, x and W's stored tile by TMA (tune_forward.py --tma --tma-w,
+                # results/tune_tma_w_decode_8bit{,_more}_h100_s22.*, CUDA-graph timed, bit-equal
+                # to pointer loads), Qwen3-30B-A3B down (K 768), int8 / fp8 channel: T=16 (1 row
+                # per expert) 32.5 -> 28.7 / 30.8 -> 25.7 us, T=64 47.2 -> 43.1 / 45.3 -> 37.5,
+                # T=256 (16 rows) 98.4 -> 85.1 / 83.9 -> 59.7. Not at T=1 (8.0 against 8.6 us,
                 # 6.8 against 7.4) nor where K is long (Qwen3 gate_up, DeepSeek-V3: within 2%
                 # or slower), which keep the pointer tile below
                 return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, w_lhs=True, tma=True)
@@ -357,7 +358,10 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
     # prefill tiles were measured with pointer loads and keep them
     gate_up = choose_forward_config(M, 2 * I, H, E, w_bits, min(unit1, H), act_bits, k_contiguous=quantized,
                                     packed_gemv=False, x_tma=False)
-    down_tma = down_tma and rows_per_expert_hint(M, E) <= 16 and w_bits < 8  # 8-bit: not measured here
+    # 8-bit weights keep the down launch's pointer tile: its TMA w_lhs tile gained nothing in the fused
+    # MLP (tune_moe_layer.py --tma-down --formats fp8_block, results/tune_moe_layer_tma_down_fp8_qwen3_
+    # h100_s22.log, Qwen3-30B-A3B T=16 155.0 -> 154.2 us, T=64 222.1 -> 223.8)
+    down_tma = down_tma and rows_per_expert_hint(M, E) <= 16 and w_bits < 8
     down = choose_forward_config(M, H, I, E, w_bits, min(unit2, I), act_bits, k_contiguous=quantized,
                                  packed_gemv=False, x_tma=down_tma, w_tma=down_tma)
     if gate_up.decode and 4 * M <= E:
