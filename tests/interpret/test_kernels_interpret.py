@@ -89,6 +89,32 @@ def _check_weight_only(fmt, gran, gs, dtype, cfg, k=K):
     assert rel_err(y, ref) < (1e-3 if dtype == torch.float16 else 1.6e-2)
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS) + list(W_LHS))
+@pytest.mark.parametrize("fmt", ["int8_sym", "int8_asym"])
+def test_int8_weight_codes_dequantize_exactly(fmt, cfg):
+    """Every 8-bit code under 16-bit x, exactly: int8_sym's -127..127 (two's-complement bytes)
+    and int8_asym's 0..255 against per-channel zero points 0..255, power-of-two channel scales,
+    in the plain and ``w_lhs`` tiles. x's rows are one-hot, so each output is one weight's
+    ``(q - z) * s``, exact in fp16, and must equal the reference's."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.zeros(M, K, dtype=torch.float16)
+    x[torch.arange(M), torch.arange(M) % K] = 1.0
+    offs = ragged_offs(M, E, g, empty=(1,), tail=4)
+    wd, ws, wz, f, gr, gs = moe_ops.quantize_weight(torch.randn(E, N, K, generator=g).half(), fmt, "channel",
+                                                   0).op_args()
+    lo = -127 if fmt == "int8_sym" else 0
+    values = torch.arange(lo, 128 if fmt == "int8_sym" else 256)
+    codes = values[torch.randint(0, values.numel(), (E, N, K), generator=g)]
+    codes.view(-1)[:values.numel()] = values  # every code at least once
+    wd = codes.to(wd.dtype)
+    ws = torch.exp2(torch.randint(-3, 4, ws.shape, generator=g).to(ws.dtype))
+    if wz is not None:
+        wz = torch.randint(0, 256, wz.shape, generator=g).to(wz.dtype)
+    args = (wd, ws, wz, f, gr, gs)
+    y = _run(x, args, offs, "none", {**CONFIGS, **W_LHS}[cfg])
+    assert torch.equal(y, reference.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none"))
+
+
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases([f for f in moe_ops.QUANTIZED_FORMATS if f.startswith("int")]))
 def test_forward_int8_token_exact(fmt, gran, gs, cfg):

@@ -1,0 +1,60 @@
+"""A/B timing of the forward launch across two source trees: the table's tile for each case, timed,
+its output saved, or compared bit for bit with a previous run's.
+
+Usage (GPU): ``python benchmarks/ab_forward.py --save A.pt [--cases ...]`` on one tree, then the
+same with ``--compare A.pt`` on the other (e.g. the kernel file swapped between the two runs).
+A case is ``shape:T:format:granularity[:group_size]`` over :data:`bench_forward.SHAPES`, 16-bit x
+(weight-only formats). Decode sizes (at most 16 rows per expert) are CUDA-graph timed, prefill
+eager. Same weights, routing and x in both runs (fixed seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+from bench_forward import SHAPES  # noqa: E402
+
+import moe_ops  # noqa: E402
+
+DEFAULT_CASES = [f"{s}:{t}:int8_sym:channel" for s in ("qwen3_gate_up", "qwen3_down") for t in (1, 16, 4096)] + [
+    "dsv3_gate_up_e32:1:int8_sym:channel", "dsv3_gate_up_e32:4096:int8_sym:channel",
+    "qwen3_gate_up:1:int8_asym:group:128", "qwen3_gate_up:4096:int8_asym:group:128"]
+
+
+def main(args):
+    dev = torch.device("cuda")
+    saved = torch.load(args.compare) if args.compare else None
+    outs = {}
+    print("env", harness.environment(dev), flush=True)
+    for case in args.cases:
+        sname, T, fmt, gran, *gs = case.split(":")
+        T, gs = int(T), int(gs[0]) if gs else 0
+        E, top_k, K, N = SHAPES[sname]
+        g = torch.Generator(device="cpu").manual_seed(T)
+        w = (torch.randn(E, N, K, generator=g) * 0.02).to(torch.bfloat16).to(dev)
+        qw = moe_ops.quantize_weight(w, fmt, gran, gs)
+        x = torch.randn(T * top_k, K, generator=g).to(torch.bfloat16).to(dev)
+        offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+        fn = lambda: moe_ops.grouped_mm(x, qw, offs)  # noqa: E731
+        y = fn()
+        decode = T * top_k <= 16 * E
+        ms = harness.bench_graph_ms(fn) if decode else harness.bench_ms(fn)
+        outs[case] = y.cpu()
+        same = "" if saved is None else f" bitwise equal to {args.compare}: {torch.equal(saved[case], outs[case])}"
+        print(f"{case:42s} {ms * 1e3:9.1f} us {'graph' if decode else 'eager'}{same}", flush=True)
+        w = qw = x = None
+    if args.save:
+        torch.save(outs, args.save)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
+    p.add_argument("--save")
+    p.add_argument("--compare")
+    main(p.parse_args())
