@@ -41,6 +41,25 @@ def oracle_grouped_mm(x, qw_args, offs, act_quant="none", recipe="none"):
     return moe_ops.reference.grouped_mm(x.double(), wd, ws, wz, offs, fmt, gran, gs, act_quant, recipe)
 
 
+def tma_capable() -> bool:
+    """A CUDA device of capability 9.0 or later (TMA descriptors)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def spy_tma_operands(monkeypatch) -> list:
+    """Record the ``(TMA_X, TMA_W)`` each grouped-GEMM launch takes (``dispatch._tma_operands``),
+    in launch order."""
+    from moe_ops.kernels import dispatch
+    seen, orig = [], dispatch._tma_operands
+
+    def spy(*a):
+        r = orig(*a)
+        seen.append(r[1:])
+        return r
+    monkeypatch.setattr(dispatch, "_tma_operands", spy)
+    return seen
+
+
 def weight_cases(fmts=None):
     """(format, granularity, group_size) for every quantized format and granularity."""
     out = []

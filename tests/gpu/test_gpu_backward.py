@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moe_ops
-from helpers import GPU_BOUND_BF16, ragged_offs, rel_err, weight_cases
+from helpers import GPU_BOUND_BF16, ragged_offs, rel_err, tma_capable, weight_cases
 
 DEV = "cuda" if torch.cuda.is_available() else None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA device")]
@@ -156,7 +156,7 @@ def test_fp8_weight_block_words_bit_exact(rows, words):
 def test_wgrad_tma_chunks_bitwise(config):
     """The wgrad's TMA chunks (``grouped_wgrad_kernel`` TMA) equal its pointer loads bit for bit
     (same MMAs in the same order) on ragged experts with an empty one and partial chunks."""
-    if torch.cuda.get_device_capability()[0] < 9:
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     from moe_ops.kernels.grouped_wgrad import launch_wgrad
     x, dy, _, offs = _case(4)

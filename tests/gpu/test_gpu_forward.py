@@ -9,7 +9,8 @@ import torch
 import moe_ops
 from moe_ops.kernels import dispatch
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
-from helpers import GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, weight_cases
+from helpers import (GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, spy_tma_operands, tma_capable,
+                     weight_cases)
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -181,7 +182,7 @@ def test_fp8_dot_k_tile_256(fmt, gran, monkeypatch):
                                 out=out, prequantized=(xq, xs))
         assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
         errs[cfg] = rel_err(y.cpu(), ref)
-    assert len(taken) == (1 if _tma_capable() else 0)
+    assert len(taken) == (1 if tma_capable() else 0)
     assert errs[None] == errs[wide]  # the default is the 256-column tile
     assert errs[wide] < 5e-3, errs  # bf16 output rounding and the tensor core's sums
     assert errs[wide] < 1.2 * errs[KernelConfig(128, 128, 128, 8, 4, tma=True)], errs
@@ -258,10 +259,6 @@ def test_compiled_forward_launches_triton():
     assert rel_err(y.cpu(), oracle_grouped_mm(x, qw.cpu().op_args(), offs)) < GPU_BOUND_BF16
 
 
-def _tma_capable():
-    return DEV == "cuda" and torch.cuda.get_device_capability()[0] >= 9
-
-
 TMA_CASES = [("none", "none", "none"), ("fp8_e4m3", "channel", "none"), ("fp8_e5m2", "tensor", "none"),
              ("fp8_e4m3", "channel", "fp8_token"), ("fp8_e4m3", "block", "fp8_1x128")]
 
@@ -279,7 +276,7 @@ def test_forward_tma_tiles(fmt, gran, act, tile_idx, monkeypatch):
     """``KernelConfig.tma`` (Hopper): x and W by TMA descriptors equal the pointer-load tile bit
     for bit (same MMAs in the same order) and the oracle within the bf16 bound, forward and
     dgrad; K = 528 and N = 384 leave partial K and N tiles, experts ragged with an empty one."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     tile = TMA_TILES["16" if act == "none" else "fp8"][tile_idx]
     if fmt != "none" and act == "none" and tile.block_n == 256:
@@ -290,8 +287,7 @@ def test_forward_tma_tiles(fmt, gran, act, tile_idx, monkeypatch):
     args = (w16, None, None, "none", "none", 0) if fmt == "none" else \
         moe_ops.quantize_weight(w16, fmt, gran, 0).op_args()
     dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
-    seen, orig = [], dispatch._tma_operands
-    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    seen = spy_tma_operands(monkeypatch)
     ys = []
     for cfg in (tile, KernelConfig(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages)):
         out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -325,8 +321,7 @@ def _check_tma_twin(x, w, offs, wq, tile, monkeypatch):
     M, N = x.shape[0], w.shape[1]
     args = wq.op_args()
     dev_args = [a.to(DEV) if torch.is_tensor(a) else a for a in args]
-    seen, orig = [], dispatch._tma_operands
-    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    seen = spy_tma_operands(monkeypatch)
     ys = []
     for cfg in (tile, KernelConfig(**{**tile.__dict__, "tma": False})):
         out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -348,7 +343,7 @@ def test_forward_tma_x_integer_weights(fmt, gran, gs, tile, monkeypatch):
     at most 128 rows and by pointers in the others; bit-equal to the pointer-load tile and to
     itself on a second run, the oracle within the bf16 bound, zero rows past ``offs[-1]``; N = 320
     leaves a partial N tile, experts ragged with an empty one, outputs poisoned."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     M, E, N, K = 3000, 8, 320, 640
     x, w, offs = _case(hash((fmt, gran, str(tile), "tma_x")) % 10000, M, E, N, K)
@@ -365,7 +360,7 @@ def test_forward_tma_decode_8bit_weights(fmt, gran, monkeypatch):
     pointer-load twin (:func:`_check_tma_twin`); N = 320 leaves a partial N tile, K = 656 a
     partial K tile where scales are per channel or tensor (K = 640, whole groups and blocks,
     elsewhere), experts ragged with an empty one."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     M, E, N, K = 48, 16, 320, 640 if gran in ("group", "block") else 656
     x, w, offs = _case(hash((fmt, gran, "tma_decode_8bit")) % 10000, M, E, N, K)
@@ -383,7 +378,7 @@ def test_compiled_forward_tma_tile(fmt, monkeypatch):
     the tensors (torch's "stable" TMA metadata): the generated code launches our kernel with
     them, and the result equals the eager TMA launch; bf16 weights (x and W by TMA) and int4
     g128 (the default prefill tile: ``w_lhs``, x by TMA)."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     M, E, N, K = 1000, 4, 256, 512
     x, w, offs = _case(61, M, E, N, K)
@@ -411,7 +406,7 @@ def test_tma_launch_from_a_fresh_thread():
     """A thread that has not touched the device yet (autograd's backward thread) has no current
     CUDA context, and Triton encodes a host-side TMA descriptor with a driver call before its
     launcher makes one current: the launch must make it current itself."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
     import threading
     tile = KernelConfig(128, 256, 64, 8, 4, tma=True)
@@ -447,7 +442,7 @@ def test_persistent_tiles(M, E, N, K, dtype, monkeypatch):
     partial K and N tiles, outputs poisoned; equal bit for bit to the one-program-a-tile kernel
     at the same tile (same MMAs, same order), and the oracle within the bound. The dgrad at
     1250 rows per expert (not the choice there) is launched directly."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
     from moe_ops.kernels import persistent_gemm
     from moe_ops.lowering.kernel_choice import choose_persistent_config
@@ -494,7 +489,7 @@ def test_persistent_sync_free_graph_and_compiled():
     """The persistent launch: no host sync (sync-debug "error"), captured in a CUDA graph and
     replayed on new data, and under torch.compile (dynamic shapes) launched by the generated
     code with Inductor's descriptors, equal to eager."""
-    if not _tma_capable():
+    if not tma_capable():
         pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
     M, E, N, K = 3000, 8, 512, 1024
     x, w, offs = _case(81, M, E, N, K)

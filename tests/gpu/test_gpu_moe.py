@@ -8,7 +8,7 @@ import torch
 import moe_ops
 from moe_ops.kernels import dispatch
 from moe_ops.lowering.kernel_choice import KernelConfig
-from helpers import rel_err, replays_without_sync
+from helpers import rel_err, replays_without_sync, spy_tma_operands, tma_capable
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -126,10 +126,9 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
 @pytest.mark.parametrize("T", [3, 16])
 @pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (3, 4, 5)])
 def test_fused_expert_mlp_8bit_down_tma(fmt, gran, gs, act, T, monkeypatch):
-    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
+    if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
-    seen, orig = [], dispatch._tma_operands
-    monkeypatch.setattr(dispatch, "_tma_operands", lambda *a: seen.append(orig(*a)[1:]) or orig(*a))
+    seen = spy_tma_operands(monkeypatch)
     gate_up = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)[0]
     _check_fused(fmt, gran, gs, act, T, (gate_up, KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True)))
     assert (True, 1) in seen, seen  # the down launch: x and w2 by TMA

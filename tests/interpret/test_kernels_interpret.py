@@ -8,7 +8,7 @@ import moe_ops
 from moe_ops import reference
 from moe_ops.kernels import dispatch
 from moe_ops.lowering.kernel_choice import KernelConfig
-from helpers import ragged_offs, rel_err, weight_cases
+from helpers import ragged_offs, rel_err, spy_tma_operands, weight_cases
 
 E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multiple of 32 (group size)
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
@@ -469,18 +469,6 @@ TMA_CASES = [("none", "none", 0, "none"), ("fp8_e4m3", "channel", 0, "none"), ("
              ("int4_asym", "group", 16, "none"), ("int8_sym", "channel", 0, "none")]
 
 
-def _spy_tma(monkeypatch):
-    """Record the (TMA_X, TMA_W) each launch takes."""
-    seen, orig = [], dispatch._tma_operands
-
-    def spy(*a):
-        r = orig(*a)
-        seen.append(r[1:])
-        return r
-    monkeypatch.setattr(dispatch, "_tma_operands", spy)
-    return seen
-
-
 @pytest.mark.parametrize("k", [K, 80])  # 80: a partial last K tile
 @pytest.mark.parametrize("fmt,gran,gs,act", TMA_CASES)
 def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
@@ -492,7 +480,7 @@ def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
     x, w, offs = _data(hash((fmt, gran, act, k)) % 997, torch.float16, k)
     args = (w.half(), None, None, "none", "none", 0) if fmt == "none" else \
         moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
-    seen = _spy_tma(monkeypatch)
+    seen = spy_tma_operands(monkeypatch)
     y = _run(x, args, offs, act, TMA_TILE)
     int_codes = fmt.startswith("int")
     assert seen == [(True, 0 if int_codes else 1)]  # integer codes: x by TMA, W by pointers
@@ -521,7 +509,7 @@ def test_tma_in_the_w_lhs_tile(fmt, gran, gs, bk, k, tma_w, monkeypatch):
     ``offs[-1]``."""
     x, w, offs = _data(hash((fmt, gran, k)) % 997, torch.float16, k)
     args = moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
-    seen = _spy_tma(monkeypatch)
+    seen = spy_tma_operands(monkeypatch)
     y = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True, tma=True))
     assert seen == [(True, tma_w)]
     ref = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True))
@@ -532,7 +520,7 @@ def test_tma_w_in_the_fused_mlp_w_lhs_tiles(monkeypatch):
     """The fused expert MLP on int4 codes with ``w_lhs`` tiles marked ``tma``: the gate/up
     launch (x gathered: by pointers) takes its gate rows and its up rows (``N + n``, second K
     loop) by TMA, the down launch x and W; the same output as the pointer-load tiles."""
-    seen = _spy_tma(monkeypatch)
+    seen = spy_tma_operands(monkeypatch)
     H, I, T_ = 64, 32, 30
     g = torch.Generator().manual_seed(11)
     x16 = torch.randn(T_, H, generator=g).half()
@@ -553,7 +541,7 @@ def test_tma_falls_back_where_the_layout_does_not_allow(monkeypatch):
     interleaved gate/up rows take pointer loads for that operand; int8 x int8 tiles and packed
     codes unpacked one sub-dot a field (decode tiles) none; W's codes in ``w_lhs`` tiles of more
     than 128 rows by pointers."""
-    seen = _spy_tma(monkeypatch)
+    seen = spy_tma_operands(monkeypatch)
     x, w, offs = _data(5, torch.float16, 84)
     _run(x, (w.half(), None, None, "none", "none", 0), offs, "none", TMA_TILE)
     assert seen[-1] == (False, 0)
