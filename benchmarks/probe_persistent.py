@@ -10,7 +10,14 @@ W[e]``. CUDA-graph timed; error relative to ``torch._grouped_mm``'s output.
 cast beforehand) through the kernel's ``FP8`` path against ``grouped_gemm_kernel`` at the
 table's fp8 tile and ``torch._scaled_grouped_mm`` on the same codes and scales.
 
-Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8]``
+``--int8``: the forward of int8 W8A8 (``int8_token`` x, ``int8_sym`` channel-scaled W; the GEMM
+alone on x cast beforehand) through the kernel's ``ACT`` 1 path (exact int32 sums) against
+``grouped_gemm_kernel`` at its default tile (the outputs compared bit for bit), our bf16 default
+and ``torch._grouped_mm`` on the unquantized operands, and the activation cast alone (issue 3's
+int8 W8A8 target: the cast plus the GEMM faster than our bf16 path). Error relative to
+``torch._grouped_mm``'s bf16 output (the formats' quantization error).
+
+Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8 | --int8]``
 """
 from __future__ import annotations
 
@@ -40,30 +47,87 @@ FP8_TILES = [(KernelConfig(128, 128, 256, 8, 3), True), (KernelConfig(128, 128, 
              (KernelConfig(64, 128, 128, 4, 3), True), (KernelConfig(128, 128, 256, 8, 3), False)]
 
 
-def fp8(args, dev, env, ceil):
+INT8_TILES = [(KernelConfig(64, 128, 128, 4, 3), True), (KernelConfig(128, 128, 128, 8, 3), True),
+              (KernelConfig(128, 128, 128, 8, 4), True), (KernelConfig(128, 256, 128, 8, 3), True),
+              (KernelConfig(128, 128, 256, 8, 3), True), (KernelConfig(128, 256, 64, 8, 4), True),
+              (KernelConfig(64, 256, 128, 8, 3), True), (KernelConfig(128, 128, 128, 8, 3), False)]
+
+
+def _codes_case(name, fmt, act, dev):
+    """The operands of one 8-bit-codes case at T=4096: ``(offs, x, w, qw, xq, xs, scales, used,
+    flops)``; ``qw`` the channel-scaled weight's op args, ``(xq, xs)`` x cast under ``act``,
+    ``scales`` the persistent kernel's."""
     import moe_ops
+    E, k, K, N = SHAPES[name]
+    offs, x, w, _ = harness.training_operands(E, k, K, N, 4096, dev)
+    used = int(offs[-1])
+    qw = moe_ops.quantize_weight(w, fmt, "channel", 0).op_args()
+    xq, xs = dispatch.quantize_act(x, act)
+    ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
+    return offs, x, w, qw, xq, xs, (xs, ws, (xs.stride(0), st[0], st[1])), used, 2 * used * N * K
+
+
+def _persistent_cands(tiles, xq, codes, offs, scales, n, dev) -> dict:
+    """``{label: launch}`` of the persistent kernel at each ``(tile, flatten)`` of ``tiles``."""
+    cands = {}
+    for tile, flatten in tiles:
+        y = torch.empty(xq.shape[0], n, dtype=torch.bfloat16, device=dev)
+        cands[f"persistent {tile} flatten={flatten}"] = (
+            lambda t=tile, f=flatten, y=y: launch_persistent(xq, codes, y, offs, t, False, flatten=f, scales=scales))
+    return cands
+
+
+def int8(args, dev, env, ceil):
     rows = []
     for name in args.shapes:
-        E, k, K, N = SHAPES[name]
-        offs, x, w, _ = harness.training_operands(E, k, K, N, 4096, dev)
-        M = x.shape[0]
-        used = int(offs[-1])
-        flops = 2 * used * N * K
-        qw = moe_ops.quantize_weight(w, "fp8_e4m3", "channel", 0).op_args()
-        xq, xs = dispatch.quantize_act(x, "fp8_token")
-        ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
+        offs, x, w, qw, xq, xs, scales, used, flops = _codes_case(name, "int8_sym", "int8_token", dev)
+        ref = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        default = dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "int8_token", "none", prequantized=(xq, xs))
+        cands = {"torch._grouped_mm bf16": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+                 "ours bf16 default": lambda: dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none",
+                                                                  "none"),
+                 "int8_token cast alone": lambda: dispatch.quantize_act(x, "int8_token")[0],
+                 "one_a_tile default": lambda: dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "int8_token", "none",
+                                                                   prequantized=(xq, xs)),
+                 **_persistent_cands(INT8_TILES, xq, qw[0], offs, scales, w.shape[1], dev)}
+        for label, fn in cands.items():
+            cast = label.startswith("int8_token cast")
+            try:
+                if cast:
+                    fn()
+                    torch.cuda.synchronize()
+                    out, ms, err = None, harness.bench_graph_ms(fn), float("nan")
+                else:
+                    timed = harness.time_variant(f"{name} int8 {label}", fn, ref, used)
+                    if timed is None:
+                        continue
+                    out, ms, err = timed
+            except Exception as e:  # noqa: BLE001  (reported, the probe goes on)
+                print(f"{name} int8 {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            same = None if out is None or "bf16" in label else bool(torch.equal(out[:used], default[:used]))
+            tf = flops / ms / 1e9
+            rows.append({"shape": name, "pass": "fwd_int8_w8a8", "variant": label, "ms": ms,
+                         "TFLOPs": None if cast else tf, "rel_err_vs_bf16_aten": err, "equal_to_default": same})
+            print(f"{name} int8 {label}: {ms * 1e3:.1f} us" + ("" if cast else f" {tf:.0f} TFLOP/s err vs bf16 "
+                  f"{err:.2e} equal to default {same}"), flush=True)
+    harness.write_json(os.path.join(args.out, "probe_persistent_int8.json"), {"env": env, "ceilings": ceil,
+                                                                              "rows": rows})
+
+
+def fp8(args, dev, env, ceil):
+    rows = []
+    for name in args.shapes:
+        offs, x, w, qw, xq, xs, scales, used, flops = _codes_case(name, "fp8_e4m3", "fp8_token", dev)
+        E, N = w.shape[0], w.shape[1]
         peer = torch._scaled_grouped_mm(xq, qw[0].transpose(-2, -1), xs.view(-1), qw[1].view(E, N), offs=offs,
                                         out_dtype=torch.bfloat16)
         ours = dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "fp8_token", "none", prequantized=(xq, xs))
         cands = {"torch._scaled_grouped_mm": lambda: torch._scaled_grouped_mm(
                      xq, qw[0].transpose(-2, -1), xs.view(-1), qw[1].view(E, N), offs=offs, out_dtype=torch.bfloat16),
                  "one_a_tile default": lambda: dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], "fp8_token", "none",
-                                                                   prequantized=(xq, xs))}
-        for tile, flatten in FP8_TILES:
-            y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
-            cands[f"persistent {tile} flatten={flatten}"] = (
-                lambda t=tile, f=flatten, y=y: launch_persistent(xq, qw[0], y, offs, t, False, flatten=f,
-                                                                 scales=(xs, ws, (xs.stride(0), st[0], st[1]))))
+                                                                   prequantized=(xq, xs)),
+                 **_persistent_cands(FP8_TILES, xq, qw[0], offs, scales, N, dev)}
         for label, fn in cands.items():
             timed = harness.time_variant(f"{name} fp8 {label}", fn, peer, used)
             if timed is None:
@@ -85,6 +149,8 @@ def main(args):
     print(env, ceil, flush=True)
     if args.fp8:
         return fp8(args, dev, env, ceil)
+    if args.int8:
+        return int8(args, dev, env, ceil)
     rows = []
     for name in args.shapes:
         E, k, K, N = SHAPES[name]
@@ -128,4 +194,5 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--int8", action="store_true")
     main(p.parse_args())

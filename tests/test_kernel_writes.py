@@ -286,20 +286,23 @@ def test_persistent_launch_writes_its_output_only(dgrad, monkeypatch):
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]
 
 
-def test_persistent_fp8_launch_writes_its_output_only(monkeypatch):
-    """The persistent kernel's FP8 path (fp8_token x, channel-scaled e4m3 W, above 512 rows per
-    expert): the scales are read, only ``y`` is written."""
+@pytest.mark.parametrize("fmt,act,code_dtype,act_code", [("fp8_e4m3", "fp8_token", torch.float8_e4m3fn, 2),
+                                                      ("int8_sym", "int8_token", torch.int8, 1)])
+def test_persistent_codes_launch_writes_its_output_only(fmt, act, code_dtype, act_code, monkeypatch):
+    """The persistent kernel's 8-bit code paths (fp8_token x channel-scaled e4m3 W, ACT 2;
+    int8_token x channel-scaled int8_sym W, ACT 1; 600 rows per expert): the scales are read,
+    only ``y`` is written."""
     seen = []
     monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
     monkeypatch.setattr(dispatch.persistent_gemm, "_programs", lambda x, bound: 132)
     monkeypatch.setattr(dispatch.launch, "launch",
                         lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
     m, k = 1200, 256
-    q = moe_ops.quantize_weight(torch.randn(2, 64, k), "fp8_e4m3", "channel", 0).op_args()
-    xq, xs = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, 1)
+    q = moe_ops.quantize_weight(torch.randn(2, 64, k), fmt, "channel", 0).op_args()
+    xq, xs = torch.empty(m, k, dtype=code_dtype), torch.empty(m, 1)
     dispatch.grouped_mm(torch.empty(m, k).bfloat16(), *q[:3], torch.tensor([600, 1200], dtype=torch.int32), *q[3:],
-                        "fp8_token", "none", prequantized=(xq, xs))
+                        act, "none", prequantized=(xq, xs))
     (kernel, kw, descs), = seen
-    assert kernel.fn.__name__ == "persistent_grouped_kernel" and kw["FP8"] and kw["xs_ptr"] is xs
+    assert kernel.fn.__name__ == "persistent_grouped_kernel" and kw["ACT"] == act_code and kw["xs_ptr"] is xs
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]

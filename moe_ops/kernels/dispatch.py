@@ -3,7 +3,8 @@
 16-bit plain weights at prefill sizes on TMA devices take the persistent kernel of
 :mod:`.persistent_gemm` (``choose_persistent_config``; forward, and dgrad up to 512 rows per
 expert), and so does the fp8 x fp8 forward with scales constant along K (``fp8_token`` x,
-channel or tensor-scaled fp8 W) above 512 rows per expert; every other call
+channel or tensor-scaled fp8 W) above 512 rows per expert, and the int8 x int8 forward
+(``int8_token`` x, channel or tensor-scaled ``int8_sym`` W) above 64; every other call
 :func:`.grouped_gemm.grouped_gemm_kernel`.
 Each launcher returns None for a combination no Triton kernel serves (``grouped_mm``:
 ``int8_token`` with weight scales that vary inside a 32*PACK-column K tile; ``grouped_mm_dgrad``:
@@ -335,12 +336,14 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     act_unit_k = formats.BLOCK if act_quant == "fp8_1x128" else _HUGE
     pack = spec.pack if spec is not None else 1
     candidates = None
-    persistent = None  # the persistent kernel's tile, where it serves the call (16-bit x and W, or ACT 2)
+    persistent = None  # the persistent kernel's tile, where it serves the call (16-bit x and W, or ACT 1 / 2)
+    # x and W both 8-bit codes of one kind: fp8_token x float8 W, int8_token x int8_sym W
+    codes_dot = spec is not None and ((act_quant == "fp8_token" and spec.kind == "fp8")
+                                      or (act_quant == "int8_token" and w_format == "int8_sym"))
     if config is None and spec is None and act == 0 and persistent_gemm.serves(x, w):
         persistent = choose_persistent_config(M, N, K, E)
-    elif (config is None and act_quant == "fp8_token" and spec is not None and spec.kind == "fp8"
-          and unit_k >= _HUGE and persistent_gemm.serves_fp8(x, w)):
-        persistent = choose_persistent_config(M, N, K, E, fp8_dot=True)
+    elif config is None and codes_dot and unit_k >= _HUGE and persistent_gemm.serves_codes(x, w):
+        persistent = choose_persistent_config(M, N, K, E, fp8_dot=act == 2, int8_dot=act == 1)
     if persistent is None and config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)

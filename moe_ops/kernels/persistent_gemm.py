@@ -1,11 +1,12 @@
 """Persistent Triton grouped GEMM on TMA devices (Hopper and later): 16-bit plain weights, and
-float8 x and W with scales constant along K.
+8-bit x and W codes (float8, or int8 x int8) with scales constant along K.
 
 ``y[g] = x[g] @ W[e]^T`` (forward, W stored ``[E, N, K]``) or ``dx[g] = dy[g] @ W[e]`` (dgrad,
 the same stored W read as ``[E, K_red, N_out]`` tiles): bf16/fp16 x and W, float32
-accumulation, output in x's dtype; or (``FP8``, forward) e4m3 x codes with per-row scales and
-float8 W with channel or tensor scales, each K tile's product promoted into the float32 tile,
-output bf16/fp16. One program per SM (at most the static tile bound) loops
+accumulation, output in x's dtype; or (forward, ``ACT`` 2) e4m3 x codes with per-row scales and
+float8 W with channel or tensor scales, each K tile's product promoted into the float32 tile; or
+(forward, ``ACT`` 1) int8 x codes with per-row scales and int8 (``int8_sym``) W with channel or
+tensor scales, the products summed exactly in int32; output bf16/fp16. One program per SM (at most the static tile bound) loops
 over the output tiles; the tile loop and the K loop are flattened into one software-pipelined
 loop (``tl.range(..., flatten=True)``), so the loads of a tile's first K steps are issued while
 the previous tile's epilogue runs. x's and W's tiles come by host TMA descriptors: x ``[M, K]``
@@ -18,8 +19,9 @@ Tiles are numbered as :func:`.grouped_gemm._expert_of_tile` numbers them (expert
 program reads ``offs`` once, and its tiles' experts come from that prefix sum on the device
 (no host sync). Only used tiles are visited; a second loop writes zeros to the rows at or past
 ``offs[-1]``. Same function and summation order as :func:`.grouped_gemm.grouped_gemm_kernel`
-at the same tile (``ACT`` 0 with plain weights, or ``ACT`` 2 with scales constant along K):
-bit-equal outputs (GPU ``test_persistent_tiles``, ``test_fp8_dot_k_tile_256``).
+at the same tile (``ACT`` 0 with plain weights, ``ACT`` 1 or 2 with scales constant along K):
+bit-equal outputs (GPU ``test_persistent_tiles``, ``test_fp8_dot_k_tile_256``,
+``test_persistent_int8_w8a8``).
 
 Measured against that kernel's default tiles (``benchmarks/probe_persistent.py [--fp8]``, H100,
 T=4096): :func:`moe_ops.lowering.kernel_choice.choose_persistent_config` takes it where it was
@@ -44,11 +46,12 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M
                               E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                               W_T: tl.constexpr, STAGES: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                              FLATTEN: tl.constexpr = True, FP8: tl.constexpr = False):
-    """``y [M, N]``; ``K`` the reduction. ``FP8``: x and W float8 codes, scales constant along K
-    (x's ``xs [M]`` per row, W's ``ws`` per (expert, output column), stride 0 where broadcast):
-    each K tile's product promoted into the float32 tile, ``(acc * xs) * ws`` at the end, as
-    :func:`.grouped_gemm._gemm_acc` (ACT 2) computes it. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
+                              FLATTEN: tl.constexpr = True, ACT: tl.constexpr = 0):
+    """``y [M, N]``; ``K`` the reduction. ``ACT`` (:func:`.grouped_gemm._gemm_acc`'s codes): 0,
+    16-bit x and W; 1, int8 x and W codes, the products summed in int32 (exact), ``(acc * xs) *
+    ws`` in float32 at the end; 2, float8 x and W codes, each K tile's product promoted into the
+    float32 tile, ``(acc * xs) * ws`` at the end. Scales constant along K: x's ``xs [M]`` per
+    row, W's ``ws`` per (expert, output column), stride 0 where broadcast. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
     True (dgrad): over the stored ``[E, K, N]``. ``STAGES``: the loop's pipeline depth; ``FLATTEN``
     False keeps the tile loop and the K loop apart (only the K loop pipelined; for the probe).
     ``UPCAST_DOT``: float32 dot (Triton's interpreter, whose bf16 dot is wrong). The descriptors
@@ -68,14 +71,19 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M
     for t in tl.range(pid, total * num_n, programs, flatten=FLATTEN, num_stages=STAGES):
         tile, pid_n = grouped_order(t, total, num_n, GROUP_M)
         expert, row0, row_end = _locate_tile(tile, idx, ntiles, cum, prev, ends, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ACT == 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = x_desc.load([row0, ki * BLOCK_K])
             if W_T:
                 b = tl.reshape(w_desc.load([expert, ki * BLOCK_K, pid_n * BLOCK_N]), (BLOCK_K, BLOCK_N))
             else:
                 b = tl.reshape(w_desc.load([expert, pid_n * BLOCK_N, ki * BLOCK_K]), (BLOCK_N, BLOCK_K)).T
-            if FP8:  # the tensor core's fp8 sums promoted every K tile (grouped_gemm._gemm_acc)
+            if ACT == 1:  # int8 x int8, exact int32 sums chained through the accumulator
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            elif ACT == 2:  # the tensor core's fp8 sums promoted every K tile (grouped_gemm._gemm_acc)
                 acc += tl.dot(a, b, out_dtype=tl.float32)
             elif UPCAST_DOT:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -83,11 +91,11 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M
                 acc = tl.dot(a, b, acc)
         rm = row0 + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if FP8:
+        if ACT != 0:
             xs = tl.load(xs_ptr + rm.to(tl.int64) * stride_xsm, mask=rm < row_end, other=0.0)
             ws = tl.load(ws_ptr + expert.to(tl.int64) * stride_se + rn.to(tl.int64) * stride_sn, mask=rn < N,
                          other=0.0)
-            acc = acc * xs[:, None] * ws[None, :]
+            acc = acc.to(tl.float32) * xs[:, None] * ws[None, :]
         tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=(rm < row_end)[:, None] & (rn < N)[None, :])
     # the rows at or past offs[-1]: zeros
@@ -110,11 +118,12 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
             and launch.descriptors_allowed(x))
 
 
-def serves_fp8(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the ``FP8`` path serves 16-bit ``x`` (``[M, K]``, cast to e4m3 codes per row by
-    the caller) and the stored float8 ``w`` now: a TMA device, the codes' rows 16-byte aligned
-    (K a multiple of 16) and W's layout TMA-legal, descriptors allowed."""
-    return (w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and x.dim() == 2 and w.dim() == 3
+def serves_codes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the ``ACT`` 1 / 2 paths serve 16-bit ``x`` (``[M, K]``, cast to int8 / e4m3 codes
+    per row by the caller) and the stored int8 / float8 ``w`` now: a TMA device, the codes' rows
+    16-byte aligned (K a multiple of 16) and W's layout TMA-legal, descriptors allowed. (int8
+    ``w`` is ``int8_sym``'s storage; ``int8_asym`` codes are uint8.)"""
+    return (w.dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2) and x.dim() == 2 and w.dim() == 3
             and x.shape[1] % 16 == 0 and launch.tma_device(x) and launch.tma_aligned(w)
             and launch.descriptors_allowed(x))
 
@@ -138,9 +147,9 @@ def launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, offs: t
     """``y`` (``[M, N_out]``, written in full) from ``x`` ``[M, K_red]`` and the stored ``w``:
     ``[E, N_out, K_red]`` (forward) or ``[E, K_red, N_out]`` (``dgrad``). ``config``: a
     :class:`~moe_ops.lowering.kernel_choice.KernelConfig` (its block sizes, ``group_m``, warps,
-    stages); ``flatten``: the kernel's ``FLATTEN``. ``scales`` (forward, float8 x and W):
-    ``(xs, ws, (stride_xsm, stride_se, stride_sn))``, the kernel's ``FP8`` path. The caller
-    checks :func:`serves` (or :func:`serves_fp8`)."""
+    stages); ``flatten``: the kernel's ``FLATTEN``. ``scales`` (forward, 8-bit x and W codes,
+    int8 or float8 as ``w``'s dtype): ``(xs, ws, (stride_xsm, stride_se, stride_sn))``, the
+    kernel's ``ACT`` 1 / 2 paths. The caller checks :func:`serves` (or :func:`serves_codes`)."""
     M, K = x.shape
     E = offs.shape[0]
     N = w.shape[2] if dgrad else w.shape[1]
@@ -152,7 +161,7 @@ def launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, offs: t
                   stride_yn=y.stride(1), stride_xsm=stride_xsm, stride_se=stride_se, stride_sn=stride_sn,
                   E=E, E_POW2=next_power_of_2(E), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
                   W_T=dgrad, STAGES=config.num_stages, UPCAST_DOT=launch.interpreting() and scales is None,
-                  FLATTEN=flatten, FP8=scales is not None)
+                  FLATTEN=flatten, ACT=0 if scales is None else (1 if w.dtype == torch.int8 else 2))
     launch.launch(persistent_grouped_kernel, (_programs(x, tile_bound),), kwargs, descs,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return y

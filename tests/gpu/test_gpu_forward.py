@@ -503,3 +503,52 @@ def test_persistent_sync_free_graph_and_compiled():
     assert torch.equal(yc, moe_ops.grouped_mm(xd, wd, od))
     yc2 = f(xd[:2500], torch.clamp(od, max=2500))  # another row count (dynamic shapes)
     assert torch.equal(yc2, moe_ops.grouped_mm(xd[:2500], wd, torch.clamp(od, max=2500)))
+
+
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+@pytest.mark.parametrize("tile", [KernelConfig(64, 128, 128, 4, 3), KernelConfig(128, 128, 128, 8, 3),
+                                  KernelConfig(128, 256, 128, 8, 3), KernelConfig(128, 128, 256, 8, 3)])
+def test_persistent_int8_w8a8(tile, gran):
+    """The persistent kernel's int8 path (``ACT`` 1: int8_token x codes by TMA, int8_sym W
+    codes by TMA, exact int32 sums, ``(acc * xs) * ws`` once): ragged experts (an empty one, rows
+    past offs[-1]), K not a multiple of the K tile, output poisoned; equal bit for bit to the
+    reference (the spec's exact path) and to the one-program-a-tile kernel at the same tile."""
+    if not tma_capable():
+        pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
+    from moe_ops.kernels import persistent_gemm
+    M, E, N, K = 2600, 4, 384, 1040
+    x, w, offs = _case(hash((gran, str(tile), "int8p")) % 10000, M, E, N, K)
+    qw = moe_ops.quantize_weight(w.bfloat16(), "int8_sym", gran, 0)
+    args = [a.to(DEV) if torch.is_tensor(a) else a for a in qw.op_args()]
+    xd, od = x.to(DEV), offs.to(DEV)
+    xq, xs = dispatch.quantize_act(xd, "int8_token")
+    ws, _, st = dispatch._scale_operands(args[0], args[1], args[2], gran, transposed=False)
+    assert persistent_gemm.serves_codes(xq, args[0])
+    _poison(M, N, torch.bfloat16)
+    y = persistent_gemm.launch_persistent(xq, args[0], torch.empty(M, N, dtype=torch.bfloat16, device=DEV), od,
+                                          tile, False, scales=(xs, ws, (xs.stride(0), st[0], st[1])))
+    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+    ref = moe_ops.reference.grouped_mm(x, *qw.op_args()[:3], offs, *qw.op_args()[3:], "int8_token", "none")
+    assert torch.equal(y.cpu(), ref)
+    same_tile = KernelConfig(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tma=True)
+    assert torch.equal(y, dispatch.grouped_mm(xd, *args[:3], od, *args[3:], "int8_token", "none", config=same_tile,
+                                              prequantized=(xq, xs)))
+
+
+def test_int8_w8a8_default_takes_the_persistent_kernel(monkeypatch):
+    """``moe_ops.grouped_mm(..., act_quant="int8_token")`` with channel-scaled int8_sym W above 64
+    rows per expert: the persistent kernel on TMA devices (``choose_persistent_config``), exact
+    against the reference; poisoned output, ragged experts with an empty one."""
+    from moe_ops.kernels import persistent_gemm
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(a[-1]) or orig(*a, **k))
+    M, E, N, K = 3000, 8, 512, 768
+    x, w, offs = _case(hash("int8_default") % 10000, M, E, N, K)
+    qw = moe_ops.quantize_weight(w.bfloat16(), "int8_sym", "channel", 0)
+    _poison(M, N, torch.bfloat16)
+    y = moe_ops.grouped_mm(x.to(DEV), qw.to(DEV), offs.to(DEV), act_quant="int8_token")
+    assert taken == ([False] if tma_capable() else [])
+    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+    ref = moe_ops.reference.grouped_mm(x, *qw.op_args()[:3], offs, *qw.op_args()[3:], "int8_token", "none")
+    assert torch.equal(y.cpu(), ref)

@@ -619,6 +619,60 @@ def test_persistent_gemm_forward_and_dgrad(dtype, k):
     assert rel_err(dx, ref) < bound
 
 
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_persistent_gemm_int8_path(gran, dtype):
+    """The persistent kernel's ``ACT`` 1 path (int8_token x codes, int8_sym W codes, exact int32
+    sums, ``(acc * xs) * ws`` once at the end): three programs over ragged experts (an empty
+    one, rows past offs[-1] zero), 16-row tiles, N and K off the tile; equal bit for bit to the
+    one-program-a-tile kernel, and to the reference (the spec's exact integer path) in fp16: the
+    interpreter's float32 -> bf16 conversion truncates (bf16 within its rounding here; exact on
+    the GPU: ``test_persistent_int8_w8a8``)."""
+    from moe_ops.kernels import persistent_gemm
+    x, w, offs = _data(hash((gran, str(dtype), "int8p")) % 997, dtype, k=80)
+    qw = moe_ops.quantize_weight(w, "int8_sym", gran, 0)
+    args = qw.op_args()
+    xq, xs = dispatch.quantize_act(x, "int8_token")
+    ws, _, st = dispatch._scale_operands(args[0], args[1], args[2], gran, transposed=False)
+    y = torch.full((M, N), float("nan"), dtype=dtype)
+    persistent_gemm.launch_persistent(xq, args[0], y, offs, PERSISTENT_TILE, dgrad=False,
+                                      scales=(xs, ws, (xs.stride(0), st[0], st[1])))
+    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
+    assert torch.equal(y, _run(x, args, offs, "int8_token", KernelConfig(16, 32, 32, 4, 2, group_m=2)))
+    ref = reference.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none")
+    if dtype == torch.float16:
+        assert torch.equal(y, ref)
+    else:
+        assert rel_err(y, ref) < 8e-3
+
+
+def test_persistent_gemm_int8_is_the_w8a8_choice_where_it_serves(monkeypatch):
+    """int8_token x and int8_sym W with channel or tensor scales above 64 rows per expert take the
+    persistent kernel (exact: equal to the reference); int8_asym W, group scales, 64 rows per
+    expert or fewer, and an explicit config take the one-program-a-tile kernel."""
+    from moe_ops.kernels import persistent_gemm
+    taken = []
+    orig = persistent_gemm.launch_persistent
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **kw: taken.append(a[-1]) or orig(*a, **kw))
+    g = torch.Generator().manual_seed(41)
+    m, n, k = 300, 40, 64  # 100 rows per expert (the static bound M / E)
+    offs = torch.tensor([0, 150, 290], dtype=torch.int32)  # an empty expert, 10 rows past offs[-1]
+    x = torch.randn(m, k, generator=g).half()
+    w = torch.randn(3, n, k, generator=g)
+    for fmt, gran, gs, persistent in (("int8_sym", "channel", 0, True), ("int8_sym", "tensor", 0, True),
+                                      ("int8_asym", "channel", 0, False), ("int8_sym", "group", 32, False)):
+        args = moe_ops.quantize_weight(w, fmt, gran, gs).op_args()
+        y = torch.full((m, n), float("nan"), dtype=torch.float16)
+        dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none", out=y)
+        assert torch.equal(y, reference.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none"))
+        assert taken == ([False] if persistent else []), (fmt, gran)
+        taken.clear()
+    args = moe_ops.quantize_weight(w, "int8_sym", "channel", 0).op_args()
+    dispatch.grouped_mm(x[:150], *args[:3], offs.clamp(max=150), *args[3:], "int8_token", "none")  # 50 a expert
+    dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none", config=CONFIGS["prefill"])
+    assert taken == []
+
+
 def test_persistent_gemm_is_the_prefill_choice_where_it_serves(monkeypatch):
     """16-bit plain weights above 64 rows per expert take the persistent kernel, forward and
     dgrad (its tile from ``choose_persistent_config``: 128x256); quantized weights, float32,
