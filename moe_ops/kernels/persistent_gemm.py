@@ -6,13 +6,14 @@ the same stored W read as ``[E, K_red, N_out]`` tiles): bf16/fp16 x and W, float
 accumulation, output in x's dtype; or (forward, ``ACT`` 2) e4m3 x codes with per-row scales and
 float8 W with channel or tensor scales, each K tile's product promoted into the float32 tile; or
 (forward, ``ACT`` 1) int8 x codes with per-row scales and int8 (``int8_sym``) W with channel or
-tensor scales, the products summed exactly in int32; output bf16/fp16. One program per SM (at most the static tile bound) loops
-over the output tiles; the tile loop and the K loop are flattened into one software-pipelined
-loop (``tl.range(..., flatten=True)``), so the loads of a tile's first K steps are issued while
-the previous tile's epilogue runs. x's and W's tiles come by host TMA descriptors: x ``[M, K]``
-with block ``[BLOCK_M, BLOCK_K]`` (rows of the next expert read into a part-filled tile are
-masked at the store; columns past K read as zero), W 3-D with block ``[1, BLOCK_N, BLOCK_K]``
-(dgrad ``[1, BLOCK_K, BLOCK_N]``), so a tile never reads another expert's weights.
+tensor scales, the products summed exactly in int32; output bf16/fp16. One program per SM (at
+most the static tile bound) loops over the output tiles; the tile loop and the K loop are
+flattened into one software-pipelined loop (``tl.range(..., flatten=True)``), so the loads of a
+tile's first K steps are issued while the previous tile's epilogue runs. x's and W's tiles come
+by host TMA descriptors: x ``[M, K]`` with block ``[BLOCK_M, BLOCK_K]`` (rows of the next expert
+read into a part-filled tile are masked at the store; columns past K read as zero), W 3-D with
+block ``[1, BLOCK_N, BLOCK_K]`` (dgrad ``[1, BLOCK_K, BLOCK_N]``), so a tile never reads another
+expert's weights.
 
 Tiles are numbered as :func:`.grouped_gemm._expert_of_tile` numbers them (expert by expert,
 ``cdiv(rows, BLOCK_M)`` each, ``GROUP_M`` row tiles walking the column tiles together); each
@@ -51,9 +52,10 @@ def persistent_grouped_kernel(y_ptr, offs_ptr, xs_ptr, ws_ptr, x_desc, w_desc, M
     16-bit x and W; 1, int8 x and W codes, the products summed in int32 (exact), ``(acc * xs) *
     ws`` in float32 at the end; 2, float8 x and W codes, each K tile's product promoted into the
     float32 tile, ``(acc * xs) * ws`` at the end. Scales constant along K: x's ``xs [M]`` per
-    row, W's ``ws`` per (expert, output column), stride 0 where broadcast. ``W_T`` False: ``w_desc`` over the stored ``[E, N, K]``;
-    True (dgrad): over the stored ``[E, K, N]``. ``STAGES``: the loop's pipeline depth; ``FLATTEN``
-    False keeps the tile loop and the K loop apart (only the K loop pipelined; for the probe).
+    row, W's ``ws`` per (expert, output column), stride 0 where broadcast. ``W_T`` False:
+    ``w_desc`` over the stored ``[E, N, K]``; True (dgrad): over the stored ``[E, K, N]``.
+    ``STAGES``: the loop's pipeline depth; ``FLATTEN`` False keeps the tile loop and the K loop
+    apart (only the K loop pipelined; for the probe).
     ``UPCAST_DOT``: float32 dot (Triton's interpreter, whose bf16 dot is wrong). The descriptors
     follow the pointers: torch's TTIR mutation analysis (Inductor's, ``tests/test_kernel_writes.py``)
     numbers parameters as if a descriptor were one, so parameters after a descriptor get the
