@@ -60,6 +60,19 @@ def spy_tma_operands(monkeypatch) -> list:
     return seen
 
 
+def spy_persistent_launches(monkeypatch) -> list:
+    """Record the ``dgrad`` flag of each launch of the persistent kernel
+    (``persistent_gemm.launch_persistent``, as the dispatcher calls it), in launch order."""
+    from moe_ops.kernels import persistent_gemm
+    seen, orig = [], persistent_gemm.launch_persistent
+
+    def spy(*a, **kw):
+        seen.append(a[5])  # (x, w, y, offs, config, dgrad)
+        return orig(*a, **kw)
+    monkeypatch.setattr(persistent_gemm, "launch_persistent", spy)
+    return seen
+
+
 def weight_cases(fmts=None):
     """(format, granularity, group_size) for every quantized format and granularity."""
     out = []

@@ -9,8 +9,8 @@ import torch
 import moe_ops
 from moe_ops.kernels import dispatch
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
-from helpers import (GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, spy_tma_operands, tma_capable,
-                     weight_cases)
+from helpers import (GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, spy_persistent_launches,
+                     spy_tma_operands, tma_capable, weight_cases)
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -161,10 +161,7 @@ def test_fp8_dot_k_tile_256(fmt, gran, monkeypatch):
     the same sums as the one-program-a-tile kernel at that tile); against the float64 product
     of the same codes it is as accurate as the 128-column tile (the tensor core sums at most
     one K tile before each promotion), on ragged experts with an empty one, outputs poisoned."""
-    from moe_ops.kernels import persistent_gemm
-    taken = []
-    orig = persistent_gemm.launch_persistent
-    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(k) or orig(*a, **k))
+    taken = spy_persistent_launches(monkeypatch)
     M, E, N, K = 2600, 4, 384, 1792
     x, w, offs = _case(hash((fmt, gran, "k256")) % 10000, M, E, N, K)
     assert int((offs - torch.cat([offs.new_zeros(1), offs[:-1]])).max()) > 512
@@ -446,9 +443,7 @@ def test_persistent_tiles(M, E, N, K, dtype, monkeypatch):
         pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
     from moe_ops.kernels import persistent_gemm
     from moe_ops.lowering.kernel_choice import choose_persistent_config
-    taken = []
-    orig = persistent_gemm.launch_persistent
-    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(a[-1]) or orig(*a, **k))
+    taken = spy_persistent_launches(monkeypatch)
     x, w, offs = _case(hash((M, str(dtype), "persistent")) % 10000, M, E, N, K)
     x, w = x.to(dtype), w.to(dtype)
     xd, wd, od = x.to(DEV), w.to(DEV), offs.to(DEV)
@@ -539,10 +534,7 @@ def test_int8_w8a8_default_takes_the_persistent_kernel(monkeypatch):
     """``moe_ops.grouped_mm(..., act_quant="int8_token")`` with channel-scaled int8_sym W above 64
     rows per expert: the persistent kernel on TMA devices (``choose_persistent_config``), exact
     against the reference; poisoned output, ragged experts with an empty one."""
-    from moe_ops.kernels import persistent_gemm
-    taken = []
-    orig = persistent_gemm.launch_persistent
-    monkeypatch.setattr(persistent_gemm, "launch_persistent", lambda *a, **k: taken.append(a[-1]) or orig(*a, **k))
+    taken = spy_persistent_launches(monkeypatch)
     M, E, N, K = 3000, 8, 512, 768
     x, w, offs = _case(hash("int8_default") % 10000, M, E, N, K)
     qw = moe_ops.quantize_weight(w.bfloat16(), "int8_sym", "channel", 0)
