@@ -29,17 +29,25 @@ def quad_offsets(rows0, cols, stride_r, stride_c, QUADS: tl.constexpr):
 
 
 @triton.jit
+def load_quads_stored(base, rows0, row_end, cols, c_mask, stride_r, stride_c, QUADS: tl.constexpr):
+    """:func:`load_quads` in the operand's own dtype (not converted: a load kept in flight
+    while other work runs, converted where it is used)."""
+    off, r = quad_offsets(rows0, cols, stride_r, stride_c, QUADS)
+    ptr = base + off
+    v0 = tl.load(ptr, mask=(r < row_end)[:, None] & c_mask[None, :], other=0.0)
+    v1 = tl.load(ptr + stride_r, mask=(r + 1 < row_end)[:, None] & c_mask[None, :], other=0.0)
+    v2 = tl.load(ptr + 2 * stride_r, mask=(r + 2 < row_end)[:, None] & c_mask[None, :], other=0.0)
+    v3 = tl.load(ptr + 3 * stride_r, mask=(r + 3 < row_end)[:, None] & c_mask[None, :], other=0.0)
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def load_quads(base, rows0, row_end, cols, c_mask, stride_r, stride_c, QUADS: tl.constexpr):
     """Rows ``rows0 + 4 i + j`` (``i < QUADS``) and columns ``cols`` of a 2-D operand at
     ``base`` (strides ``stride_r``, ``stride_c``) as four ``[QUADS, len(cols)]`` tiles
     (``j = 0..3``) in float32, zeros at rows ``>= row_end`` and masked columns."""
-    off, r = quad_offsets(rows0, cols, stride_r, stride_c, QUADS)
-    ptr = base + off
-    v0 = tl.load(ptr, mask=(r < row_end)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    v1 = tl.load(ptr + stride_r, mask=(r + 1 < row_end)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    v2 = tl.load(ptr + 2 * stride_r, mask=(r + 2 < row_end)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    v3 = tl.load(ptr + 3 * stride_r, mask=(r + 3 < row_end)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-    return v0, v1, v2, v3
+    v0, v1, v2, v3 = load_quads_stored(base, rows0, row_end, cols, c_mask, stride_r, stride_c, QUADS)
+    return v0.to(tl.float32), v1.to(tl.float32), v2.to(tl.float32), v3.to(tl.float32)
 
 
 @triton.jit

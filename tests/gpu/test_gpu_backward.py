@@ -82,22 +82,33 @@ def test_autograd_and_training_step_capture(recipe):
     assert torch.equal(out[0], gx) and torch.equal(out[1], gw)
 
 
-@pytest.mark.parametrize("config", [None, (32, 4, False), (64, 4, True), (16, 2, True), (16, 4, True, 2),
-                                    (32, 4, True, 4)])
-@pytest.mark.parametrize("per_expert", [True, False])
+_TOKEN_BLOCK_CONFIGS = [None, (32, 4, False), (64, 4, True), (16, 2, True)]
+
+
+@pytest.mark.parametrize("per_expert,config", [
+    *((p, c) for p in (True, False) for c in _TOKEN_BLOCK_CONFIGS),
+    (True, (16, 4, True, 2)), (True, (32, 4, True, 4)), (True, (16, 4, True, 4, True)),
+    (True, (64, 4, True, 1, False, 0, True)), (True, (32, 4, True, 1, True, 2, True)),
+    (False, (64, 4, True, 1, True, 2)), (False, (32, 4, True, 1, False, 4))])
 def test_token_block_quant_bit_exact(per_expert, config):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
-    for bit; the padding of every used block is zero codes. Default tiles, both grid orders, and
-    (per expert) 2 / 4 token blocks a loop step."""
+    for bit; the padding of every used block is zero codes. Default tiles, both grid orders,
+    (per expert) 2 / 4 token blocks a loop step and the next block's loads ahead, the
+    persistent per-block grid with and without the next unit's loads ahead, and (per expert) the
+    expert absmax launched first, on either per-block grid; ``_case`` has an empty expert."""
     from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns, token_block_quant
     x, dy, _, offs = _case(5)
     q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, 0 if per_expert else 128)
-    # poison the allocator's next block of the codes' size (0x7F: a NaN code)
-    torch.full((x.shape[1], padded_blocks(x.shape[0], E) * 128), 0x7F, dtype=torch.uint8, device=DEV)
+    # poison the allocator's next blocks of the codes' and scales' sizes (0x7F: a NaN code)
+    nb = padded_blocks(x.shape[0], E)
+    torch.full((x.shape[1], nb * 128), 0x7F, dtype=torch.uint8, device=DEV)
+    torch.full((E if per_expert else nb, x.shape[1]), float("nan"), device=DEV)
     q, s = token_block_quant(x.to(DEV), offs.to(DEV), per_expert, config)
     end = int(offs[-1])
     used = torch.unique(blk[:end])
     assert torch.equal(s.cpu()[used], s_ref[used])
+    if per_expert:  # the empty expert's row too
+        assert torch.equal(s.cpu(), s_ref[:E])
     col = padded_columns(offs, x.shape[0])[:end]
     q8 = q.cpu().view(torch.uint8)
     assert torch.equal(q8[:, col].t(), q_ref[:end].view(torch.uint8))
