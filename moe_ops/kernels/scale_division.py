@@ -49,14 +49,20 @@ def scaled_codes(v, safe, QMAX: tl.constexpr, TO_INT8: tl.constexpr, dtype: tl.c
     """The codes of ``v / safe`` (:func:`divide_by_scale`; ``safe > 0`` broadcast against ``v``):
     ``TO_INT8``, int8 ``clamp(round_half_even(q), -127, 127)``; else ``clamp(q, -QMAX, QMAX)``
     converted to the float8 ``dtype`` (round to nearest even). The casts' shared rule
-    (:func:`moe_ops.formats.quantize`, :mod:`moe_ops.activations`)."""
+    (:func:`moe_ops.formats.quantize`, :mod:`moe_ops.activations`).
+
+    Precondition (every cast's): ``safe`` is the scale of a unit that holds ``v``, ``absmax /
+    QMAX`` rounded, or 1 where the absmax is 0. Then ``|v / safe| <= QMAX (1 + 2^-24)``, whose
+    float32 rounding is at most one ulp above QMAX and converts to QMAX (round to nearest; on
+    sm_90 the conversion also saturates), so the float8 clamp is implied and not spent (two
+    min/max an element); a NaN stays NaN, as in the reference, instead of clamping to QMAX."""
     v = divide_by_scale(v, safe, RCP)
     if TO_INT8:
         return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
-    return tl.minimum(tl.maximum(v, -QMAX), QMAX).to(dtype)
+    return v.to(dtype)
 
 
 @triton.jit
 def fp8_e4m3_codes(v, safe, RCP: tl.constexpr):
-    """:func:`scaled_codes` for float8 e4m3 (``clamp(v / safe, -448, 448)``)."""
+    """:func:`scaled_codes` for float8 e4m3 (``clamp(v / safe, -448, 448)``, its precondition)."""
     return scaled_codes(v, safe, 448.0, False, tl.float8e4nv, RCP)
