@@ -3,7 +3,7 @@
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
 [--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]] [--act fp8_1x128 --block
 [--scale-per-column]]`` (or ``--token-blocks BLOCK_C WARPS
-[--per-expert] [--div-rn] [--prefetch] [--persistent]``: the FP8 recipes' token-block cast, instructions per element). Compiles
+[--per-expert [--prefetch]] [--div-rn]``: the FP8 recipes' token-block cast, instructions per element). Compiles
 :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
 ``ptxas``/``nvdisasm``, with the specialisations a real launch gets (unit strides as constants,
 16-divisible pointers and row strides), and prints the registers and spills ``ptxas -v`` reports,
@@ -112,17 +112,15 @@ def _disassemble(src, warps: int, stages: int, arch: int):
     return sass, ptxas_report(ck.asm["ptx"], arch)
 
 
-def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int, prefetch: bool = False,
-                         persistent: bool = False):
+def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int, prefetch: bool = False):
     """:func:`token_block_quant_kernel` (bf16 input, column tiles first, 128 experts) as its launch
-    specialises it; ``rcp``: the reciprocal division, else ``div_rn``; ``prefetch`` /
-    ``persistent``: the kernel's constexprs of those names."""
+    specialises it; ``rcp``: the reciprocal division, else ``div_rn``; ``prefetch`` (per expert):
+    the second pass's next block loaded ahead."""
     from moe_ops.kernels.token_block_quant import token_block_quant_kernel as kernel
     consts = dict(E=128, E_POW2=128, BLOCK_M=128, BLOCK_C=block_c, PER_EXPERT=per_expert, COLS_FAST=True, RCP=rcp,
-                  STEP_BLOCKS=1, PREFETCH=prefetch, PERSISTENT=persistent,
-                  EXPERT_AMAX=False)
+                  STEP_BLOCKS=1, PREFETCH=prefetch)
     names = list(inspect.signature(kernel.fn).parameters)
-    types = dict(t_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", offs_ptr="*i32", amax_ptr="*i32")
+    types = dict(t_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", offs_ptr="*i32")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in consts}
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -198,8 +196,8 @@ def main():
                    help="instead: the FP8 recipes' token-block cast (straight-line code, per element)")
     p.add_argument("--per-expert", action="store_true", help="with --token-blocks: per-expert scales")
     p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
-    p.add_argument("--prefetch", action="store_true", help="with --token-blocks: the next block's / unit's loads ahead")
-    p.add_argument("--persistent", action="store_true", help="with --token-blocks: the persistent per-block grid")
+    p.add_argument("--prefetch", action="store_true",
+                   help="with --token-blocks --per-expert: the second pass's next block loaded ahead")
     p.add_argument("--weight-cast", choices=["block", "transposed", "pair"],
                    help="instead: the fp8 block cast of W (128x128 tiles, --tile's WARPS)")
     p.add_argument("--bytes", action="store_true", help="with --weight-cast pair: W^T's codes a byte at a time")
@@ -212,14 +210,13 @@ def main():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
         return
     if a.token_blocks:
-        sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch, a.prefetch,
-                                          a.persistent)
+        sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch, a.prefetch)
         n, ops = instructions(sass)
         per_thread = 128 * a.token_blocks[0] / (32 * a.token_blocks[1])  # tile elements a thread holds
         print(regs)
         print(f"{n} instructions per thread, {n / per_thread:.1f} per element")
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
-        for n, ops in loops(sass):  # the persistent grid's unit loop, the per-expert passes
+        for n, ops in loops(sass):  # the per-expert passes
             print(f"loop: {n} instructions per thread-iteration, {n / per_thread:.1f} per element")
             print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
         return

@@ -136,13 +136,3 @@ def launch(kernel, grid, kwargs: dict, descriptors: dict, **options) -> None:
     from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
     _hopifier(blocks).call_triton_kernel(TraceableTritonKernelWrapper(kernel, None, grid), [],
                                          {**kwargs, **tensors, **options}, None)
-
-
-def persistent_programs(device: torch.device, per_sm: int) -> int:
-    """``per_sm`` programs per streaming multiprocessor (0: no bound). The CPU (Triton's
-    interpreter) counts as one multiprocessor, so that tests run the persistent loop."""
-    if per_sm <= 0:
-        return 0
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return per_sm if device.type == "cpu" else 0

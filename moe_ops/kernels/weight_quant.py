@@ -17,7 +17,6 @@ from torch.library import wrap_triton
 
 from .fp8_packing import load_quads, pack_codes, quads_abs, word_offsets
 from .host_math import cdiv, next_power_of_2
-from .launch import persistent_programs
 from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
 
 
@@ -129,6 +128,16 @@ def _grid_options(config):
     return tuple(config) + (False, 0)[len(config) - 3:]
 
 
+def _persistent_programs(device: torch.device, per_sm: int) -> int:
+    """``per_sm`` programs per streaming multiprocessor (0: no bound). The CPU (Triton's
+    interpreter) counts as one multiprocessor, so that tests run the persistent loop."""
+    if per_sm <= 0:
+        return 0
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm if device.type == "cpu" else 0
+
+
 def _channel_tiles(C: int, transpose: bool):
     """Default ``channel`` config for ``C`` reduced columns (tune_recipes.py on an H100,
     CUDA-graph timed, share of copy bandwidth). W: K = 2048 (4, 1024, 4) 0.96-1.0; K = 768
@@ -230,7 +239,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         pair_args = (q, s, 0, 0, 0, 0, 0, 0)  # unused
     if flat:
         units = grid[0] * grid[1] * grid[2]
-        grid = (min(units, persistent_programs(w.device, per_sm) or units),)
+        grid = (min(units, _persistent_programs(w.device, per_sm) or units),)
     if E and R and C:
         wrap_triton(fp8_weight_quant_kernel)[grid](
             wv, q, s, E, R, C, wv.stride(0), wv.stride(1), wv.stride(2), *q_strides, *s_strides,
