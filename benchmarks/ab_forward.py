@@ -9,7 +9,6 @@ eager. Same weights, routing and x in both runs (fixed seeds).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,35 +25,24 @@ DEFAULT_CASES = [f"{s}:{t}:int8_sym:channel" for s in ("qwen3_gate_up", "qwen3_d
     "qwen3_gate_up:1:int8_asym:group:128", "qwen3_gate_up:4096:int8_asym:group:128"]
 
 
-def main(args):
+def run_case(case: str):
+    """``(ms, (y,), note)`` of one case: the table's launch, timed."""
     dev = torch.device("cuda")
-    saved = torch.load(args.compare) if args.compare else None
-    outs = {}
-    print("env", harness.environment(dev), flush=True)
-    for case in args.cases:
-        sname, T, fmt, gran, *gs = case.split(":")
-        T, gs = int(T), int(gs[0]) if gs else 0
-        E, top_k, K, N = SHAPES[sname]
-        g = torch.Generator(device="cpu").manual_seed(T)
-        w = (torch.randn(E, N, K, generator=g) * 0.02).to(torch.bfloat16).to(dev)
-        qw = moe_ops.quantize_weight(w, fmt, gran, gs)
-        x = torch.randn(T * top_k, K, generator=g).to(torch.bfloat16).to(dev)
-        offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
-        fn = lambda: moe_ops.grouped_mm(x, qw, offs)  # noqa: E731
-        y = fn()
-        decode = T * top_k <= 16 * E
-        ms = harness.bench_graph_ms(fn) if decode else harness.bench_ms(fn)
-        outs[case] = y.cpu()
-        same = "" if saved is None else f" bitwise equal to {args.compare}: {torch.equal(saved[case], outs[case])}"
-        print(f"{case:42s} {ms * 1e3:9.1f} us {'graph' if decode else 'eager'}{same}", flush=True)
-        w = qw = x = None
-    if args.save:
-        torch.save(outs, args.save)
+    sname, T, fmt, gran, *gs = case.split(":")
+    T, gs = int(T), int(gs[0]) if gs else 0
+    E, top_k, K, N = SHAPES[sname]
+    g = torch.Generator(device="cpu").manual_seed(T)
+    w = (torch.randn(E, N, K, generator=g) * 0.02).to(torch.bfloat16).to(dev)
+    qw = moe_ops.quantize_weight(w, fmt, gran, gs)
+    x = torch.randn(T * top_k, K, generator=g).to(torch.bfloat16).to(dev)
+    offs = harness.skewed_offs(T, E, top_k, dev, seed=T)
+    fn = lambda: moe_ops.grouped_mm(x, qw, offs)  # noqa: E731
+    y = fn()
+    decode = T * top_k <= 16 * E
+    ms = harness.bench_graph_ms(fn) if decode else harness.bench_ms(fn)
+    return ms, (y,), "graph" if decode else "eager"
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
-    p.add_argument("--save")
-    p.add_argument("--compare")
-    main(p.parse_args())
+    print("env", harness.environment(torch.device("cuda")), flush=True)
+    harness.ab_run(harness.ab_arguments(DEFAULT_CASES), run_case)

@@ -1,6 +1,7 @@
 """The one benchmark harness: routing, timing, ceilings, result tables (markdown + JSON)."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -147,3 +148,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def ab_arguments(default_cases) -> argparse.Namespace:
+    """The A/B scripts' command line: ``[--cases ...] [--save A.pt | --compare A.pt]``."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", nargs="+", default=default_cases)
+    p.add_argument("--save")
+    p.add_argument("--compare")
+    return p.parse_args()
+
+
+def ab_run(args, run_case) -> None:
+    """The A/B scripts' loop over ``args.cases`` on one source tree: ``run_case(case)`` returns
+    ``(ms, outputs, note)`` (outputs: a tuple of tensors); prints each case's time, and whether
+    its outputs equal bit for bit those that ``--save`` kept from the other tree's run."""
+    saved = torch.load(args.compare) if args.compare else None
+    outs = {}
+    for case in args.cases:
+        ms, out, note = run_case(case)
+        outs[case] = tuple(t.cpu() for t in out)
+        same = "" if saved is None else (f" bitwise equal to {args.compare}: "
+                                         f"{all(torch.equal(a, b) for a, b in zip(saved[case], outs[case]))}")
+        print(f"{case:42s} {ms * 1e3:9.1f} us {note}{same}", flush=True)
+    if args.save:
+        torch.save(outs, args.save)
