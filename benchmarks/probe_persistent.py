@@ -7,7 +7,7 @@ gate_up, T=4096, skewed routing; forward ``y[g] = x[g] @ W[e]^T`` and dgrad ``dx
 W[e]``. CUDA-graph timed; error relative to ``torch._grouped_mm``'s output.
 
 ``--fp8``: the forward of fp8 W8A8 (``fp8_token`` x, e4m3 channel-scaled W; the GEMM alone on x
-cast beforehand) through the kernel's ``FP8`` path against ``grouped_gemm_kernel`` at the
+cast beforehand) through the kernel's ``ACT`` 2 path against ``grouped_gemm_kernel`` at the
 table's fp8 tile and ``torch._scaled_grouped_mm`` on the same codes and scales.
 
 ``--int8``: the forward of int8 W8A8 (``int8_token`` x, ``int8_sym`` channel-scaled W; the GEMM

@@ -273,7 +273,7 @@ def choose_persistent_config(M: int, N: int, K: int, E: int, dgrad: bool = False
     second run); dgrad Qwen3-30B-A3B gate_up 485 -> 465 / 501 -> 472, down 254 -> 244 / 255
     -> 250 (4 stages); at 1024 rows per expert the dgrad moved -2% to +7% (DeepSeek-V3 3047 ->
     2981 / 3106 -> 3011, Mixtral 2989 -> 3207 / 3056 -> 3037): kept one program a tile.
-    ``fp8_dot``: float8 x and W, scales constant along K (the kernel's ``FP8`` path): above 512
+    ``fp8_dot``: float8 x and W, scales constant along K (the kernel's ``ACT`` 2 path): above 512
     rows per expert, :func:`choose_forward_config`'s 128x128x256 tile, persistent
     (``probe_persistent.py --fp8``, results/probe_persistent_fp8_h100_s19.*, the GEMM alone,
     bit-equal to the one-program-a-tile kernel at that tile): DeepSeek-V3 E=32 2108 -> 1988 us

@@ -157,7 +157,7 @@ def test_fp8_activations(mode, fmt, gran):
 @pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "channel"), ("fp8_e5m2", "tensor")])
 def test_fp8_dot_k_tile_256(fmt, gran, monkeypatch):
     """fp8_token x fp8 W above 512 rows an expert: the default tile takes 256-column K tiles
-    (half the float32 promotions), in the persistent kernel on TMA devices (its FP8 path:
+    (half the float32 promotions), in the persistent kernel on TMA devices (its ACT 2 path:
     the same sums as the one-program-a-tile kernel at that tile); against the float64 product
     of the same codes it is as accurate as the 128-column tile (the tensor core sums at most
     one K tile before each promotion), on ragged experts with an empty one, outputs poisoned."""

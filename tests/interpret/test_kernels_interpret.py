@@ -713,7 +713,7 @@ def test_persistent_gemm_is_the_prefill_choice_where_it_serves(monkeypatch):
 
 def test_persistent_gemm_fp8_path(monkeypatch):
     """fp8_token x and e4m3 channel / e5m2 tensor-scaled W above 512 rows per expert take the
-    persistent kernel's FP8 path (each K tile's product promoted, ``(acc * xs) * ws`` at the
+    persistent kernel's ACT 2 path (each K tile's product promoted, ``(acc * xs) * ws`` at the
     end): equal to the one-program-a-tile kernel at the same 128x128x256 tile; rows past
     offs[-1] zero; K not a multiple of 256 keeps the one-program-a-tile kernel."""
     taken = spy_persistent_launches(monkeypatch)
