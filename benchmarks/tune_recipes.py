@@ -45,7 +45,9 @@ TOKEN_BLOCKS_PER_EXPERT = TOKEN_BLOCKS + [
     # token blocks a loop step; the second pass's next block loaded ahead
     (64, 8, True, 2), (32, 8, True, 4), (32, 4, True, 4), (16, 4, True, 4), (16, 4, True, 8), (64, 4, True, 2),
     (16, 4, True, 4, True), (64, 4, True, 2, True), (32, 4, True, 4, True), (32, 4, True, 2, True),
-    (16, 4, True, 8, True), (64, 8, True, 2, True)]
+    (16, 4, True, 8, True), (64, 8, True, 2, True),
+    # with the first pass's running max (session 25): more blocks a step, wider column tiles
+    (64, 4, True, 4, True), (32, 4, True, 8, True), (128, 8, True, 2, True), (128, 4, True, 1, True)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
 W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
 W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4),

@@ -67,13 +67,20 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
     if PER_EXPERT:  # program pid = expert
         start, end, first, count = _tiles_of_expert(prev, ends, pid, E, E_POW2, BLOCK_M)
-        amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        rs = tl.arange(0, STEP_BLOCKS * BLOCK_M)
-        for j in range(0, count, STEP_BLOCKS):
-            rm = start + j * BLOCK_M + rs
-            v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
-                        mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 0))
+        # first pass: an elementwise max over the expert's blocks of |v|'s bits as integers
+        # (for floats >= 0 the same order; NaN above inf), reduced across the block's rows once
+        # after the loop
+        IBITS: tl.constexpr = t_ptr.dtype.element_ty.primitive_bitwidth
+        ITYPE: tl.constexpr = tl.int16 if IBITS == 16 else tl.int32
+        SIGN_OFF: tl.constexpr = (1 << (IBITS - 1)) - 1
+        run = tl.zeros((BLOCK_M, BLOCK_C), dtype=ITYPE)
+        for j0 in range(0, count, STEP_BLOCKS):
+            for i in tl.static_range(STEP_BLOCKS):
+                rm = start + (j0 + i) * BLOCK_M + ri  # past the expert's rows: nothing read
+                v = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + cols[None, :],
+                            mask=(rm < end)[:, None] & c_mask[None, :], other=0.0)
+                run = tl.maximum(run, v.to(ITYPE, bitcast=True) & SIGN_OFF)
+        amax = tl.max(run, 0).to(ITYPE).to(t_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         if PREFETCH:  # the second pass's first block, loaded before the scales are known
             r0, r1, r2, r3 = load_quads_stored(t_ptr, start, end, cols, c_mask, stride_tm, 1, QUADS)
         scale = tl.math.div_rn(amax, 448.0)
