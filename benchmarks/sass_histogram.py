@@ -112,13 +112,14 @@ def _disassemble(src, warps: int, stages: int, arch: int):
     return sass, ptxas_report(ck.asm["ptx"], arch)
 
 
-def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int, prefetch: bool = False):
+def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int, prefetch: bool = False,
+                         largest_first: bool = False):
     """:func:`token_block_quant_kernel` (bf16 input, column tiles first, 128 experts) as its launch
     specialises it; ``rcp``: the reciprocal division, else ``div_rn``; ``prefetch`` (per expert):
     the second pass's next block loaded ahead."""
     from moe_ops.kernels.token_block_quant import token_block_quant_kernel as kernel
     consts = dict(E=128, E_POW2=128, BLOCK_M=128, BLOCK_C=block_c, PER_EXPERT=per_expert, COLS_FAST=True, RCP=rcp,
-                  STEP_BLOCKS=1, PREFETCH=prefetch)
+                  STEP_BLOCKS=1, PREFETCH=prefetch, LARGEST_FIRST=largest_first)
     names = list(inspect.signature(kernel.fn).parameters)
     types = dict(t_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", offs_ptr="*i32")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
@@ -196,6 +197,8 @@ def main():
                    help="instead: the FP8 recipes' token-block cast (straight-line code, per element)")
     p.add_argument("--per-expert", action="store_true", help="with --token-blocks: per-expert scales")
     p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
+    p.add_argument("--largest-first", action="store_true",
+                   help="with --token-blocks --per-expert: experts launched by row count, most first")
     p.add_argument("--prefetch", action="store_true",
                    help="with --token-blocks --per-expert: the second pass's next block loaded ahead")
     p.add_argument("--weight-cast", choices=["block", "transposed", "pair"],
@@ -210,7 +213,8 @@ def main():
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
         return
     if a.token_blocks:
-        sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch, a.prefetch)
+        sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch, a.prefetch,
+                                          a.largest_first)
         n, ops = instructions(sass)
         per_thread = 128 * a.token_blocks[0] / (32 * a.token_blocks[1])  # tile elements a thread holds
         print(regs)

@@ -47,9 +47,14 @@ TOKEN_BLOCKS_PER_EXPERT = TOKEN_BLOCKS + [
     (16, 4, True, 4, True), (64, 4, True, 2, True), (32, 4, True, 4, True), (32, 4, True, 2, True),
     (16, 4, True, 8, True), (64, 8, True, 2, True),
     # with the first pass's running max (session 25): more blocks a step, wider column tiles
-    (64, 4, True, 4, True), (32, 4, True, 8, True), (128, 8, True, 2, True), (128, 4, True, 1, True)]
+    (64, 4, True, 4, True), (32, 4, True, 8, True), (128, 8, True, 2, True), (128, 4, True, 1, True),
+    # the experts launched by row count, most first (session 25, not yet timed)
+    (16, 4, True, 4, True, True), (32, 4, True, 4, True, True), (64, 4, True, 4, True, True),
+    (64, 8, True, 2, True, True)]
 # (BLOCK_N, BLOCK_K, num_warps, flat grid in memory order[, programs per SM: persistent])
-W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False)]
+W_CHANNEL = [(4, 1024, 4, True), (8, 256, 4, True), (2, 2048, 8, True), (8, 1024, 8, False),
+             # one read of rows up to K 8192 (DeepSeek-V3's 7168: its default takes two passes)
+             (1, 8192, 8, True), (2, 8192, 16, True), (1, 8192, 4, True)]
 W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4),
                # BLOCK_K >= N: one read of W (the rows' whole reduced dim in registers)
                (4, 2048, 4, True), (8, 2048, 4, True), (8, 2048, 8, True), (16, 2048, 8, True), (16, 2048, 16, True),

@@ -127,6 +127,18 @@ def _expert_of_tile(prev, ends, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLO
 
 
 @triton.jit
+def _expert_of_rank(prev, ends, rank, E: tl.constexpr, E_POW2: tl.constexpr):
+    """The expert with the ``rank``-th most rows (0: the most; equal counts by index), ``rank <
+    E``: a grid whose programs take one expert each, numbered so, starts its longest programs
+    first (GPUs dispatch a grid's programs in order), which keeps the largest experts' serial work
+    off the kernel's tail. One ``[E_POW2]`` sort of (rows, index) keys."""
+    idx = tl.arange(0, E_POW2)
+    rows = tl.where(idx < E, ends - prev, -1).to(tl.int64)  # padding sorts last
+    key = tl.sort(rows * E_POW2 + (E_POW2 - 1 - idx), descending=True)
+    return (E_POW2 - 1) - (tl.sum(tl.where(idx == rank, key, 0), 0) % E_POW2).to(tl.int32)
+
+
+@triton.jit
 def _tiles_of_expert(prev, ends, expert, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(first row, end row, index of the first tile, number of tiles) of ``expert``, tiles
     numbered as in :func:`_expert_of_tile`."""

@@ -29,7 +29,7 @@ from torch.library import wrap_triton
 from moe_ops import formats
 
 from .fp8_packing import load_quads, load_quads_stored, pack_codes, quads_abs, word_offsets
-from .grouped_gemm import _expert_of_tile, _tiles_of_expert
+from .grouped_gemm import _expert_of_rank, _expert_of_tile, _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
 from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
 
@@ -49,12 +49,14 @@ def _block_words(v0, v1, v2, v3, safe, RCP: tl.constexpr):
 def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride_qc, stride_sb,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr, COLS_FAST: tl.constexpr,
-                             RCP: tl.constexpr, STEP_BLOCKS: tl.constexpr, PREFETCH: tl.constexpr):
+                             RCP: tl.constexpr, STEP_BLOCKS: tl.constexpr, PREFETCH: tl.constexpr,
+                             LARGEST_FIRST: tl.constexpr = False):
     """Per expert: ``STEP_BLOCKS`` token blocks a loop step in the first pass over the expert's
     rows, and in the second without ``PREFETCH`` (their loads issued together: fewer dependent
     round trips for a large expert); ``PREFETCH``: the second pass takes one block a step and
     issues the next block's loads before this one's codes are computed and stored (a load after
-    a store waits for it: the two may alias)."""
+    a store waits for it: the two may alias). ``LARGEST_FIRST``: program ``u`` takes the expert
+    with the u-th most rows (:func:`.grouped_gemm._expert_of_rank`), else expert ``u``."""
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
     pid_c = tl.program_id(0 if COLS_FAST else 1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -65,8 +67,9 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
-    if PER_EXPERT:  # program pid = expert
-        start, end, first, count = _tiles_of_expert(prev, ends, pid, E, E_POW2, BLOCK_M)
+    if PER_EXPERT:  # program pid: an expert
+        expert = _expert_of_rank(prev, ends, pid, E, E_POW2) if LARGEST_FIRST else pid
+        start, end, first, count = _tiles_of_expert(prev, ends, expert, E, E_POW2, BLOCK_M)
         # first pass: an elementwise max over the expert's blocks of |v|'s bits as integers
         # (for floats >= 0 the same order; NaN above inf), reduced across the block's rows once
         # after the loop
@@ -84,7 +87,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
         if PREFETCH:  # the second pass's first block, loaded before the scales are known
             r0, r1, r2, r3 = load_quads_stored(t_ptr, start, end, cols, c_mask, stride_tm, 1, QUADS)
         scale = tl.math.div_rn(amax, 448.0)
-        tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+        tl.store(s_ptr + expert.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
         safe = tl.where(scale > 0, scale, 1.0)
         if PREFETCH:  # kept in their stored dtype, converted where used
             for j in range(0, count):
@@ -121,9 +124,11 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     """``(q_t [C, P] float8_e4m3fn, scale float32)`` of ``t`` ``[M, C]`` in the padded
     token-block layout (module docstring); scale ``[E, C]`` if ``per_expert`` else
     ``[cdiv(M, 128) + E, C]``. ``config``: ``(BLOCK_C, num_warps[, cols_fast[, step_blocks[,
-    prefetch]]])``: ``cols_fast`` makes the column tiles the grid's first axis (one unit's column
-    tiles launch together, reading whole rows); per expert, ``step_blocks`` token blocks a loop
-    step and ``prefetch`` the second pass's next block loaded ahead (kernel docstring)."""
+    prefetch[, largest_first]]]])``: ``cols_fast`` makes the column tiles the grid's first axis
+    (one unit's column tiles launch together, reading whole rows); per expert, ``step_blocks``
+    token blocks a loop step, ``prefetch`` the second pass's next block loaded ahead, and
+    ``largest_first`` the experts launched in order of their row counts, most first (kernel
+    docstring)."""
     M, C = t.shape
     E = offs.shape[0]
     nb = padded_blocks(M, E)
@@ -142,22 +147,28 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # pass's next block loaded ahead (results/tune_token_blocks_prefetch_h100_s24.*): Qwen3-30B-A3B
     # down (C 768) 0.0721 -> 0.0605 ms with (16, 4, True, 4, True), gate_up (C 2048) 0.1426 (64, 4,
     # True, 2) -> 0.1343 with (32, 4, True, 4, True), DeepSeek-V3 E=32 (C 7168) 0.4232 -> 0.4181
-    # with (64, 4, True, 2, True)
+    # with (64, 4, True, 2, True). The session 25 sweep with the first pass on integer bits
+    # (results/tune_token_blocks_running_max_h100_s25.*) timed gate_up 0.1307 -> 0.1280 with (64, 4,
+    # True, 4, True) and DeepSeek-V3 0.4093 -> 0.3985 with (64, 8, True, 2, True), one run each and
+    # not yet checked bit for bit on a GPU: the defaults stay. largest_first is not yet timed.
     if config is None and per_expert:
         config = (16, 4, True, 4, True) if C < 2048 else ((32, 4, True, 4, True) if C < 4096 else (64, 4, True, 2, True))
     bc, warps, *rest = config or (64, 4, True)
-    cols_fast, step, prefetch = tuple(rest) + (False, 1, False)[len(rest):]
+    cols_fast, step, prefetch, largest_first = tuple(rest) + (False, 1, False, False)[len(rest):]
     if step < 1 or step & (step - 1):
         raise ValueError(f"token_block_quant: config's step_blocks must be a power of two, got {step}")
     if prefetch and not per_expert:
         raise ValueError("token_block_quant: config's prefetch is for per_expert=True (its second pass)")
+    if largest_first and not per_expert:
+        raise ValueError("token_block_quant: config's largest_first is for per_expert=True (a program an expert)")
     units = E if per_expert else nb
     cols_fast = bool(cols_fast) and units < 65536  # the grid's second axis holds at most 65535
     grid = (cdiv(C, bc), units) if cols_fast else (units, cdiv(C, bc))
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
         E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,
-        RCP=tc.dtype in SIXTEEN_BIT, STEP_BLOCKS=step, PREFETCH=bool(prefetch), num_warps=warps)
+        RCP=tc.dtype in SIXTEEN_BIT, STEP_BLOCKS=step, PREFETCH=bool(prefetch),
+        LARGEST_FIRST=bool(largest_first), num_warps=warps)
     return q, s
 
 

@@ -89,7 +89,8 @@ _TOKEN_BLOCK_CONFIGS = [None, (32, 4, False), (64, 4, True), (16, 2, True)]
     *((p, c, torch.bfloat16) for p in (True, False) for c in _TOKEN_BLOCK_CONFIGS),
     (True, (16, 4, True, 2), torch.bfloat16), (True, (32, 4, True, 4), torch.bfloat16),
     (True, (16, 4, True, 4, True), torch.bfloat16), (True, (64, 4, True, 2, True), torch.bfloat16),
-    (True, (32, 4, False, 1, True), torch.bfloat16),
+    (True, (32, 4, False, 1, True), torch.bfloat16), (True, (64, 4, True, 4, True), torch.bfloat16),
+    (True, (64, 8, True, 2, True), torch.bfloat16), (True, (32, 4, False, 2, False, True), torch.bfloat16),
     # the first pass's running max in the stored dtype: float16 and float32 too
     (True, (16, 4, True, 4, True), torch.float16), (True, (64, 4, True, 2, True), torch.float32),
     (False, None, torch.float32)])

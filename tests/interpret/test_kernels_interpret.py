@@ -3,10 +3,13 @@ ragged shapes: empty experts, K and N not multiples of the tile, rows past offs[
 poisoned with NaN first; decode-shaped and prefill-shaped tiles."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import moe_ops
 from moe_ops import reference
 from moe_ops.kernels import dispatch
+from moe_ops.kernels.grouped_gemm import _expert_of_rank
 from moe_ops.lowering.kernel_choice import KernelConfig
 from helpers import ragged_offs, rel_err, spy_persistent_launches, spy_tma_operands, weight_cases
 
@@ -317,6 +320,26 @@ def test_recipe_forward_and_dgrad(recipe):
         assert torch.all(out[int(offs[-1]):] == 0)
 
 
+@triton.jit
+def _ranks_kernel(offs_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr):
+    r = tl.program_id(0)
+    e_idx = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
+    prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
+    tl.store(out_ptr + r, _expert_of_rank(prev, ends, r, E, E_POW2))
+
+
+def test_expert_of_rank_orders_by_rows_then_index():
+    """``_expert_of_rank``: rank r's expert is the r-th of the experts sorted by row count, most
+    first, equal counts by index (empty experts last among them); E not a power of two."""
+    for rows in ([5, 0, 7, 7, 0, 3], [0, 0, 0], [300, 1, 300, 2, 0, 1, 300]):
+        offs = torch.tensor(rows, dtype=torch.int32).cumsum(0).to(torch.int32)
+        out = torch.full((len(rows),), -1, dtype=torch.int32)
+        _ranks_kernel[(len(rows),)](offs, out, E=len(rows), E_POW2=triton.next_power_of_2(len(rows)))
+        want = sorted(range(len(rows)), key=lambda e: (-rows[e], e))
+        assert out.tolist() == want
+
+
 def _padded_reference(t, offs, per_expert):
     """The reference quantization (:func:`moe_ops.recipes.quantize_token_blocks`) laid out as
     the padded token-block layout: ``(q_t [C, P], scale, used scale rows)``."""
@@ -369,15 +392,19 @@ def test_recipe_wgrad_fp8_kernel(recipe):
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
-    # per expert, the second pass's next block loaded ahead (one and two blocks in the first pass)
+    # per expert, the second pass's next block loaded ahead (one and two blocks in the first pass);
+    # the experts launched by row count, most first (the 300-row expert at program 0 either way,
+    # the empty one moved from 1 to 2)
     if per_expert:
-        for config in ((16, 4, True, 1, True), (32, 4, True, 2, True)):
+        for config in ((16, 4, True, 1, True), (32, 4, True, 2, True), (16, 4, False, 2, False, True)):
             qo, so = token_block_quant(dy, offs, per_expert, config)
             assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
             assert torch.equal(so, sk)
     else:
         with pytest.raises(ValueError, match="prefetch"):
             token_block_quant(dy, offs, per_expert, (16, 4, True, 1, True))
+        with pytest.raises(ValueError, match="largest_first"):
+            token_block_quant(dy, offs, per_expert, (16, 4, True, 1, False, True))
     with pytest.raises(ValueError, match="step_blocks"):
         token_block_quant(dy, offs, per_expert, (16, 4, True, 3))
     # 16-bit input: the reciprocal division (scale_division) gives the float32 input's codes
