@@ -3,8 +3,11 @@ config, CUDA-graph timed, its codes and scales saved, or compared bit for bit wi
 
 Usage (GPU): ``python benchmarks/ab_casts.py --save A.pt`` on one tree, then the same with
 ``--compare A.pt`` on the other (e.g. the kernel file swapped between the two runs). A case is
-``shape:per_expert|per_block`` over :data:`bench_training.SHAPES` at T = 4096 (x, as
-``bench_training.py``'s cast rows; fixed seeds, so both runs quantize the same x); compared:
+``shape:per_expert|per_block[:config]`` over :data:`bench_training.SHAPES` at T = 4096 (x, as
+``bench_training.py``'s cast rows; fixed seeds, so both runs quantize the same x); ``config``
+(comma-separated integers, 0/1 for the flags: ``64,4,1,4,1,1``) replaces the default one, so
+that two configs can be A/B-ed on one tree (``--save`` with one, ``--compare`` with the other,
+the same case names but for the config part: outputs are matched by position); compared:
 the codes of the rows below ``offs[-1]`` and the used units' scales (the rest of the layout is
 never written). Share: x's bytes read + written over the copy ceiling measured in the run.
 """
@@ -29,11 +32,12 @@ def run_case(case: str, copy_gbps: float):
     the layout defines (the codes of rows below ``offs[-1]``, the used units' scales; the rest is
     never written)."""
     dev = torch.device("cuda")
-    sname, unit = case.split(":")
+    sname, unit, *cfg = case.split(":")
+    config = tuple(int(v) for v in cfg[0].split(",")) if cfg else None
     E, top_k, K, N = SHAPES[sname]
     torch.manual_seed(0)
     offs, x, _w, _dy = harness.training_operands(E, top_k, K, N, 4096, dev)
-    fn = lambda: token_block_quant(x, offs, unit == "per_expert")  # noqa: E731
+    fn = lambda: token_block_quant(x, offs, unit == "per_expert", config)  # noqa: E731
     q, s = fn()
     ms = harness.bench_graph_ms(fn)
     cols = padded_columns(offs, x.shape[0])

@@ -162,14 +162,15 @@ def ab_arguments(default_cases) -> argparse.Namespace:
 def ab_run(args, run_case) -> None:
     """The A/B scripts' loop over ``args.cases`` on one source tree: ``run_case(case)`` returns
     ``(ms, outputs, note)`` (outputs: a tuple of tensors); prints each case's time, and whether
-    its outputs equal bit for bit those that ``--save`` kept from the other tree's run."""
-    saved = torch.load(args.compare) if args.compare else None
+    its outputs equal bit for bit those that ``--save`` kept from the other run (the case at the
+    same position of its list: the two lists may differ in their configs)."""
+    saved = list(torch.load(args.compare).values()) if args.compare else None
     outs = {}
-    for case in args.cases:
+    for i, case in enumerate(args.cases):
         ms, out, note = run_case(case)
         outs[case] = tuple(t.cpu() for t in out)
         same = "" if saved is None else (f" bitwise equal to {args.compare}: "
-                                         f"{all(torch.equal(a, b) for a, b in zip(saved[case], outs[case]))}")
+                                         f"{all(torch.equal(a, b) for a, b in zip(saved[i], outs[case]))}")
         print(f"{case:42s} {ms * 1e3:9.1f} us {note}{same}", flush=True)
     if args.save:
         torch.save(outs, args.save)
