@@ -116,7 +116,8 @@ def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, 
                          largest_first: bool = False):
     """:func:`token_block_quant_kernel` (bf16 input, column tiles first, 128 experts) as its launch
     specialises it; ``rcp``: the reciprocal division, else ``div_rn``; ``prefetch`` (per expert):
-    the second pass's next block loaded ahead."""
+    the second pass's next block loaded ahead; ``largest_first`` (per expert): the experts
+    launched by row count, most first."""
     from moe_ops.kernels.token_block_quant import token_block_quant_kernel as kernel
     consts = dict(E=128, E_POW2=128, BLOCK_M=128, BLOCK_C=block_c, PER_EXPERT=per_expert, COLS_FAST=True, RCP=rcp,
                   STEP_BLOCKS=1, PREFETCH=prefetch, LARGEST_FIRST=largest_first)
