@@ -181,23 +181,20 @@ def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
                                                            (True, 1, False, True)])
 def test_training_kernels_write_their_outputs_only(per_expert, step, tma, prefetch):
     """The token-block cast writes codes and scales only (per expert also with the second pass's
-    next block loaded ahead), the fp8 wgrad its output only."""
+    next block loaded ahead, and with the experts launched largest first), the fp8 wgrad its
+    output only."""
     M_, C, E_ = 64, 32, 4
     offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
     bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)
     blocks = M_ // bm + E_
-    written = _written(token_block_quant_kernel, t_ptr=torch.empty(M_, C, dtype=torch.bfloat16),
-                       q_ptr=torch.empty(C, blocks * bm, dtype=torch.float8_e4m3fn), s_ptr=torch.empty(blocks, C),
-                       offs_ptr=offs, C=C, stride_tm=C, stride_qc=blocks * bm, stride_sb=C, E=E_, E_POW2=E_,
-                       BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert, COLS_FAST=True, RCP=True, STEP_BLOCKS=step,
-                       PREFETCH=prefetch, LARGEST_FIRST=False)
-    assert written == ["q_ptr", "s_ptr"]
-    if per_expert:  # the experts launched by row count (a sort of offs' values in the kernel)
+    # per expert also with the experts launched by row count (a sort of offs' values in the kernel)
+    for largest_first in (False, True) if per_expert else (False,):
         written = _written(token_block_quant_kernel, t_ptr=torch.empty(M_, C, dtype=torch.bfloat16),
                            q_ptr=torch.empty(C, blocks * bm, dtype=torch.float8_e4m3fn),
                            s_ptr=torch.empty(blocks, C), offs_ptr=offs, C=C, stride_tm=C, stride_qc=blocks * bm,
-                           stride_sb=C, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=True, COLS_FAST=True,
-                           RCP=True, STEP_BLOCKS=step, PREFETCH=prefetch, LARGEST_FIRST=True)
+                           stride_sb=C, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert,
+                           COLS_FAST=True, RCP=True, STEP_BLOCKS=step, PREFETCH=prefetch,
+                           LARGEST_FIRST=largest_first)
         assert written == ["q_ptr", "s_ptr"]
     N_, K_ = 32, 32
     qdy = torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn)
