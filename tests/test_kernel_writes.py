@@ -187,14 +187,15 @@ def test_training_kernels_write_their_outputs_only(per_expert, step, tma, prefet
     offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
     bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)
     blocks = M_ // bm + E_
-    # per expert also with the experts launched by row count (a sort of offs' values in the kernel)
+    # per expert also with the experts launched by row count (a sort of offs' values in the
+    # kernel, int32 keys as the launch picks at these sizes)
     for largest_first in (False, True) if per_expert else (False,):
         written = _written(token_block_quant_kernel, t_ptr=torch.empty(M_, C, dtype=torch.bfloat16),
                            q_ptr=torch.empty(C, blocks * bm, dtype=torch.float8_e4m3fn),
                            s_ptr=torch.empty(blocks, C), offs_ptr=offs, C=C, stride_tm=C, stride_qc=blocks * bm,
                            stride_sb=C, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_C=32, PER_EXPERT=per_expert,
                            COLS_FAST=True, RCP=True, STEP_BLOCKS=step, PREFETCH=prefetch,
-                           LARGEST_FIRST=largest_first)
+                           LARGEST_FIRST=largest_first, WIDE_KEYS=False)
         assert written == ["q_ptr", "s_ptr"]
     N_, K_ = 32, 32
     qdy = torch.empty(N_, blocks * bm, dtype=torch.float8_e4m3fn)

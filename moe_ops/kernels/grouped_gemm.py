@@ -127,14 +127,21 @@ def _expert_of_tile(prev, ends, tile, E: tl.constexpr, E_POW2: tl.constexpr, BLO
 
 
 @triton.jit
-def _expert_of_rank(prev, ends, rank, E: tl.constexpr, E_POW2: tl.constexpr):
+def _expert_of_rank(prev, ends, rank, E: tl.constexpr, E_POW2: tl.constexpr, WIDE_KEYS: tl.constexpr = True):
     """The expert with the ``rank``-th most rows (0: the most; equal counts by index), ``rank <
     E``: a grid whose programs take one expert each, numbered so, starts its longest programs
     first (GPUs dispatch a grid's programs in order), which keeps the largest experts' serial work
-    off the kernel's tail. One ``[E_POW2]`` sort of (rows, index) keys."""
+    off the kernel's tail. One ``[E_POW2]`` sort of (rows, index) keys ``rows * E_POW2 + (E_POW2 -
+    1 - index)``: int64, or int32 when the caller knows they fit (``WIDE_KEYS=False``: every
+    expert's rows ``< 2**31 // E_POW2 - 1``, e.g. from ``(M + 1) * E_POW2 <= 2**31``)."""
     idx = tl.arange(0, E_POW2)
-    rows = tl.where(idx < E, ends - prev, -1).to(tl.int64)  # padding sorts last
-    key = tl.sort(rows * E_POW2 + (E_POW2 - 1 - idx), descending=True)
+    rows = tl.where(idx < E, ends - prev, -1)  # padding sorts last
+    tie = E_POW2 - 1 - idx
+    if WIDE_KEYS:
+        rows, tie = rows.to(tl.int64), tie.to(tl.int64)
+    else:
+        rows, tie = rows.to(tl.int32), tie.to(tl.int32)
+    key = tl.sort(rows * E_POW2 + tie, descending=True)
     return (E_POW2 - 1) - (tl.sum(tl.where(idx == rank, key, 0), 0) % E_POW2).to(tl.int32)
 
 

@@ -50,13 +50,14 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_C: tl.constexpr, PER_EXPERT: tl.constexpr, COLS_FAST: tl.constexpr,
                              RCP: tl.constexpr, STEP_BLOCKS: tl.constexpr, PREFETCH: tl.constexpr,
-                             LARGEST_FIRST: tl.constexpr = False):
+                             LARGEST_FIRST: tl.constexpr = False, WIDE_KEYS: tl.constexpr = True):
     """Per expert: ``STEP_BLOCKS`` token blocks a loop step in the first pass over the expert's
     rows, and in the second without ``PREFETCH`` (their loads issued together: fewer dependent
     round trips for a large expert); ``PREFETCH``: the second pass takes one block a step and
     issues the next block's loads before this one's codes are computed and stored (a load after
     a store waits for it: the two may alias). ``LARGEST_FIRST``: program ``u`` takes the expert
-    with the u-th most rows (:func:`.grouped_gemm._expert_of_rank`), else expert ``u``."""
+    with the u-th most rows (:func:`.grouped_gemm._expert_of_rank`; its keys in int32 unless
+    ``WIDE_KEYS``), else expert ``u``."""
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
     pid_c = tl.program_id(0 if COLS_FAST else 1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -68,7 +69,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
     if PER_EXPERT:  # program pid: an expert
-        expert = _expert_of_rank(prev, ends, pid, E, E_POW2) if LARGEST_FIRST else pid
+        expert = _expert_of_rank(prev, ends, pid, E, E_POW2, WIDE_KEYS) if LARGEST_FIRST else pid
         start, end, first, count = _tiles_of_expert(prev, ends, expert, E, E_POW2, BLOCK_M)
         # first pass: an elementwise max over the expert's blocks of |v|'s bits as integers
         # (for floats >= 0 the same order; NaN above inf), reduced across the block's rows once
@@ -168,7 +169,7 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
         E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,
         RCP=tc.dtype in SIXTEEN_BIT, STEP_BLOCKS=step, PREFETCH=bool(prefetch),
-        LARGEST_FIRST=bool(largest_first), num_warps=warps)
+        LARGEST_FIRST=bool(largest_first), WIDE_KEYS=(M + 1) * next_power_of_2(E) > 2**31, num_warps=warps)
     return q, s
 
 

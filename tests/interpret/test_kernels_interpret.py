@@ -321,23 +321,30 @@ def test_recipe_forward_and_dgrad(recipe):
 
 
 @triton.jit
-def _ranks_kernel(offs_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr):
+def _ranks_kernel(offs_ptr, out_ptr, E: tl.constexpr, E_POW2: tl.constexpr, WIDE_KEYS: tl.constexpr):
     r = tl.program_id(0)
     e_idx = tl.arange(0, E_POW2)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
     prev = tl.load(offs_ptr + e_idx - 1, mask=(e_idx < E) & (e_idx > 0), other=0)
-    tl.store(out_ptr + r, _expert_of_rank(prev, ends, r, E, E_POW2))
+    tl.store(out_ptr + r, _expert_of_rank(prev, ends, r, E, E_POW2, WIDE_KEYS))
 
 
-def test_expert_of_rank_orders_by_rows_then_index():
+@pytest.mark.parametrize("wide_keys", [False, True])
+def test_expert_of_rank_orders_by_rows_then_index(wide_keys):
     """``_expert_of_rank``: rank r's expert is the r-th of the experts sorted by row count, most
-    first, equal counts by index (empty experts last among them); E not a power of two."""
-    for rows in ([5, 0, 7, 7, 0, 3], [0, 0, 0], [300, 1, 300, 2, 0, 1, 300]):
-        offs = torch.tensor(rows, dtype=torch.int32).cumsum(0).to(torch.int32)
+    first, equal counts by index (empty experts last among them); E not a power of two; int32
+    keys up to their bound (rows just under ``2**31 // E_POW2 - 1``) and int64 keys past it."""
+    big = 2**31 // 8 - 2  # the most rows int32 keys hold at E_POW2 = 8
+    cases = [[5, 0, 7, 7, 0, 3], [0, 0, 0], [300, 1, 300, 2, 0, 1, 300], [1, big, 0, big - 1, big]]
+    if wide_keys:  # keys up to 2**32 (E_POW2 = 4); offs[-1] = 2**31 - 1 still int32
+        cases.append([3, 2**30, 0, 2**30 - 4])
+    for rows in cases:
+        offs = torch.tensor(rows, dtype=torch.int64).cumsum(0).to(torch.int32)
         out = torch.full((len(rows),), -1, dtype=torch.int32)
-        _ranks_kernel[(len(rows),)](offs, out, E=len(rows), E_POW2=triton.next_power_of_2(len(rows)))
+        _ranks_kernel[(len(rows),)](offs, out, E=len(rows), E_POW2=triton.next_power_of_2(len(rows)),
+                                    WIDE_KEYS=wide_keys)
         want = sorted(range(len(rows)), key=lambda e: (-rows[e], e))
-        assert out.tolist() == want
+        assert out.tolist() == want, rows
 
 
 def _padded_reference(t, offs, per_expert):
