@@ -113,15 +113,16 @@ def _disassemble(src, warps: int, stages: int, arch: int):
 
 
 def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, arch: int, prefetch: bool = False,
-                         largest_first: bool = False, wide_keys: bool = False):
+                         largest_first: bool = False, wide_keys: bool = False, steps: int = 1):
     """:func:`token_block_quant_kernel` (bf16 input, column tiles first, 128 experts) as its launch
     specialises it; ``rcp``: the reciprocal division, else ``div_rn``; ``prefetch`` (per expert):
     the second pass's next block loaded ahead; ``largest_first`` (per expert): the experts
     launched by row count, most first, their sort keys int64 if ``wide_keys`` (the launch's
-    choice past 2**31 // 128 rows) else int32."""
+    choice past 2**31 // 128 rows) else int32; ``steps``: token blocks a first-pass step (per
+    expert) or column tiles a program (per block)."""
     from moe_ops.kernels.token_block_quant import token_block_quant_kernel as kernel
     consts = dict(E=128, E_POW2=128, BLOCK_M=128, BLOCK_C=block_c, PER_EXPERT=per_expert, COLS_FAST=True, RCP=rcp,
-                  STEP_BLOCKS=1, PREFETCH=prefetch, LARGEST_FIRST=largest_first, WIDE_KEYS=wide_keys)
+                  STEP_BLOCKS=steps, PREFETCH=prefetch, LARGEST_FIRST=largest_first, WIDE_KEYS=wide_keys)
     names = list(inspect.signature(kernel.fn).parameters)
     types = dict(t_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", offs_ptr="*i32")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
@@ -201,6 +202,8 @@ def main():
     p.add_argument("--div-rn", action="store_true", help="with --token-blocks: div_rn, not the reciprocal")
     p.add_argument("--largest-first", action="store_true",
                    help="with --token-blocks --per-expert: experts launched by row count, most first")
+    p.add_argument("--steps", type=int, default=1,
+                   help="with --token-blocks: token blocks a first-pass step (per expert), column tiles a program (per block)")
     p.add_argument("--wide-keys", action="store_true",
                    help="with --largest-first: int64 sort keys (the launch's choice only past 2**31 // 128 rows)")
     p.add_argument("--prefetch", action="store_true",
@@ -218,7 +221,7 @@ def main():
         return
     if a.token_blocks:
         sass, regs = compile_token_blocks(*a.token_blocks, a.per_expert, not a.div_rn, a.arch, a.prefetch,
-                                          a.largest_first, a.wide_keys)
+                                          a.largest_first, a.wide_keys, a.steps)
         n, ops = instructions(sass)
         per_thread = 128 * a.token_blocks[0] / (32 * a.token_blocks[1])  # tile elements a thread holds
         print(regs)

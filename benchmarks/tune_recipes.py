@@ -37,10 +37,15 @@ ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),
            (8, 1024, 8), (4, 1024, 4), (16, 1024, 8), (2, 1024, 2), (16, 256, 4), (32, 256, 8),
            (1, 8192, 8), (2, 8192, 16), (1, 8192, 16), (2, 4096, 8)]
 ACT_1X128 = [(32, 128, 4), (16, 128, 4), (64, 128, 8), (8, 128, 4), (32, 128, 8)]
-# (BLOCK_C, num_warps, column tiles first in the grid[, token blocks a step[, prefetch]]): token_block_quant's
-# config
+# (BLOCK_C, num_warps, column tiles first in the grid[, steps[, prefetch[, largest_first]]]): token_block_quant's
+# config; steps: token blocks a first-pass step (per expert) or column tiles a program (per block)
 TOKEN_BLOCKS = [(16, 2, True), (32, 4, True), (64, 4, True), (64, 8, True), (128, 8, True), (128, 4, True), (32, 4, False),
                 (64, 4, False)]
+TOKEN_BLOCKS_PER_BLOCK = TOKEN_BLOCKS + [
+    # column tiles a program (session 26: one expert lookup for several tiles), the next tile loaded ahead
+    (64, 4, True, 2), (64, 4, True, 4), (64, 4, True, 8), (64, 8, True, 2, True), (64, 8, True, 4, True),
+    (64, 4, True, 2, True), (64, 4, True, 4, True), (32, 4, True, 4, True), (32, 4, True, 8, True),
+    (128, 8, True, 2, True), (128, 8, True, 4)]
 TOKEN_BLOCKS_PER_EXPERT = TOKEN_BLOCKS + [
     # token blocks a loop step; the second pass's next block loaded ahead
     (64, 8, True, 2), (32, 8, True, 4), (32, 4, True, 4), (16, 4, True, 4), (16, 4, True, 8), (64, 4, True, 2),
@@ -164,7 +169,7 @@ def main(out_dir, only=("",)):
             "cast_x_fp8_1x128": (lambda c: (lambda: dispatch.quantize_act(x, "fp8_1x128", c)), ACT_1X128,
                                  act_bytes),
             "cast_x_token_blocks_128": (lambda c: (lambda: token_block_quant(x, offs, False, c)),
-                                        TOKEN_BLOCKS, act_bytes),
+                                        TOKEN_BLOCKS_PER_BLOCK, act_bytes),
             "cast_x_token_blocks_expert": (lambda c: (lambda: token_block_quant(x, offs, True, c)),
                                            TOKEN_BLOCKS_PER_EXPERT, act_bytes),
             # weight casts: (config, rcp); rcp: the reciprocal-and-FMA division or div_rn

@@ -178,11 +178,11 @@ def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
 
 @pytest.mark.parametrize("per_expert,step,tma,prefetch", [(False, 1, False, False), (True, 1, False, False),
                                                            (True, 2, False, False), (False, 1, True, False),
-                                                           (True, 1, False, True)])
+                                                           (True, 1, False, True), (False, 2, False, True)])
 def test_training_kernels_write_their_outputs_only(per_expert, step, tma, prefetch):
     """The token-block cast writes codes and scales only (per expert also with the second pass's
-    next block loaded ahead, and with the experts launched largest first), the fp8 wgrad its
-    output only."""
+    next block loaded ahead, and with the experts launched largest first; per block also with
+    two column tiles a program, the next loaded ahead), the fp8 wgrad its output only."""
     M_, C, E_ = 64, 32, 4
     offs = torch.tensor([10, 10, 40, 64], dtype=torch.int32)
     bm = 32  # token block (128 in the recipe; an fp8 dot needs 32)

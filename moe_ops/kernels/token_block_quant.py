@@ -15,7 +15,7 @@ at or past ``offs[-1]`` are never written nor read.
 
 Scales (s = absmax / 448 over the unit's rows, per column; an all-zero unit gets s = 0, codes 0):
 ``per_expert=False`` (``fp8_blockwise``) ``[cdiv(M, BLOCK) + E, C]`` per (block, column),
-one program per (block, column tile); ``per_expert=True`` (``fp8_rowwise``) ``[E, C]`` per
+one program per (block, ``STEP_BLOCKS`` column tiles); ``per_expert=True`` (``fp8_rowwise``) ``[E, C]`` per
 (expert, column) over all of the expert's rows, one program per (expert, column tile), two
 passes over the expert's rows. Same math as :func:`moe_ops.recipes.quantize_token_blocks`.
 """
@@ -57,7 +57,8 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
     issues the next block's loads before this one's codes are computed and stored (a load after
     a store waits for it: the two may alias). ``LARGEST_FIRST``: program ``u`` takes the expert
     with the u-th most rows (:func:`.grouped_gemm._expert_of_rank`; its keys in int32 unless
-    ``WIDE_KEYS``), else expert ``u``."""
+    ``WIDE_KEYS``), else expert ``u``. Per block: ``STEP_BLOCKS`` column tiles a program (its
+    expert found once), with ``PREFETCH`` the next tile's loads issued before this one's stores."""
     pid = tl.program_id(1 if COLS_FAST else 0)  # the unit: token block, or expert
     pid_c = tl.program_id(0 if COLS_FAST else 1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -106,14 +107,27 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                     word_end = tl.where(j < count, (first + j + 1) * QUADS, 0)
                     off, ok = word_offsets((first + j) * QUADS, word_end, cols, c_mask, stride_qc, QUADS)
                     tl.store(q32 + off, _block_words(v0, v1, v2, v3, safe, RCP), mask=ok)
-    else:  # program pid = token block
+    else:  # program pid = token block; STEP_BLOCKS column tiles from column tile pid_c * STEP_BLOCKS
         _e, row0, end, total, _last = _expert_of_tile(prev, ends, pid, E, E_POW2, BLOCK_M)
         if pid < total:
-            v0, v1, v2, v3 = load_quads(t_ptr, row0, end, cols, c_mask, stride_tm, 1, QUADS)
-            scale = tl.math.div_rn(tl.max(quads_abs(v0, v1, v2, v3), 0), 448.0)
-            tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
-            off, ok = word_offsets(pid * QUADS, (pid + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
-            tl.store(q32 + off, _block_words(v0, v1, v2, v3, tl.where(scale > 0, scale, 1.0), RCP), mask=ok)
+            cols = pid_c * STEP_BLOCKS * BLOCK_C + tl.arange(0, BLOCK_C)
+            if PREFETCH:  # kept in their stored dtype, converted where used
+                r0, r1, r2, r3 = load_quads_stored(t_ptr, row0, end, cols, cols < C, stride_tm, 1, QUADS)
+            for i in range(STEP_BLOCKS):
+                c_mask = cols < C
+                if PREFETCH:  # the next column tile's loads, issued before this one's stores
+                    n0, n1, n2, n3 = load_quads_stored(t_ptr, row0, end, cols + BLOCK_C,
+                                                       (cols + BLOCK_C < C) & (i + 1 < STEP_BLOCKS), stride_tm, 1,
+                                                       QUADS)
+                    v0, v1, v2, v3 = r0.to(tl.float32), r1.to(tl.float32), r2.to(tl.float32), r3.to(tl.float32)
+                    r0, r1, r2, r3 = n0, n1, n2, n3
+                else:
+                    v0, v1, v2, v3 = load_quads(t_ptr, row0, end, cols, c_mask, stride_tm, 1, QUADS)
+                scale = tl.math.div_rn(tl.max(quads_abs(v0, v1, v2, v3), 0), 448.0)
+                tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
+                off, ok = word_offsets(pid * QUADS, (pid + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
+                tl.store(q32 + off, _block_words(v0, v1, v2, v3, tl.where(scale > 0, scale, 1.0), RCP), mask=ok)
+                cols += BLOCK_C
 
 
 def padded_blocks(M: int, E: int) -> int:
@@ -128,7 +142,8 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     prefetch[, largest_first]]]])``: ``cols_fast`` makes the column tiles the grid's first axis
     (one unit's column tiles launch together, reading whole rows); per expert, ``step_blocks``
     token blocks a loop step, ``prefetch`` the second pass's next block loaded ahead, and
-    ``largest_first`` the experts launched in order of their row counts, most first (kernel
+    ``largest_first`` the experts launched in order of their row counts, most first; per block,
+    ``step_blocks`` column tiles a program, ``prefetch`` the next one loaded ahead (kernel
     docstring)."""
     M, C = t.shape
     E = offs.shape[0]
@@ -158,13 +173,12 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     cols_fast, step, prefetch, largest_first = tuple(rest) + (False, 1, False, False)[len(rest):]
     if step < 1 or step & (step - 1):
         raise ValueError(f"token_block_quant: config's step_blocks must be a power of two, got {step}")
-    if prefetch and not per_expert:
-        raise ValueError("token_block_quant: config's prefetch is for per_expert=True (its second pass)")
     if largest_first and not per_expert:
         raise ValueError("token_block_quant: config's largest_first is for per_expert=True (a program an expert)")
     units = E if per_expert else nb
     cols_fast = bool(cols_fast) and units < 65536  # the grid's second axis holds at most 65535
-    grid = (cdiv(C, bc), units) if cols_fast else (units, cdiv(C, bc))
+    col_programs = cdiv(C, bc) if per_expert else cdiv(C, bc * step)
+    grid = (col_programs, units) if cols_fast else (units, col_programs)
     wrap_triton(token_block_quant_kernel)[grid](
         tc, q, s, offs, C, tc.stride(0), q.stride(0), s.stride(0),
         E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_C=bc, PER_EXPERT=per_expert, COLS_FAST=cols_fast,

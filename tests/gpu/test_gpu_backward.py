@@ -93,13 +93,17 @@ _TOKEN_BLOCK_CONFIGS = [None, (32, 4, False), (64, 4, True), (16, 2, True)]
     (True, (64, 8, True, 2, True), torch.bfloat16), (True, (32, 4, False, 2, False, True), torch.bfloat16),
     # the first pass's max on |x|'s bits: int16 lanes for float16, int32 for float32
     (True, (16, 4, True, 4, True), torch.float16), (True, (64, 4, True, 2, True), torch.float32),
-    (False, None, torch.float32)])
+    (False, None, torch.float32),
+    # per block, 2 / 4 / 8 column tiles a program (12 of 64 columns: the last of 8 part-used), with
+    # and without the next tile loaded ahead
+    (False, (64, 4, True, 4), torch.bfloat16), (False, (64, 8, True, 8, True), torch.bfloat16),
+    (False, (32, 4, True, 4, True), torch.float16), (False, (64, 4, True, 2, True), torch.float32)])
 def test_token_block_quant_bit_exact(per_expert, config, dtype):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
-    for bit; the padding of every used block is zero codes. Default tiles, both grid orders, and
-    (per expert) 2 / 4 token blocks a loop step, with and without the second pass's next block
-    loaded ahead, the experts launched largest first; 16- and 32-bit x; ``_case`` has an empty
-    expert."""
+    for bit; the padding of every used block is zero codes. Default tiles, both grid orders; per
+    expert 2 / 4 token blocks a loop step, with and without the second pass's next block loaded
+    ahead, the experts launched largest first; per block several column tiles a program, with
+    and without the next one loaded ahead; 16- and 32-bit x; ``_case`` has an empty expert."""
     from moe_ops.kernels.token_block_quant import padded_blocks, padded_columns, token_block_quant
     x, dy, _, offs = _case(5, dtype)
     q_ref, s_ref, blk = moe_ops.recipes.quantize_token_blocks(x, offs, 0 if per_expert else 128)

@@ -394,22 +394,23 @@ def test_recipe_wgrad_fp8_kernel(recipe):
     pad = block_cols[~written[block_cols]]
     assert pad.numel() > 0 and torch.all(qk[:, pad].float() == 0)
     # grid order, tiles, 2 / 4 token blocks a step (per expert; experts of 3 blocks: a part-used
-    # last step): the same used units
+    # last step) or column tiles a program (per block; 3 column tiles of 16: a part-used last
+    # program): the same used units
     for order in ((16, 2, True), (64, 4, False), (32, 4), (16, 4, True, 2), (16, 4, False, 4)):
         qo, so = token_block_quant(dy, offs, per_expert, order)
         assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
         assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
-    # per expert, the second pass's next block loaded ahead (one and two blocks in the first pass);
-    # the experts launched by row count, most first (the 300-row expert at program 0 either way,
-    # the empty one moved from 1 to 2)
-    if per_expert:
-        for config in ((16, 4, True, 1, True), (32, 4, True, 2, True), (16, 4, False, 2, False, True)):
-            qo, so = token_block_quant(dy, offs, per_expert, config)
-            assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8))
-            assert torch.equal(so, sk)
-    else:
-        with pytest.raises(ValueError, match="prefetch"):
-            token_block_quant(dy, offs, per_expert, (16, 4, True, 1, True))
+    # the next block loaded ahead: per expert in the second pass (one and two blocks in the first
+    # pass), per block the next column tile (1, 2 and 4 column tiles a program); per expert, the
+    # experts launched by row count, most first (the 300-row expert at program 0 either way, the
+    # empty one moved from 1 to 2)
+    configs = (((16, 4, True, 1, True), (32, 4, True, 2, True), (16, 4, False, 2, False, True)) if per_expert
+               else ((16, 4, True, 1, True), (16, 4, True, 2, True), (16, 4, False, 4, True), (32, 4, True, 2, True)))
+    for config in configs:
+        qo, so = token_block_quant(dy, offs, per_expert, config)
+        assert torch.equal(qo[:, block_cols].view(torch.uint8), qk[:, block_cols].view(torch.uint8)), config
+        assert torch.equal(so, sk) if per_expert else torch.equal(so[used], sk[used])
+    if not per_expert:
         with pytest.raises(ValueError, match="largest_first"):
             token_block_quant(dy, offs, per_expert, (16, 4, True, 1, False, True))
     with pytest.raises(ValueError, match="step_blocks"):
