@@ -2,12 +2,14 @@
 device at hand (Triton's interpreter: numpy's correctly rounded division and a true FMA).
 
 Domain: every finite 16-bit value ``v`` (bf16 or fp16) against every scale a 16-bit absmax
-``a >= |v|`` gives, ``s = div_rn(a, qmax)`` (or a subset of the absmaxes)."""
+``a >= |v|`` gives, ``s = div_rn(a, qmax)`` (or a subset of the absmaxes). And
+:func:`~moe_ops.kernels.scale_division.absmax_scale` against the CPU's float32 division (IEEE,
+subnormals kept) for every non-negative 16-bit value, inf and NaN."""
 import torch
 import triton
 import triton.language as tl
 
-from moe_ops.kernels.scale_division import divide_by_scale
+from moe_ops.kernels.scale_division import absmax_scale, divide_by_scale
 
 
 @triton.jit
@@ -44,3 +46,24 @@ def count_mismatches(dtype: torch.dtype, qmax: float, device, every: int = 1):
     _mismatch_kernel[(a.numel(),)](v.to(device), a.to(device), out, v.numel(), QMAX=qmax,
                                    BLOCK=65536 if device == "cpu" else 1024)
     return tuple(int(c) for c in out.cpu())
+
+
+@triton.jit
+def _scale_kernel(a_ptr, out_ptr, N, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + i, mask=i < N, other=0.0)
+    tl.store(out_ptr + i, absmax_scale(a, QMAX, True), mask=i < N)
+
+
+def count_scale_mismatches(dtype: torch.dtype, qmax: float, device) -> int:
+    """Scales ``absmax_scale(a, qmax)`` computed on ``device`` whose bits differ from the CPU's
+    ``a / qmax`` in float32, over every non-negative value ``a`` of ``dtype`` (subnormals
+    included), inf and NaN (NaN: any NaN)."""
+    bits = torch.arange(0, 1 << 15, dtype=torch.int32).to(torch.int16)  # sign bit clear: +0 .. +inf, NaNs
+    a = bits.view(dtype).float()
+    out = torch.full_like(a, -1.0, device=device)  # poisoned: a negative scale is never right
+    block = 1024
+    _scale_kernel[(triton.cdiv(a.numel(), block),)](a.to(device), out, a.numel(), QMAX=qmax, BLOCK=block)
+    got, want = out.cpu(), a / qmax
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (torch.isnan(got) & torch.isnan(want))
+    return int((~same).sum())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scale_division import scaled_codes
+from .scale_division import absmax_scale, scaled_codes
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
             c = tl.arange(0, BLOCK_C)
             m = r_mask[:, None] & (c < K)[None, :]
             v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
-            scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
+            scale = absmax_scale(tl.max(tl.abs(v), 1), QMAX, RCP)
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
             tl.store(q_rows + c[None, :], scaled_codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)
@@ -41,7 +41,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
                 c = c0 + tl.arange(0, BLOCK_C)
                 v = tl.load(x_rows + c[None, :], mask=r_mask[:, None] & (c < K)[None, :], other=0.0)
                 amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), 1))
-            scale = tl.math.div_rn(amax, QMAX)
+            scale = absmax_scale(amax, QMAX, RCP)
             tl.store(s_ptr + rows.to(tl.int64) * stride_sm, scale, mask=r_mask)
             safe = tl.where(scale > 0, scale, 1.0)[:, None]
             for c0 in range(0, K, BLOCK_C):
@@ -54,7 +54,7 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
         c = u * UNIT + tl.arange(0, UNIT)
         m = r_mask[:, None] & (c < K)[None, :]
         v = tl.load(x_rows + c[None, :], mask=m, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.abs(v), 1), QMAX)
+        scale = absmax_scale(tl.max(tl.abs(v), 1), QMAX, RCP)
         tl.store(s_ptr + rows.to(tl.int64) * stride_sm + u, scale, mask=r_mask)
         safe = tl.where(scale > 0, scale, 1.0)[:, None]
         tl.store(q_rows + c[None, :], scaled_codes(v, safe, QMAX, TO_INT8, q_ptr.dtype.element_ty, RCP), mask=m)

@@ -39,6 +39,23 @@ def divide_by_scale(v, s, RCP: tl.constexpr):
 
 
 @triton.jit
+def absmax_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
+    """A unit's scale ``amax / QMAX`` (float32, correctly rounded; ``amax >= 0``, inf or NaN).
+    ``RCP`` (``amax`` of a 16-bit float unit): ``QMAX``'s reciprocal, a constant, and one FMA
+    correction, as :func:`divide_by_scale` (``div_rn`` costs a range check and a slow-path
+    branch, and a cast computes the scale of each column it holds in every thread that holds
+    it); inf stays inf. Checked equal to the correctly rounded quotient for every 16-bit value,
+    subnormal quotients included (``tests/scale_division_check.py``: Triton's interpreter and
+    the GPU). Else ``div_rn``."""
+    if RCP:
+        y = 1.0 / QMAX  # a float32 constant: 1 / 448 and 1 / 127 round once from float64
+        q = amax * y
+        return tl.where(q == float("inf"), q, tl.math.fma(tl.math.fma(-q, QMAX, amax), y, q))
+    else:
+        return tl.math.div_rn(amax, QMAX)
+
+
+@triton.jit
 def _round_half_even(v):
     """``torch.round`` for |v| < 2^22: float32 addition rounds half to even."""
     return (v + 12582912.0) - 12582912.0

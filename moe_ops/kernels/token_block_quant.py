@@ -31,7 +31,7 @@ from moe_ops import formats
 from .fp8_packing import load_quads, load_quads_stored, pack_codes, quads_abs, word_offsets
 from .grouped_gemm import _expert_of_rank, _expert_of_tile, _tiles_of_expert
 from .host_math import cdiv, next_power_of_2
-from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
+from .scale_division import SIXTEEN_BIT, absmax_scale, fp8_e4m3_codes
 
 BLOCK = formats.BLOCK
 
@@ -88,7 +88,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
         amax = tl.max(run, 0).to(ITYPE).to(t_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         if PREFETCH:  # the second pass's first block, loaded before the scales are known
             r0, r1, r2, r3 = load_quads_stored(t_ptr, start, end, cols, c_mask, stride_tm, 1, QUADS)
-        scale = tl.math.div_rn(amax, 448.0)
+        scale = absmax_scale(amax, 448.0, RCP)
         tl.store(s_ptr + expert.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
         safe = tl.where(scale > 0, scale, 1.0)
         if PREFETCH:  # kept in their stored dtype, converted where used
@@ -123,7 +123,7 @@ def token_block_quant_kernel(t_ptr, q_ptr, s_ptr, offs_ptr, C, stride_tm, stride
                     r0, r1, r2, r3 = n0, n1, n2, n3
                 else:
                     v0, v1, v2, v3 = load_quads(t_ptr, row0, end, cols, c_mask, stride_tm, 1, QUADS)
-                scale = tl.math.div_rn(tl.max(quads_abs(v0, v1, v2, v3), 0), 448.0)
+                scale = absmax_scale(tl.max(quads_abs(v0, v1, v2, v3), 0), 448.0, RCP)
                 tl.store(s_ptr + pid.to(tl.int64) * stride_sb + cols, scale, mask=c_mask)
                 off, ok = word_offsets(pid * QUADS, (pid + 1) * QUADS, cols, c_mask, stride_qc, QUADS)
                 tl.store(q32 + off, _block_words(v0, v1, v2, v3, tl.where(scale > 0, scale, 1.0), RCP), mask=ok)

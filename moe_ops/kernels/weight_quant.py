@@ -17,7 +17,7 @@ from torch.library import wrap_triton
 
 from .fp8_packing import load_quads, pack_codes, quads_abs, word_offsets
 from .host_math import cdiv, next_power_of_2
-from .scale_division import SIXTEEN_BIT, fp8_e4m3_codes
+from .scale_division import SIXTEEN_BIT, absmax_scale, fp8_e4m3_codes
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         rk = tl.arange(0, BLOCK_K)
         m = n_mask[:, None] & (rk < K)[None, :]
         v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.abs(v), 1), 448.0)
+        scale = absmax_scale(tl.max(tl.abs(v), 1), 448.0, RCP)
         tl.store(s_ptr + e * stride_se + rn.to(tl.int64) * stride_sn, scale, mask=n_mask)
         safe = tl.where(scale > 0, scale, 1.0)[:, None]
         tl.store(q_base + rk[None, :].to(tl.int64) * stride_qk, fp8_e4m3_codes(v, safe, RCP), mask=m)
@@ -52,7 +52,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
             v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=n_mask[:, None] & (rk < K)[None, :],
                         other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
-        scale = tl.math.div_rn(amax, 448.0)
+        scale = absmax_scale(amax, 448.0, RCP)
         tl.store(s_ptr + e * stride_se + rn.to(tl.int64) * stride_sn, scale, mask=n_mask)
         safe = tl.where(scale > 0, scale, 1.0)[:, None]
         for k0 in range(0, K, BLOCK_K):
@@ -66,7 +66,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         r0 = pid_n * BLOCK_N
         QUADS: tl.constexpr = BLOCK_N // 4
         v0, v1, v2, v3 = load_quads(w_ptr + e * stride_we, r0, N, rk, k_mask, stride_wn, stride_wk, QUADS)
-        scale = tl.math.div_rn(tl.max(tl.max(quads_abs(v0, v1, v2, v3), 1), 0), 448.0)
+        scale = absmax_scale(tl.max(tl.max(quads_abs(v0, v1, v2, v3), 1), 0), 448.0, RCP)
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
         tl.store(st_ptr + e * stride_ste + pid_n * stride_stn + pid_k * stride_stk, scale)
         safe = tl.where(scale > 0, scale, 1.0)
@@ -84,7 +84,7 @@ def _quantize_unit(w_ptr, q_ptr, s_ptr, e, pid_n, pid_k, N, K,
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m = n_mask[:, None] & (rk < K)[None, :]
         v = tl.load(w_base + rk[None, :].to(tl.int64) * stride_wk, mask=m, other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(v), 1), 0), 448.0)
+        scale = absmax_scale(tl.max(tl.max(tl.abs(v), 1), 0), 448.0, RCP)
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, scale)
         safe = tl.where(scale > 0, scale, 1.0)
         codes = fp8_e4m3_codes(v, safe, RCP)
@@ -185,8 +185,9 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     neighbours in W launch together) instead of ``(E, N tiles, K tiles)``; ``programs_per_sm``
     (flat only, CUDA): that many programs per multiprocessor loop over the units, so that fewer
     units are in flight (a two-pass unit's second read then stays in L2). ``rcp``: divide by the
-    scales through :func:`.scale_division.divide_by_scale`'s reciprocal form (16-bit ``w`` only;
-    the same codes); ``None``: where it measured faster. ``pair`` (``block``, not ``transpose``):
+    scales through :func:`.scale_division.divide_by_scale`'s reciprocal form, and the absmaxes by
+    448 through :func:`.scale_division.absmax_scale`'s (16-bit ``w`` only; the same bits);
+    ``None``: where it measured faster. ``pair`` (``block``, not ``transpose``):
     return ``(data, scale, data_t, scale_t)``, W's codes and W^T's from one read of W (block
     quantization commutes with transposition). ``words`` (``pair``): W^T's codes written four a
     32-bit word (:mod:`.fp8_packing`; the same bytes); ``None``: wherever W's N is a multiple of
