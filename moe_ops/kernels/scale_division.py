@@ -44,11 +44,12 @@ def absmax_scale(amax, QMAX: tl.constexpr, RCP: tl.constexpr):
     ``RCP`` (``amax`` of a 16-bit float unit): ``QMAX``'s reciprocal, a constant, and one FMA
     correction, as :func:`divide_by_scale` (``div_rn`` costs a range check and a slow-path
     branch, and a cast computes the scale of each column it holds in every thread that holds
-    it); inf stays inf. Checked equal to the correctly rounded quotient for every 16-bit value,
-    subnormal quotients included (``tests/scale_division_check.py``: Triton's interpreter and
-    the GPU). Else ``div_rn``."""
+    it); inf stays inf. Equal to the correctly rounded quotient for every non-negative 16-bit
+    ``amax``, subnormal quotients included, for ``QMAX`` 448 and 127 (exhaustive check:
+    ``tests/scale_division_check.py``, run by the interpreter and the GPU tests); other
+    ``QMAX`` need the same check. Else ``div_rn``."""
     if RCP:
-        y = 1.0 / QMAX  # a float32 constant: 1 / 448 and 1 / 127 round once from float64
+        y = 1.0 / QMAX  # float64, rounded to a float32 constant where it multiplies
         q = amax * y
         return tl.where(q == float("inf"), q, tl.math.fma(tl.math.fma(-q, QMAX, amax), y, q))
     else:
