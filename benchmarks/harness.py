@@ -164,13 +164,13 @@ def ab_run(args, run_case) -> None:
     ``(ms, outputs, note)`` (outputs: a tuple of tensors); prints each case's time, and whether
     its outputs equal bit for bit those that ``--save`` kept from the other run (the case at the
     same position of its list: the two lists may differ in their configs)."""
-    saved = list(torch.load(args.compare).values()) if args.compare else None
-    outs = {}
+    saved = torch.load(args.compare) if args.compare else None
+    outs = []  # by position: a case may appear twice in a list
     for i, case in enumerate(args.cases):
         ms, out, note = run_case(case)
-        outs[case] = tuple(t.cpu() for t in out)
+        outs.append(tuple(t.cpu() for t in out))
         same = "" if saved is None else (f" bitwise equal to {args.compare}: "
-                                         f"{all(torch.equal(a, b) for a, b in zip(saved[i], outs[case]))}")
+                                         f"{all(torch.equal(a, b) for a, b in zip(saved[i], outs[i]))}")
         print(f"{case:42s} {ms * 1e3:9.1f} us {note}{same}", flush=True)
     if args.save:
         torch.save(outs, args.save)
