@@ -7,7 +7,9 @@ and as CUDA-graph replays: ``ms_graph``,
 the kernels without the host's per-op cost, as a compiled ``reduce-overhead`` step runs); each
 operator alone (``fwd``/``dgrad``/``wgrad`` bf16, and per recipe with its casts inside;
 ``wgrad_gemm_fp8_*`` the fp8 wgrad GEMM on pre-quantized operands) against the matmul ceilings;
-each quantization cast against the copy ceiling (bytes read + written).
+each quantization cast against the copy ceiling (bytes read + written); ``bound_*``: the
+least time of each recipe's step at this run's ceilings and the largest ratio it allows
+(:mod:`step_bounds`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
+import step_bounds  # noqa: E402
 
 import moe_ops  # noqa: E402
 
@@ -86,6 +89,7 @@ def run(args):
         peer_graph = harness.bench_graph_ms(peer, reps=5)
         rows.append({"shape": sname, "T": T, "variant": "grouped_mm_bf16_fwd_bwd", "ms": peer_ms,
                      "ms_graph": peer_graph, "TFLOPs": flops / peer_ms / 1e9})
+        rows.extend(step_bounds.bound_rows(sname, T, E, top_k, K, N, ceil, peer_graph))
         for recipe in (None, "fp8_rowwise", "fp8_blockwise"):
             def ours(recipe=recipe):
                 y = moe_ops.grouped_mm(x, w, offs, recipe=recipe)
