@@ -157,7 +157,7 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # reciprocal division: (64, 4, column tiles first) best or within 3% but at Qwen3 down per
     # expert (0.100 against 0.087 ms); summed over the six cases 1.18 ms against 1.27 for (16, 2)
     # and 1.66 for session 12's (32, 4) in expert order with div_rn. More column steps per
-    # program were slower (each step's load waits for the previous step's store; NOTES.md).
+    # program were slower then (each step's load waited for the previous step's store; NOTES.md).
     # Per expert, token blocks loaded a loop step together (tune_recipes.py --only
     # cast_x_token_blocks_expert, results/tune_token_blocks_steps_s17_h100.*), and the second
     # pass's next block loaded ahead (results/tune_token_blocks_prefetch_h100_s24.*): Qwen3-30B-A3B
@@ -165,11 +165,19 @@ def token_block_quant(t: torch.Tensor, offs: torch.Tensor, per_expert: bool, con
     # True, 2) -> 0.1343 with (32, 4, True, 4, True), DeepSeek-V3 E=32 (C 7168) 0.4232 -> 0.4181
     # with (64, 4, True, 2, True). The session 25 sweep with the first pass on integer bits
     # (results/tune_token_blocks_running_max_h100_s25.*) timed gate_up 0.1307 -> 0.1280 with (64, 4,
-    # True, 4, True) and DeepSeek-V3 0.4093 -> 0.3985 with (64, 8, True, 2, True), one run each and
-    # not yet checked bit for bit on a GPU: the defaults stay. largest_first is not yet timed.
-    if config is None and per_expert:
-        config = (16, 4, True, 4, True) if C < 2048 else ((32, 4, True, 4, True) if C < 4096 else (64, 4, True, 2, True))
-    bc, warps, *rest = config or (64, 4, True)
+    # True, 4, True) and DeepSeek-V3 0.4093 -> 0.3985 with (64, 8, True, 2, True); session 27's sweep
+    # and A/B (results/tune_casts_h100_s27.*, ab_casts_h100_s27.log, bit-equal codes and
+    # scales) again: 0.1314 -> 0.1289 and 0.4123 -> 0.4073, so those are the defaults now. Per block,
+    # 8 column tiles of 32 a program with the next one loaded ahead: Qwen3-30B-A3B gate_up (C 2048)
+    # 0.1073 -> 0.0992 ms, down (C 768) 0.0434 -> 0.0405; DeepSeek-V3 (C 7168) keeps (64, 4, True)
+    # (0.2792 against 0.3026). largest_first was slower at every shape (gate_up 0.1314 -> 0.1592).
+    if config is None:
+        if per_expert:
+            config = (16, 4, True, 4, True) if C < 2048 else ((64, 4, True, 4, True) if C < 4096 else
+                                                               (64, 8, True, 2, True))
+        else:
+            config = (32, 4, True, 8, True) if C < 4096 else (64, 4, True)
+    bc, warps, *rest = config
     cols_fast, step, prefetch, largest_first = tuple(rest) + (False, 1, False, False)[len(rest):]
     if step < 1 or step & (step - 1):
         raise ValueError(f"token_block_quant: config's step_blocks must be a power of two, got {step}")

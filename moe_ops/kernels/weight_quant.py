@@ -141,20 +141,24 @@ def _persistent_programs(device: torch.device, per_sm: int) -> int:
 def _channel_tiles(C: int, transpose: bool):
     """Default ``channel`` config for ``C`` reduced columns (tune_recipes.py on an H100,
     CUDA-graph timed, share of copy bandwidth). W: K = 2048 (4, 1024, 4) 0.96-1.0; K = 768
-    (8, 256, 4) 0.94 (a masked 1024-wide step: 0.44); K = 7168 (2, 2048, 8) 0.74-0.85 (1024-wide
-    steps: 0.6). W^T (tall tiles: its rows are W's contiguous dim): up to N = 4096, 8 rows over
-    all of N in one tile, one read of W, 128 elements a thread (results/tune_wT_channel_one_pass_
-    s17_h100.*): Qwen3-30B-A3B gate_up (N 1536) 0.866 -> 0.605 ms (0.52 -> 0.67 of copy), down
-    (N 2048) 0.439 -> 0.283 (0.71), DeepSeek-V3 E=32 (N 4096) 2.08 -> 1.63 (0.58); 16 rows, more
-    warps or 4 rows were slower. Above 4096 (64, 64, 4), two passes, 0.51-0.52, the second read
+    (8, 256, 4) 0.94 (a masked 1024-wide step: 0.44); K = 7168 one row over all of K in one tile,
+    one read (1, 8192, 8) 0.96 (session 27, results/tune_casts_h100_s27.*) against
+    0.74-0.85 for two passes of (2, 2048, 8), which rows past 8192 keep. W^T (tall tiles: its
+    rows are W's contiguous dim): up to N = 4096, 8 rows over all of N in one tile, one read of
+    W, 128 elements a thread (results/tune_wT_channel_one_pass_s17_h100.*): Qwen3-30B-A3B
+    gate_up (N 1536) 0.866 -> 0.605 ms (0.52 -> 0.67 of copy), down (N 2048) 0.439 -> 0.283
+    (0.71), DeepSeek-V3 E=32 (N 4096) 2.08 -> 1.63 (0.58); 16 rows, more warps or 4 rows were
+    slower. Above 4096 (64, 64, 4), two passes, 0.51-0.52, the second read
     missing L2. All with the flat grid (equal or up to 6% faster)."""
     if transpose:
         if C <= 4096:
             block_k = max(next_power_of_2(C), 16)
             return 8, block_k, max(1, block_k // 512), True
         return 64, 64, 4, True
-    if C > 4096:
+    if C > 8192:
         return 2, 2048, 8, True
+    if C > 4096:  # one row a program, one read (with the reciprocal division: fp8_weight_quant)
+        return 1, 8192, 8, True
     block_k = min(1024, C & -C if C & -C >= 256 else next_power_of_2(C))
     return min(8, 4096 // block_k), block_k, 4, True
 
@@ -195,17 +199,20 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
     E = w.shape[0]
     if pair and (granularity != "block" or transpose):
         raise ValueError("pair: W's and W^T's codes from one read need block granularity and transpose=False")
+    wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
+    R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
     if rcp is None:
         # the reciprocal-and-FMA division (scale_division) for 16-bit weights where it measured
         # faster (tune_recipes.py, H100, results/tune_casts_h100_s13_rcp.json): 128 x 128 blocks
         # with 8 warps 0.406 / 0.441 ms (W / W^T codes, Qwen3-30B-A3B gate_up) against 0.443 /
         # 0.454 with div_rn and 16 warps (DeepSeek-V3 0.947 against 1.053 ms); the W^T channel
         # cast 0.768 against 0.850. The W channel cast is as fast or faster with div_rn (0.415 /
-        # 0.214 / 1.269 ms against 0.497 / 0.274 / 1.335 with its default tiles).
-        rcp = not (granularity == "channel" and not transpose)
+        # 0.214 / 1.269 ms against 0.497 / 0.274 / 1.335 with its default tiles), but for its one
+        # read of rows of 4097-8192 columns: DeepSeek-V3 E=32 (K 7168) 0.978 ms against 1.266
+        # (results/tune_casts_h100_s27.*).
+        w_channel = granularity == "channel" and not transpose
+        rcp = not w_channel or (config is None and 4096 < C <= 8192)
     rcp = rcp and w.dtype in SIXTEEN_BIT
-    wv = w.transpose(1, 2) if (transpose and granularity == "channel") else w
-    R, C = wv.shape[1], wv.shape[2]  # rows (one scale each, channel) and reduced columns
     if granularity == "channel":
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(E, R, 1, dtype=torch.float32, device=w.device)

@@ -97,7 +97,8 @@ _TOKEN_BLOCK_CONFIGS = [None, (32, 4, False), (64, 4, True), (16, 2, True)]
     # per block, 2 / 4 / 8 column tiles a program (12 of 64 columns: the last of 8 part-used), with
     # and without the next tile loaded ahead
     (False, (64, 4, True, 4), torch.bfloat16), (False, (64, 8, True, 8, True), torch.bfloat16),
-    (False, (32, 4, True, 4, True), torch.float16), (False, (64, 4, True, 2, True), torch.float32)])
+    (False, (32, 4, True, 4, True), torch.float16), (False, (64, 4, True, 2, True), torch.float32),
+    (False, (32, 4, True, 8, True), torch.bfloat16)])
 def test_token_block_quant_bit_exact(per_expert, config, dtype):
     """Codes and scales of the padded token-block layout equal the reference quantization bit
     for bit; the padding of every used block is zero codes. Default tiles, both grid orders; per
@@ -149,6 +150,23 @@ def test_fp8_weight_quant_bit_exact(gran, transpose, flat, rcp):
         t_ref = moe_ops.formats.quantize(w.transpose(1, 2).contiguous(), "fp8_e4m3", "block", 0)
         for got, want in zip(parts, (d_ref, s_ref, t_ref[0], t_ref[1])):
             assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rcp", [None, False])
+@pytest.mark.parametrize("K", [4200, 7168])  # the default one read of 8192 columns: part-used, DeepSeek-V3's K
+def test_fp8_weight_channel_long_rows_bit_exact(K, rcp):
+    """W's channel codes and scales over rows of 4097-8192 columns (default: one row a program,
+    one read, the reciprocal division) equal ``formats.quantize``'s bit for bit; outputs'
+    memory poisoned first; an all-zero row and a row with one large value among small ones."""
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    w = (torch.randn(3, 40, K) * 0.05).bfloat16()
+    w[1, 5] = 0
+    w[2, 7, K - 1] = 300.0
+    torch.full((3 * 40 * K,), 0x7F, dtype=torch.uint8, device=DEV)
+    q, s = fp8_weight_quant(w.to(DEV), "channel", False, None, rcp)
+    d_ref, s_ref, _ = moe_ops.formats.quantize(w, "fp8_e4m3", "channel", 0)
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), d_ref.view(torch.uint8))
 
 
 @pytest.mark.parametrize("words", [None, False])
