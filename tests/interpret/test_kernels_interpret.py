@@ -456,6 +456,21 @@ def test_fp8_weight_quant_scales(gran, transpose):
             fp8_weight_quant(w, gran, transpose, pair=True)
 
 
+def test_fp8_weight_channel_long_rows_one_read():
+    """W's channel cast over rows of 4097-8192 columns: the default (one row a program, one read,
+    the reciprocal division) gives the scales of ``formats.quantize`` and the codes of the
+    two-pass tile with ``div_rn``, an all-zero row and a lone large value included."""
+    from moe_ops.kernels.weight_quant import fp8_weight_quant
+    w = (torch.randn(2, 3, 4200, generator=torch.Generator().manual_seed(27)) * 0.05).bfloat16()
+    w[1, 1] = 0
+    w[0, 2, 4199] = 300.0
+    q0, s0 = fp8_weight_quant(w, "channel", False, (2, 2048, 8, True), False)
+    assert torch.equal(s0, moe_ops.formats.quantize(w, "fp8_e4m3", "channel", 0)[1])
+    for rcp in (None, False):
+        q, s = fp8_weight_quant(w, "channel", False, None, rcp)
+        assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+
+
 def _fp8_exact(shape, seed, pin_rows):
     """bf16 values 4x an fp8 e4m3 value each, with every ``pin_rows``-th row (along dim -2) at
     4 * 448: every unit's absmax is 4 * 448, its scale 4, and each quotient an fp8 value, which
