@@ -7,8 +7,11 @@ at the copy ceiling (bytes read + written per second), both measured in the same
 (:func:`harness.ceilings`). A step's bound is the sum over the kernels it launches, as
 ``moe_ops.grouped_mm`` launches them for the recipe (each cast its own kernel, run before the
 GEMM that reads it). Scales (4 bytes per 128 or more elements) and the token-block layout's zero
-padding are left out, so the bound stays below what any kernel can reach. Shapes: ``x [M, K]``,
-``W [E, N, K]``, ``dy [M, N]``; 16-bit inputs and outputs (y, dx, dW), 1-byte fp8 codes.
+padding are left out. The copy ceiling is the measured rate of one large device copy (as many
+bytes read as written); a kernel that reads twice what it writes can pass it by a few percent
+(the weight casts measured up to 1.02 of it on an H100), so a bound holds to within that.
+Shapes: ``x [M, K]``, ``W [E, N, K]``, ``dy [M, N]``; 16-bit inputs and outputs (y, dx, dW),
+1-byte fp8 codes.
 
 ``fused_casts``: the same step with x's and dy's two fp8 layouts (the forward/dgrad one and the
 wgrad's token blocks) written from one read of each (4 bytes an element instead of 6): what a
