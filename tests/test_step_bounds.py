@@ -14,7 +14,9 @@ from bench_training import SHAPES  # noqa: E402
 
 # round numbers: 1 GB/s copy is 1e6 bytes a ms, 1 TFLOP/s 1e9 FLOPs a ms
 CEIL = {"copy_GBps": 1.0, "bf16_TFLOPs": 1.0, "fp8_TFLOPs": 2.0}
-SLACK = 0.97  # the weight casts measured up to 1.02x the copy ceiling (it is a measured rate)
+# the casts read twice what they write; the copy ceiling (a measured rate, reads = writes) is
+# no hard limit for them: the weight casts measured up to 1.02x of it. Steps and GEMMs: none.
+CAST_SLACK = 0.97
 
 
 def test_bf16_step_by_hand():
@@ -59,9 +61,9 @@ RUNS = sorted(glob.glob(os.path.join(BENCH, "results", "training_h*.json")))
 
 @pytest.mark.parametrize("path", RUNS, ids=[os.path.basename(p) for p in RUNS])
 def test_measured_steps_are_not_below_their_bound(path):
-    """Every measured step, bf16 GEMM and cast of a committed run at or above its bound (a bound
-    above a measured time would be a wrong bound), to within the copy ceiling's slack: a
-    read-heavy cast may pass the copy rate by a few percent (step_bounds' docstring)."""
+    """Every measured step and bf16 GEMM of a committed run at or above its bound (a bound above
+    a measured time would be a wrong bound); every cast at or above ``CAST_SLACK`` of its bound
+    (a read-heavy cast may pass the copy rate by a few percent: step_bounds' docstring)."""
     with open(path) as fh:
         run = json.load(fh)
     ceil = run["ceilings"]
@@ -70,6 +72,7 @@ def test_measured_steps_are_not_below_their_bound(path):
         E, top_k, K, N = SHAPES[r["shape"]]
         M = r["T"] * top_k
         variant = r["variant"]
+        slack = CAST_SLACK if variant.startswith("cast_") else 1.0
         if variant.startswith("ours_") and variant.endswith("_fwd_bwd"):
             bound = step_bounds.step_bound_ms(E, M, K, N, variant[len("ours_"):-len("_fwd_bwd")], ceil)
             measured = r.get("ms_graph") or r["ms"]  # early runs timed eagerly only
@@ -84,7 +87,7 @@ def test_measured_steps_are_not_below_their_bound(path):
             measured = r["ms"]
         else:
             continue
-        assert measured >= SLACK * bound, (r["shape"], variant, measured, bound)
+        assert measured >= slack * bound, (r["shape"], variant, measured, bound)
         checked += 1
     assert checked >= 3 * (3 + 3)
 

@@ -211,7 +211,7 @@ def fp8_weight_quant(w: torch.Tensor, granularity: str, transpose: bool = False,
         # read of rows of 4097-8192 columns: DeepSeek-V3 E=32 (K 7168) 0.978 ms against 1.266
         # (results/tune_casts_h100_s27.*).
         w_channel = granularity == "channel" and not transpose
-        rcp = not w_channel or (config is None and 4096 < C <= 8192)
+        rcp = not w_channel or (config is None and _channel_tiles(C, False)[0] == 1)  # the one-row tile
     rcp = rcp and w.dtype in SIXTEEN_BIT
     if granularity == "channel":
         q = torch.empty(E, R, C, dtype=torch.float8_e4m3fn, device=w.device)
