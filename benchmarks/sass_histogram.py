@@ -131,15 +131,20 @@ def compile_token_blocks(block_c: int, warps: int, per_expert: bool, rcp: bool, 
     return _disassemble(src, warps, 3, arch)
 
 
-def compile_weight_cast(kind: str, warps: int, words: bool, arch: int):
-    """:func:`fp8_weight_quant_kernel` for bf16 W's 128x128 block tiles (flat grid, reciprocal
-    division) as :func:`moe_ops.kernels.weight_quant.fp8_weight_quant` specialises it: ``kind``
-    ``block`` (W's codes), ``transposed`` (W^T's) or ``pair`` (both); ``words`` (pair): W^T's
-    codes four a 32-bit word."""
+def compile_weight_cast(kind: str, warps: int, words: bool, arch: int, channel_tile=(8, 2048)):
+    """:func:`fp8_weight_quant_kernel` for bf16 W (flat grid, reciprocal division) as
+    :func:`moe_ops.kernels.weight_quant.fp8_weight_quant` specialises it: ``kind`` ``block``
+    (W's 128x128 tiles' codes), ``transposed`` (W^T's) or ``pair`` (both; ``words``: W^T's codes
+    four a 32-bit word); ``channel`` (W's rows) or ``channel_t`` (W^T's rows, W read as its
+    transpose) with ``channel_tile`` ``(BLOCK_N, BLOCK_K)`` (one read where ``BLOCK_K`` is at
+    least the reduced dim, taken as ``BLOCK_K``)."""
     from moe_ops.kernels.weight_quant import fp8_weight_quant_kernel as kernel
-    consts = dict(BLOCK_N=128, BLOCK_K=128, PER_ROW=False, FLAT=True, RCP=True, PAIR=kind == "pair",
-                  WORDS=words and kind == "pair", stride_wk=1)
-    # the unit strides a launch specialises (W's K; each code layout's contiguous dim)
+    channel = kind.startswith("channel")
+    bn, bk = channel_tile if channel else (128, 128)
+    consts = dict(BLOCK_N=bn, BLOCK_K=bk, PER_ROW=channel, FLAT=True, RCP=True, PAIR=kind == "pair",
+                  WORDS=words and kind == "pair", ONE_READ=channel)
+    # the unit strides a launch specialises (W's contiguous dim; each code layout's)
+    consts.update(stride_wn=1) if kind == "channel_t" else consts.update(stride_wk=1)
     consts.update(stride_qn=1) if kind == "transposed" else consts.update(stride_qk=1)
     if kind == "pair":
         consts.update(stride_qtn=1)
@@ -208,15 +213,18 @@ def main():
                    help="with --largest-first: int64 sort keys (the launch's choice only past 2**31 // 128 rows)")
     p.add_argument("--prefetch", action="store_true",
                    help="with --token-blocks --per-expert: the second pass's next block loaded ahead")
-    p.add_argument("--weight-cast", choices=["block", "transposed", "pair"],
-                   help="instead: the fp8 block cast of W (128x128 tiles, --tile's WARPS)")
+    p.add_argument("--weight-cast", choices=["block", "transposed", "pair", "channel", "channel_t"],
+                   help="instead: the fp8 cast of W (block: 128x128 tiles; --tile's WARPS)")
+    p.add_argument("--channel-tile", type=int, nargs=2, default=[8, 2048], metavar=("BLOCK_N", "BLOCK_K"),
+                   help="with --weight-cast channel / channel_t: rows a program, reduced columns in one read")
     p.add_argument("--bytes", action="store_true", help="with --weight-cast pair: W^T's codes a byte at a time")
     a = p.parse_args()
     if a.weight_cast:
-        sass, regs = compile_weight_cast(a.weight_cast, a.tile[3], not a.bytes, a.arch)
+        sass, regs = compile_weight_cast(a.weight_cast, a.tile[3], not a.bytes, a.arch, a.channel_tile)
         n, ops = instructions(sass)
         print(regs)
-        print(f"{n} instructions per thread, {n / (128 * 128 / (32 * a.tile[3])):.1f} per element")
+        tile = a.channel_tile[0] * a.channel_tile[1] if a.weight_cast.startswith("channel") else 128 * 128
+        print(f"{n} instructions per thread, {n / (tile / (32 * a.tile[3])):.1f} per element")
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(16)))
         return
     if a.token_blocks:

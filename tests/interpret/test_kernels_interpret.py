@@ -775,15 +775,18 @@ def test_persistent_gemm_fp8_path(monkeypatch):
         x = torch.randn(m, k, generator=g).bfloat16()
         qw = moe_ops.quantize_weight(torch.randn(3, n, k, generator=g).bfloat16(), fmt, gran, 0)
         q = qw.op_args()
+        # x cast once, 32 rows a program (the interpreter's cost is per program; the cast's own
+        # tests are test_act_quant_*), its codes given to both GEMMs
+        qx, sx = dispatch.quantize_act(x, "fp8_token", (32, 256, 4))
         y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
-        dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none", out=y)
+        dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none", out=y, prequantized=(qx, sx))
         assert not torch.isnan(y).any() and torch.all(y[1690:] == 0)
         if k % 256 == 0:
             assert torch.equal(y, dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none",
-                                                      config=KernelConfig(128, 128, 256, 8, 3, tma=True)))
+                                                      config=KernelConfig(128, 128, 256, 8, 3, tma=True),
+                                                      prequantized=(qx, sx)))
         # the product of the kernel's own x codes (the interpreter rounds float32 -> float8 its own
         # way: test_forward_fp8_activations) in float64
-        qx, sx = dispatch.quantize_act(x, "fp8_token")
         xh = moe_ops.activations.dequantize_blocks_lastdim(qx, sx, k, torch.float64)
         oracle = reference.segment_mm(xh, moe_ops.dequantize_weight(qw, torch.float64), offs, "nt")
         assert rel_err(y, oracle) < 8e-3  # the bf16 output's rounding
