@@ -246,6 +246,26 @@ def _row_tiles(M, block_m: int, E: int):
     return cdiv(M, block_m) + torch.sym_min(M, E) + 1
 
 
+def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, gemv_layout: bool, has_scale: bool,
+                  combine: bool):
+    """Raise ``ValueError`` where ``config`` (K tile ``bk``) cannot serve a launch on weights of
+    ``spec`` (None: 16-bit) with activation code ``act`` and scales over ``unit_k`` columns:
+    the gemv tile's needs (:func:`_feasible`), and ``config.combine`` on exactly the fused
+    expert MLP's token-major down launch (``combine``) with weights it reads (16-bit, or packed
+    int4/int2 codes with scales) and 16-bit activations."""
+    w_kind, _, _, _, pack = _weight_consts(spec)
+    if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout):
+        raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
+                         f"contiguous along K (packed codes: 4-byte aligned rows, K a multiple of {4 * pack}, "
+                         f"one row a tile) and scales constant over a {bk}-column K tile")
+    combine_weights = w_kind == 0 or (w_kind == 1 and pack > 1 and has_scale)  # 16-bit, or packed codes
+    if config.combine != combine or (combine and not (combine_weights and act == 0
+                                                      and _feasible([config], act, pack, unit_k, True))):
+        raise ValueError(f"config {config}: combine=True is the fused expert MLP's token-major down launch, "
+                         "16-bit weights or packed int4/int2 weight-only codes on the gemv tile with k_split 1, "
+                         "and only that launch")
+
+
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
             int8_offset, post_scale, config: KernelConfig, bk: int, fused: dict = None, candidates=None):
     """One launch of :func:`grouped_gemm_kernel` over logical weights ``[E, N, K]`` whose
@@ -257,21 +277,12 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     ``[(config, bk)]`` for the opt-in tuner (:mod:`moe_ops.lowering.autotune`); with two or more,
     the launch is a ``triton.autotune`` kernel over them instead of ``config``."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
-    if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout_ok(w_strides, w.storage_offset(), K,
-                                                                                  pack)):
-        raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
-                         f"contiguous along K (packed codes: 4-byte aligned rows, K a multiple of {4 * pack}, "
-                         f"one row a tile) and scales constant over a {bk}-column K tile")
     f = fused or {}
     xrow, dst, rw, amax, slot = (f.get(k) for k in ("xrow", "dst", "rw", "amax", "slot"))
     amax_cols = f.get("amax_cols", 1)
     top_k = f.get("combine", 0)
-    combine_weights = w_kind == 0 or (w_kind == 1 and pack > 1 and ws is not w)  # 16-bit, or packed codes
-    if config.combine != bool(top_k) or (top_k and not (combine_weights and act == 0
-                                                        and _feasible([config], act, pack, unit_k, True))):
-        raise ValueError(f"config {config}: combine=True is the fused expert MLP's token-major down launch, "
-                         "16-bit weights or packed int4/int2 weight-only codes on the gemv tile with k_split 1, "
-                         "and only that launch")
+    _check_config(config, bk, spec, act, unit_k, gemv_layout_ok(w_strides, w.storage_offset(), K, pack),
+                  ws is not w, bool(top_k))
     args = (xq, xs, w, ws, wz, y, offs,
             offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
             xs if amax is None else amax, offs if slot is None else slot,
@@ -363,6 +374,9 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
         return y
     if K == 0 or N == 0:
         return y.zero_()
+    if persistent is None:  # a config that cannot serve is refused before x's cast runs
+        _check_config(config, bk, spec, act, unit_k, gemv_layout_ok(w.stride(), w.storage_offset(), K, pack),
+                      w_scale is not None, False)
     if prequantized is not None and act:
         xq, xs = prequantized
     else:
@@ -488,6 +502,11 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     combine = cfgs[1][0].combine  # token-major down launch: no [M, H] rows, no separate sum
     if combine:
         tuned[1] = None  # the tuner's down candidates are row-tile launches
+    # both launches' configs checked before either runs (_launch checks each again)
+    for (cfg, bk), (_, unit_k), w, scale, red, down in zip(cfgs, units, (w1, w2), (w1_scale, w2_scale), (H, I),
+                                                            (False, True)):
+        _check_config(cfg, bk, spec, act, unit_k, gemv_layout_ok(w.stride(), w.storage_offset(), red, pack),
+                      scale is not None, combine and down)
     out_rows = torch.empty(T if combine else M, H, dtype=x.dtype, device=x.device)
     if M and H and I:
         rows = sorted_rows.contiguous()

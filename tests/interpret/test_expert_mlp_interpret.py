@@ -107,7 +107,10 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, top_k, cfgs):
     assert rel_err(out, em.composed(*args)) < 2e-3
 
 
-def test_combine_is_refused_where_it_cannot_serve():
+def test_combine_is_refused_where_it_cannot_serve(monkeypatch):
+    """A combine config the launch cannot serve is refused before either launch runs."""
+    launched = []
+    monkeypatch.setattr(dispatch, "_launch", lambda *a, **k: launched.append(a))
     g, tw, rows, offs = _routing(7)
     x = torch.randn(T, H, generator=g).half()
     gate_up, down = COMBINE_CONFIGS[0]
@@ -123,6 +126,7 @@ def test_combine_is_refused_where_it_cannot_serve():
     with pytest.raises(ValueError, match="combine"):  # one K tile a step
         dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(1, 8, 32, 4, 2, gemv=True, combine=True,
                                                                   k_split=2)))
+    assert launched == []
 
 
 def test_int8_requant_in_loads_is_exact_to_its_rule():

@@ -180,11 +180,12 @@ def test_forward_prequantized_activations_equal_the_cast_inside():
         assert rel_err(y3, 2 * y) < 1e-6 and rel_err(y3, y) > 0.5
 
 
-def test_gemv_tile_refuses_what_it_cannot_serve():
+def test_gemv_tile_refuses_what_it_cannot_serve(monkeypatch):
     """The CUDA-core tile reads weights along K in vectors and scales once per K tile: a
     transposed weight view, quantized activations, a K tile wider than the scale group, and
     packed codes it cannot read as aligned words are refused with the reason, not computed
-    wrongly."""
+    wrongly, and before any kernel runs (x's cast included)."""
+    monkeypatch.setattr(dispatch, "quantize_act", lambda *a, **k: pytest.fail("x cast before the refusal"))
     x, w, offs = _data(10, torch.float16)
     out = torch.empty(M, N, dtype=torch.float16)
     wt = w.half().transpose(1, 2).contiguous().transpose(1, 2)  # logical [E, N, K], K stride N
