@@ -777,7 +777,7 @@ def test_persistent_gemm_fp8_path(monkeypatch):
         qw = moe_ops.quantize_weight(torch.randn(3, n, k, generator=g).bfloat16(), fmt, gran, 0)
         q = qw.op_args()
         # x cast once, 32 rows a program (the interpreter's cost is per program; the cast's own
-        # tests are test_act_quant_*), its codes given to both GEMMs
+        # test is test_act_quant_kernel_int8_exact_and_scales), its codes given to both GEMMs
         qx, sx = dispatch.quantize_act(x, "fp8_token", (32, 256, 4))
         y = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
         dispatch.grouped_mm(x, *q[:3], offs, *q[3:], "fp8_token", "none", out=y, prequantized=(qx, sx))
