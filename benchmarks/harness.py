@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -84,21 +83,6 @@ def sweep(make_fn, space, label: str, graph: bool = False) -> list:
     for ms, cfg in timings[:4]:
         print(f"{label} {ms:.4f} ms {cfg}", flush=True)
     return timings
-
-
-def staged_variants(cfg, stages=(2, 3, 4, 6)) -> list:
-    """A gemv tile ``cfg`` and its neighbours (``block_n`` and twice it; for a packed-code tile
-    not token-major, 1 and 2 K tiles a step at 2 warps each) with the loop's loads staged through
-    shared memory ``stages`` deep (``KernelConfig.staged``), ``cfg`` itself first: the sweep
-    against the register-prefetch tile in one run."""
-    splits = (cfg.k_split,) if cfg.combine or cfg.block_m > 1 else (1, 2)
-    out = [cfg]
-    for bn in (cfg.block_n, 2 * cfg.block_n):
-        for ks in splits:
-            warps = cfg.num_warps if ks == cfg.k_split else 2 * ks
-            out += [dataclasses.replace(cfg, block_n=bn, k_split=ks, num_warps=warps, num_stages=st, staged=True)
-                    for st in stages]
-    return list(dict.fromkeys(out))
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -194,9 +194,6 @@ def main():
     p.add_argument("--one-loop", action="store_true", help="with --swiglu: gate and up rows in one K loop")
     p.add_argument("--gemv", action="store_true", help="the CUDA-core decode tile (KernelConfig.gemv)")
     p.add_argument("--k-split", type=int, default=1, help="with --gemv on packed codes: K tiles a loop step")
-    p.add_argument("--staged", action="store_true",
-                   help="with --gemv: the loop's loads staged through shared memory, --tile's STAGES deep "
-                        "(KernelConfig.staged), not prefetched in registers")
     p.add_argument("--combine", type=int, default=0, metavar="TOP_K",
                    help="with --gemv: the token-major down launch over TOP_K slots (bf16 or packed codes)")
     p.add_argument("--act", default="none", choices=["none", "fp8_token", "fp8_1x128"],
@@ -248,8 +245,7 @@ def main():
         consts["SCALE_UNIFORM_N"] = False
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
-    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=1 if a.staged else a.tile[4],
-                  GEMV_STAGES=a.tile[4] if a.staged else 1, GEMV_KSPLIT=a.k_split,
+    consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split,
                   COMBINE=a.combine, COMBINE_POW2=triton.next_power_of_2(max(a.combine, 1)))
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
                               a.tile[3], a.tile[4], a.arch, "*bf16" if a.act == "none" else _W_PTR["fp8_e4m3"])

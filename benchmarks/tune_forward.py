@@ -330,9 +330,6 @@ def tune(cases, out_path):
         def make(cfg):
             return lambda: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, act or "none", "none", config=cfg)
         ranking = harness.sweep(make, space, f"{sname:18s} T={T:5d} {lab:16s}", graph=T <= 128)
-        first = [(i, ms) for i, (ms, c) in enumerate(ranking) if c == space[0]]
-        print(f"{sname:18s} T={T:5d} {lab:16s} first of the space (rank {first[0][0] + 1}): {first[0][1]:.4f} ms"
-              if first else f"{sname} T={T} {lab} first of the space: not served", flush=True)
         results.append({"shape": sname, "T": T, "variant": lab,
                         "ranking": [(round(ms, 5), cfg.__dict__) for ms, cfg in ranking]})
         w = wd = x = None
@@ -347,8 +344,6 @@ if __name__ == "__main__":
     p.add_argument("--gemv", action="store_true", help="CUDA-core decode tiles against the tensor-core one")
     p.add_argument("--w-lhs", action="store_true", help="weight-as-left-operand tiles against the table's")
     p.add_argument("--packed-gemv", action="store_true", help="int4 decode: word-reading CUDA-core tiles")
-    p.add_argument("--staged", action="store_true",
-                   help="with --packed-gemv: T=1, the table's tile against its loads staged through shared memory")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="--w-lhs: shapes to sweep")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 4096], help="--w-lhs: token counts")
     p.add_argument("--variants", nargs="+", default=["int4_asym_g128", "int8_sym_ch", "fp8_e4m3_ch"],
@@ -369,10 +364,6 @@ if __name__ == "__main__":
                  os.path.join(a.out, "tune_tma.json"), a.offs_seed)
     elif a.w_lhs:
         tune(w_lhs_cases(a.shapes, a.variants, a.tokens), os.path.join(a.out, "tune_w_lhs.json"))
-    elif a.packed_gemv and a.staged:  # the table's tile first, then staged through shared memory
-        tune([(s, t, v, harness.staged_variants(
-            choose_forward_config(t * SHAPES[s][1], SHAPES[s][3], SHAPES[s][2], SHAPES[s][0], 4, 128)))
-            for s, t, v in PACKED_GEMV_CASES if t == 1], os.path.join(a.out, "tune_packed_gemv_staged.json"))
     elif a.packed_gemv:
         tune([(s, t, v, [choose_forward_config(t * SHAPES[s][1], SHAPES[s][3], SHAPES[s][2], SHAPES[s][0], 4, 128)]
                + PACKED_GEMV) for s, t, v in PACKED_GEMV_CASES], os.path.join(a.out, "tune_packed_gemv.json"))

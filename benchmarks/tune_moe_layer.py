@@ -3,8 +3,7 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine] [--tma-down]
-[--staged]``
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine] [--tma-down]``
 (default: Qwen3-30B-A3B's
 layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
 whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
@@ -13,9 +12,7 @@ launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/in
 CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
 combine, against the row-tile w_lhs down tile and its separate sum; for bf16 against the tensor-core
 decode tile and its sum; ``--tma-down``: only the down launch, its 16-row ``w_lhs`` tiles with x and W by
-TMA and by pointers, against the table's tile and the one it gives where TMA is not possible;
-``--staged``: the launches the table gives a gemv tile, that tile against itself and its
-neighbours with the loop's loads staged through shared memory, ``KernelConfig.staged``).
+TMA and by pointers, against the table's tile and the one it gives where TMA is not possible).
 Prints the fastest configs per (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -115,8 +112,6 @@ def main(args):
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
             launches = (0,) if args.one_loop and not args.pipeline else ((1,) if args.combine or args.tma_down
                                                                          else (0, 1))
-            if args.staged:  # the launches the table gives a gemv tile
-                launches = tuple(i for i in (0, 1) if default[i].gemv)
             for which in launches:
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
@@ -128,8 +123,6 @@ def main(args):
                     # the table's tile with other K tiles and pipeline depths (bytes in flight)
                     space = [dataclasses.replace(default[which], block_k=bk, num_stages=st)
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
-                elif args.staged:  # the table's gemv tile first, then staged through shared memory
-                    space = harness.staged_variants(default[which])
                 elif args.combine:
                     space = COMBINE16_SPACE if FORMATS[fname] is None else COMBINE_SPACE
                 elif args.tma_down:  # also the down tile the table gives where TMA is not possible
@@ -148,10 +141,6 @@ def main(args):
                 if args.tma_down:  # every row: the table's tile wherever it ranks
                     for ms, c in best:
                         print(f"{fname} T={T} down {ms * 1e3:.1f} us {c}", flush=True)
-                if args.staged:  # the table's tile (the first of the space), wherever it ranks
-                    ref = [(ms, c) for ms, c in best if c == space[0]]
-                    print(f"{fname} T={T} table tile {space[0]}: "
-                          + (f"{ref[0][0] * 1e3:.1f} us" if ref else "not served"), flush=True)
                 if args.combine:  # the reference row (the last of the space), wherever it ranks
                     ref = [(ms, c) for ms, c in best if c == space[-1]]
                     print(f"{fname} T={T} reference {space[-1]}: "
@@ -174,8 +163,6 @@ if __name__ == "__main__":
     p.add_argument("--gemv", action="store_true", help="decode, packed int4/int2: the CUDA-core tiles")
     p.add_argument("--combine", action="store_true",
                    help="decode, packed int4/int2: only the down launch, token-major with the combine")
-    p.add_argument("--staged", action="store_true",
-                   help="decode: the table's gemv tiles against their loads staged through shared memory")
     p.add_argument("--pipeline", action="store_true",
                    help="both launches: the table's tile over K tiles 64-256 and 2-8 pipeline stages")
     main(p.parse_args())

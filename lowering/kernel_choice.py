@@ -37,10 +37,6 @@ class KernelConfig:
     # where the device has TMA (CUDA capability >= 9) and the operands' layout allows
     # (dispatch._tma_operands); elsewhere the same tile with pointer loads
     tma: bool = False
-    # gemv tiles: the K loop's loads (weights, x, scales) staged through shared memory by Triton's
-    # software pipeliner (cp.async), num_stages deep, instead of the weight stream's register
-    # prefetch (num_stages - 1 tiles ahead); more bytes in flight than registers hold
-    staged: bool = False
 
     @property
     def decode(self) -> bool:

@@ -126,8 +126,8 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
                 SCALE_UNIFORM_N=uniform_n,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
                 W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
-                ONE_LOOP=config.one_loop, GEMV_PREFETCH=1 if config.staged else min(max(config.num_stages, 1), 3),
-                GEMV_KSPLIT=config.k_split, GEMV_STAGES=config.num_stages if config.staged else 1)
+                ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3),
+                GEMV_KSPLIT=config.k_split)
 
 
 def gemv_layout_ok(w_strides, storage_offset: int, K: int, pack: int) -> bool:
@@ -145,8 +145,7 @@ def gemv_layout_ok(w_strides, storage_offset: int, K: int, pack: int) -> bool:
 def _feasible(configs, act: int, pack: int, unit_k: int, gemv_layout: bool) -> list:
     """``[(config, bk)]`` of the configs a launch can run: quantized activations need the
     weight scale constant over a K tile; the gemv tile also 16-bit x, weights laid out as
-    :func:`gemv_layout_ok` says (``gemv_layout``), and for packed codes one row a tile; ``staged``
-    tiles are gemv tiles at least two stages deep."""
+    :func:`gemv_layout_ok` says (``gemv_layout``), and for packed codes one row a tile."""
     out = []
     for cfg in configs:
         bk = _tile_k(cfg, act, pack)
@@ -156,8 +155,6 @@ def _feasible(configs, act: int, pack: int, unit_k: int, gemv_layout: bool) -> l
         if cfg.gemv and not (act == 0 and gemv_layout and scale_tile and (pack == 1 or cfg.block_m == 1)):
             continue
         if cfg.combine and not (cfg.gemv and cfg.k_split == 1):
-            continue
-        if cfg.staged and not (cfg.gemv and cfg.num_stages >= 2):
             continue
         out.append((cfg, bk))
     return out
@@ -255,12 +252,8 @@ def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, ge
     ``spec`` (None: 16-bit) with activation code ``act`` and scales over ``unit_k`` columns:
     the gemv tile's needs (:func:`_feasible`), and ``config.combine`` on exactly the fused
     expert MLP's token-major down launch (``combine``) with weights it reads (16-bit, or packed
-    int4/int2 codes with scales) and 16-bit activations; ``config.staged`` on a gemv tile at
-    least two stages deep."""
+    int4/int2 codes with scales) and 16-bit activations."""
     w_kind, _, _, _, pack = _weight_consts(spec)
-    if config.staged and not (config.gemv and config.num_stages >= 2):
-        raise ValueError(f"config {config}: staged=True stages a gemv tile's loads through shared memory, "
-                         "num_stages (at least 2) deep; it needs gemv=True")
     if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
                          f"contiguous along K (packed codes: 4-byte aligned rows, K a multiple of {4 * pack}, "

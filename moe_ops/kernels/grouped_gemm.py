@@ -38,9 +38,7 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               conversion of the weight tile to a tensor-core operand layout (a round trip
               through shared memory) and no padding of a few rows to the 16 an MMA needs.
               Packed int4/int2 codes take :func:`_gemv_packed_acc` (32-bit words, one row a
-              tile, ``GEMV_PREFETCH`` the depth of its register prefetch). ``GEMV_STAGES`` > 1
-              (``GEMV_PREFETCH`` 1; every gemv form, ``COMBINE``'s too): the K loop's loads go
-              through shared memory instead, that many stages deep (Triton's pipeliner, cp.async).
+              tile, ``GEMV_PREFETCH`` the depth of its register prefetch).
 ``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
               weight as the MMA's left operand, which Hopper's wgmma takes from registers:
               :func:`_dequant_acc_w_lhs`.
@@ -196,7 +194,6 @@ def grouped_gemm_kernel(
     SCATTER: tl.constexpr = False, ROW_WEIGHT: tl.constexpr = False, AMAX_COLS: tl.constexpr = 1,
     AMAX_POW2: tl.constexpr = 1, GEMV: tl.constexpr = False, W_LHS: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
-    GEMV_STAGES: tl.constexpr = 1,
     SLOT_OUT: tl.constexpr = False, COMBINE: tl.constexpr = 0, COMBINE_POW2: tl.constexpr = 1,
     TMA_X: tl.constexpr = False, TMA_W: tl.constexpr = 0, SCALE_UNIFORM_N: tl.constexpr = False,
 ):
@@ -205,7 +202,7 @@ def grouped_gemm_kernel(
                          stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                          stride_ym, stride_yn, E, E_POW2, W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K,
                          PACK, GEMV, BLOCK_M, BLOCK_N, BLOCK_K, GEMV_PREFETCH, GEMV_KSPLIT, ACT, SWIGLU, COMBINE,
-                         COMBINE_POW2, GEMV_STAGES)
+                         COMBINE_POW2)
         return
     tile, pid_n = swizzled_tile(tl.program_id(0), M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
@@ -267,13 +264,13 @@ def grouped_gemm_kernel(
             out = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                                    stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                    W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, TILE_N, BLOCK_K,
-                                   GEMV_PREFETCH, GEMV_KSPLIT, 0, GEMV_STAGES)
+                                   GEMV_PREFETCH, GEMV_KSPLIT, 0)
             out = tl.sum(out, 0)[None, :]
         elif GEMV:
             out = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
                             stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                             W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
-                            BLOCK_M, TILE_N, BLOCK_K, PACK, GEMV_STAGES)
+                            BLOCK_M, TILE_N, BLOCK_K, PACK)
         elif W_LHS:
             tl.static_assert(SCALE_TILE, "W_LHS needs the weight scale constant over a K tile")
             out = _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, wn, wn_mask, K,
@@ -304,13 +301,13 @@ def grouped_gemm_kernel(
                 up = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                       stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                       W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                      GEMV_PREFETCH, GEMV_KSPLIT, 0, GEMV_STAGES)
+                                      GEMV_PREFETCH, GEMV_KSPLIT, 0)
                 up = tl.sum(up, 0)[None, :]
             elif GEMV:
                 up = _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn + N, n_mask, K,
                                stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                W_KIND, W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, HAS_SCALE,
-                               BLOCK_M, BLOCK_N, BLOCK_K, PACK, GEMV_STAGES)
+                               BLOCK_M, BLOCK_N, BLOCK_K, PACK)
             else:
                 up = _gemm_acc(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, xs_row, m_mask, rn + N, n_mask,
                                K, stride_xm, stride_xk, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk,
@@ -695,8 +692,7 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
               stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
               W_KIND: tl.constexpr, W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
               UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr,
-              STAGES: tl.constexpr = 1):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACK: tl.constexpr):
     """The float32 ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T`` on the CUDA cores
     (weight-only formats; W's stored columns contiguous, ``stride_wk == 1``; scales constant
     over a K tile). Per K tile, with codes q (the stored values, 0..2^bits-1 or signed int8,
@@ -704,9 +700,7 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
 
         acc += s * (sum_k x_k q_k - z * sum_k x_k)
 
-    the weight tile goes to float32 once per program, whatever the number of rows. ``STAGES``
-    1: the weight stream double-buffered in registers; more: the loop's loads staged through
-    shared memory, ``STAGES`` deep, by Triton's software pipeliner (cp.async)."""
+    the weight tile goes to float32 once per program, whatever the number of rows."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns (bytes of packed codes) per K tile
@@ -716,16 +710,12 @@ def _gemv_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_mask, K,
     rs = tl.arange(0, SUB)
     k_stored = (K + PACK - 1) // PACK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # STAGES 1: the weight stream is double-buffered in registers, tile k+1 in flight while tile
-    # k is multiplied (a plain loop would wait a full memory latency per K tile)
-    if STAGES == 1:
-        raw_next = _gemv_weight_tile(w_base, w_rows, rs, n_mask, k_stored, W_KIND)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        if STAGES == 1:
-            raw = raw_next
-            raw_next = _gemv_weight_tile(w_base, w_rows, (k0 + BLOCK_K) // PACK + rs, n_mask, k_stored, W_KIND)
-        else:
-            raw = _gemv_weight_tile(w_base, w_rows, k0 // PACK + rs, n_mask, k_stored, W_KIND)
+    # the weight stream is double-buffered in registers: tile k+1 is in flight while tile k
+    # is multiplied (a plain loop would wait a full memory latency per K tile)
+    raw_next = _gemv_weight_tile(w_base, w_rows, rs, n_mask, k_stored, W_KIND)
+    for k0 in range(0, K, BLOCK_K):
+        raw = raw_next
+        raw_next = _gemv_weight_tile(w_base, w_rows, (k0 + BLOCK_K) // PACK + rs, n_mask, k_stored, W_KIND)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in tl.static_range(PACK):
@@ -841,7 +831,7 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
                      W_BITS: tl.constexpr, ZERO_MODE: tl.constexpr, IMPLICIT_ZERO: tl.constexpr,
                      UNIT_N: tl.constexpr, UNIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                     KSPLIT: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr = 1):
+                     KSPLIT: tl.constexpr, SLOTS: tl.constexpr):
     """:func:`_gemv_acc` for packed integer codes (int4/int2), read as 32-bit words, on the CUDA
     cores: float32 ``[D0, BLOCK_N]`` partial sums of ``x[xrow] @ W[expert][rn]^T``, their sum
     over the first axis the tile. ``SLOTS == 0``: one row (``xrow``, ``m_mask`` of shape
@@ -858,11 +848,8 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
     output element ``acc += s * sum_k (q_k - z) x_k``, the K sum an FMA chain per word for int4
     (:func:`_dot8`): the sums of the tensor-core decode tile, without the MMA's 16-row padding
     and operand shuffles. ``PREFETCH``: the weight words are loaded ``PREFETCH - 1`` K tiles
-    ahead in registers (1: not ahead). ``STAGES`` > 1 (with ``PREFETCH`` 1): the loop's loads
-    (words, x, scales, zeros) staged through shared memory, ``STAGES`` deep, by Triton's
-    software pipeliner (cp.async): more bytes in flight than registers hold."""
+    ahead (1: not ahead)."""
     tl.static_assert((SLOTS == 0) | (KSPLIT == 1), "slots side by side take one K tile a step")
-    tl.static_assert((STAGES == 1) | (PREFETCH == 1), "shared-memory stages replace the register prefetch")
     CPW: tl.constexpr = 32 // W_BITS  # codes per 32-bit word
     WORDS: tl.constexpr = BLOCK_K // CPW  # words of a row per K tile
     STEP: tl.constexpr = KSPLIT * BLOCK_K  # K columns a loop iteration (KSPLIT tiles side by side)
@@ -905,7 +892,7 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
         w_a = _gemv_words(words, w_rows32, row_ok, tile_words, k_words)
     if PREFETCH >= 3:
         w_b = _gemv_words(words, w_rows32, row_ok, STEP // CPW + tile_words, k_words)
-    for k0 in tl.range(0, K, STEP, num_stages=STAGES):
+    for k0 in range(0, K, STEP):
         if PREFETCH >= 3:
             word = w_a
             w_a = w_b
@@ -940,14 +927,12 @@ def _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n_m
 
 @triton.jit
 def _gemv16_slots_acc(x_ptr, w_ptr, expert, xrow, s_ok, rn, n_mask, K, stride_xm, stride_xk, stride_we, stride_wn,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SLOTS: tl.constexpr,
-                      STAGES: tl.constexpr = 1):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SLOTS: tl.constexpr):
     """float32 ``[SLOTS, BLOCK_N]``: entry (s, n) is ``x[xrow[s]] . W[expert[s]][rn[n]]`` for
     16-bit weights whose K stride is 1, on the CUDA cores (the combine's slots side by side,
     each from its own expert; masked slots read nothing and give 0). Products accumulate
     elementwise over the K tiles and are summed along K once at the end. ``PREFETCH`` 2: the
-    weight tile is loaded one K tile ahead in registers (1: not ahead); ``STAGES`` > 1 (with
-    ``PREFETCH`` 1): the loop's loads staged through shared memory, ``STAGES`` deep (cp.async)."""
+    weight tile is loaded one K tile ahead in registers (1: not ahead)."""
     rk = tl.arange(0, BLOCK_K)
     w_rows = expert.to(tl.int64)[:, None] * stride_we + rn.to(tl.int64)[None, :] * stride_wn  # [SLOTS, BLOCK_N]
     row_ok = s_ok[:, None] & n_mask[None, :]
@@ -955,8 +940,7 @@ def _gemv16_slots_acc(x_ptr, w_ptr, expert, xrow, s_ok, rn, n_mask, K, stride_xm
     if PREFETCH >= 2:
         w_next = tl.load(w_ptr + w_rows[:, :, None] + rk[None, None, :],
                          mask=row_ok[:, :, None] & (rk < K)[None, None, :], other=0.0)
-    tl.static_assert((STAGES == 1) | (PREFETCH == 1), "shared-memory stages replace the register prefetch")
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         if PREFETCH >= 2:
             w = w_next
@@ -980,7 +964,7 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
                      IMPLICIT_ZERO: tl.constexpr, UNIT_N: tl.constexpr, UNIT_K: tl.constexpr, PACK: tl.constexpr,
                      GEMV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PREFETCH: tl.constexpr, KSPLIT: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
-                     TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr, STAGES: tl.constexpr = 1):
+                     TOP_K: tl.constexpr, TOP_K_POW2: tl.constexpr):
     """One program of the token-major down launch (``COMBINE``; 16-bit weights, or packed
     int4/int2 codes): output columns ``pid % cdiv(N, BLOCK_N)`` of token ``t = pid //
     cdiv(N, BLOCK_N)``, ``y[t] = sum_j rw[s] * x[p] @ W[e]^T`` over the token's slots ``s = t
@@ -1009,12 +993,12 @@ def _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot
     expert = tl.where(s_ok, expert, 0)
     if W_KIND == 0:
         part = _gemv16_slots_acc(x_ptr, w_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K, stride_xm, stride_xk,
-                                 stride_we, stride_wn, BLOCK_N, BLOCK_K, PREFETCH, TOP_K_POW2, STAGES)
+                                 stride_we, stride_wn, BLOCK_N, BLOCK_K, PREFETCH, TOP_K_POW2)
     else:
         part = _gemv_packed_acc(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, p.to(tl.int64), s_ok, rn, n_mask, K,
                                 stride_xm, stride_xk, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
                                 W_BITS, ZERO_MODE, IMPLICIT_ZERO, UNIT_N, UNIT_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                PREFETCH, 1, TOP_K_POW2, STAGES)
+                                PREFETCH, 1, TOP_K_POW2)
     rw = tl.load(rw_ptr + s, mask=s_ok, other=0.0)
     out = tl.sum(part * rw[:, None], 0)
     tl.store(y_ptr + t.to(tl.int64) * stride_ym + rn.to(tl.int64) * stride_yn, out.to(y_ptr.dtype.element_ty),

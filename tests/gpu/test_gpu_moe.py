@@ -109,18 +109,7 @@ def test_fused_expert_mlp_one_loop(fmt, gran, gs, act, T, which):
 COMBINE = [KernelConfig(1, 16, 128, 8, 2, group_m=1, gemv=True, combine=True),
            KernelConfig(1, 32, 64, 8, 3, group_m=1, gemv=True, combine=True),
            KernelConfig(1, 4, 128, 2, 1, group_m=1, gemv=True, combine=True),
-           KernelConfig(1, 8, 64, 8, 2, group_m=1, gemv=True, combine=True),
-           # the loads staged through shared memory (KernelConfig.staged)
-           KernelConfig(1, 16, 128, 8, 3, group_m=1, gemv=True, combine=True, staged=True)]
-
-
-# the packed-code gate/up gemv tile (one loop, two K tiles a step) with its loads staged through
-# shared memory, then the token-major down launch staged too, at T=1 (1/4 row per expert)
-@pytest.mark.parametrize("stages", [2, 4])
-@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2)])
-def test_fused_expert_mlp_gemv_staged(fmt, gran, gs, act, stages):
-    gate_up = KernelConfig(1, 16, 128, 4, stages, group_m=1, gemv=True, one_loop=True, k_split=2, staged=True)
-    _check_fused(fmt, gran, gs, act, 1, (gate_up, COMBINE[-1]))
+           KernelConfig(1, 8, 64, 8, 2, group_m=1, gemv=True, combine=True)]
 
 
 @pytest.mark.parametrize("cfg", range(len(COMBINE)))

@@ -27,12 +27,8 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True, k_split=2),
                              KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
-                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
-           # the gemv tiles with their loads staged through shared memory (KernelConfig.staged)
-           "one_loop_gemv_staged": (KernelConfig(1, 16, 32, 4, 3, group_m=1, gemv=True, one_loop=True, k_split=2,
-                                                 staged=True),
-                                    KernelConfig(1, 32, 32, 4, 2, group_m=1, gemv=True, staged=True))}
-WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs", "one_loop_gemv_staged")
+                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
+WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")
 
 
 def _routing(seed):
@@ -60,9 +56,7 @@ CASES = [("none", "none", 0, "none"), ("int4_asym", "group", 32, "none"), ("int8
 
 
 @pytest.mark.parametrize("cfg,fmt,gran,gs,act", [(c, *case) for c in CONFIGS for case in CASES
-                                                  if (c not in WEIGHT_ONLY_CONFIGS or case[3] == "none")
-                                                  and (c != "one_loop_gemv_staged"
-                                                       or case[0] in ("none", "int4_asym"))])
+                                                  if c not in WEIGHT_ONLY_CONFIGS or case[3] == "none"])
 def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
     g, tw, rows, offs = _routing(hash((fmt, gran, act)) % 997)
     x = torch.randn(T, H, generator=g).half()
@@ -79,24 +73,21 @@ def test_fused_expert_mlp(fmt, gran, gs, act, cfg):
 
 # the token-major down launch with the combine (packed codes or 16-bit weights, gemv tile): after
 # a gemv gate/up launch and after a tensor-core one (both write the slot map), prefetch 2 / 3 /
-# none / staged through shared memory (the gemv gate/up tiles of COMBINE_CONFIGS[0] and [3] are
-# for packed codes: 16-bit weights take their row-tile 16-bit gemv forms there)
+# none (the gemv gate/up tile of COMBINE_CONFIGS[0] is for packed codes: 16-bit weights take its
+# row-tile 16-bit gemv form there)
 COMBINE_CONFIGS = [
     (KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, one_loop=True),
      KernelConfig(1, 8, 32, 4, 2, group_m=1, gemv=True, combine=True)),
     (KernelConfig(16, 16, 32, 4, 1, w_lhs=True, one_loop=True),
      KernelConfig(1, 16, 32, 2, 3, group_m=1, gemv=True, combine=True)),
-    (KernelConfig(16, 32, 32, 4, 1), KernelConfig(1, 32, 32, 2, 1, group_m=1, gemv=True, combine=True)),
-    # staged through shared memory (KernelConfig.staged), both launches
-    (KernelConfig(1, 16, 32, 4, 3, group_m=1, gemv=True, one_loop=True, staged=True),
-     KernelConfig(1, 8, 32, 4, 3, group_m=1, gemv=True, combine=True, staged=True))]
+    (KernelConfig(16, 32, 32, 4, 1), KernelConfig(1, 32, 32, 2, 1, group_m=1, gemv=True, combine=True))]
 
 
 @pytest.mark.parametrize("cfgs,fmt,gran,gs,top_k", [
     (0, fmt, gran, gs, top_k) for (fmt, gran, gs), top_k in itertools.product(
         (("int4_asym", "group", 32), ("int4_sym", "channel", 0), ("int2_asym", "group", 64)), (2, 3))] + [
     (c, "int4_asym", "group", 32, 3) for c in range(1, len(COMBINE_CONFIGS))] + [
-    (c, "none", "none", 0, top_k) for c, top_k in ((0, 2), (1, 3), (2, 3), (3, 2))])
+    (c, "none", "none", 0, top_k) for c, top_k in ((0, 2), (1, 3), (2, 3))])
 def test_fused_expert_mlp_combine(fmt, gran, gs, top_k, cfgs):
     """COMBINE: program (token, column block) sums the token's slots (top_k 3: a masked fourth
     slot), a dropped slot adds nothing, an expert with no rows costs nothing; packed codes and

@@ -1,8 +1,6 @@
 """The Triton kernels in Triton's interpreter (CPU tensors), against the reference, on small
 ragged shapes: empty experts, K and N not multiples of the tile, rows past offs[-1], outputs
 poisoned with NaN first; decode-shaped and prefill-shaped tiles."""
-import dataclasses
-
 import pytest
 import torch
 import triton
@@ -24,9 +22,7 @@ GEMV = KernelConfig(2, 16, 32, 4, 1, group_m=1, gemv=True)
 GEMV_PACKED = {"gemv_packed": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True),
                "gemv_packed_prefetch2": KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True),
                # two K tiles a step (K = 96: the last step half past K)
-               "gemv_packed_k_split": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, k_split=2),
-               # the loop's loads staged through shared memory (3 stages), not prefetched in registers
-               "gemv_packed_staged": KernelConfig(1, 16, 32, 4, 3, group_m=1, gemv=True, k_split=2, staged=True)}
+               "gemv_packed_k_split": KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, k_split=2)}
 # the dequantized weight as the MMA's left operand (weight-only formats), both tile shapes
 W_LHS = {"w_lhs_decode": KernelConfig(16, 16, 32, 4, 1, w_lhs=True),
          "w_lhs_prefill": KernelConfig(32, 32, 32, 4, 1, w_lhs=True)}
@@ -65,30 +61,6 @@ def test_forward_packed_gemv(fmt, gran, gs, dtype, cfg):
     """int4/int2 codes read as 32-bit words, fields left in place (``_fields_in_place``), x
     rescaled per field: every field position of both widths, asym / sym, group and channel."""
     _check_weight_only(fmt, gran, gs, dtype, GEMV_PACKED[cfg])
-
-
-@pytest.mark.parametrize("fmt,gran,gs", [("none", "none", 0), ("int8_asym", "group", 32), ("fp8_e4m3", "channel", 0),
-                                         ("int4_asym", "group", 32), ("int2_sym", "channel", 0)])
-def test_forward_gemv_staged(fmt, gran, gs):
-    """The gemv tiles with their loads staged through shared memory, three stages
-    (``KernelConfig.staged``: no register prefetch): the two-row tile (16-bit and 8-bit
-    weights) and the packed-code one (two K tiles a step)."""
-    cfg = (GEMV_PACKED["gemv_packed_staged"] if fmt.startswith(("int4", "int2"))
-           else dataclasses.replace(GEMV, num_stages=3, staged=True))
-    _check_weight_only(fmt, gran, gs, torch.bfloat16, cfg)
-
-
-def test_staged_needs_a_gemv_tile(monkeypatch):
-    """``staged`` on a tensor-core tile, or one stage deep, is refused before any kernel runs."""
-    launched = []
-    monkeypatch.setattr(dispatch, "_launch", lambda *a, **k: launched.append(a))
-    x, w, offs = _data(3, torch.float16)
-    args = moe_ops.quantize_weight(w.half(), "int4_asym", "group", 32).op_args()
-    for cfg in (dataclasses.replace(CONFIGS["decode"], num_stages=3, staged=True),
-                dataclasses.replace(GEMV_PACKED["gemv_packed"], num_stages=1, staged=True)):
-        with pytest.raises(ValueError, match="staged"):
-            dispatch.grouped_mm(x, *args[:3], offs, *args[3:], "none", "none", config=cfg)
-    assert launched == []
 
 
 @pytest.mark.parametrize("cfg", list(W_LHS))
