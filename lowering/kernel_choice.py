@@ -408,9 +408,13 @@ def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group
         # 90.4 us, DeepSeek-V3 E=32 T=1 132.6 -> 116.9 us. The down launch keeps its w_lhs tile:
         # its gemv tile took 26.6 / 98.4 / 131.7 us there (the scatter epilogue, one row a tile).
         # Two K tiles a step (k_split) up to 1/4 row per expert (results/tune_moe_layer_gemv_k_split_
-        # h100.log): Qwen3 T=1 22.5 -> 21.6 us, DeepSeek-V3 T=1 114.8 -> 106.5; not at T=8
+        # h100.log): Qwen3 T=1 22.5 -> 21.6 us, DeepSeek-V3 T=1 114.8 -> 106.5; not at T=8.
+        # There the weight words are prefetched two steps ahead where H >= 4096, as in the plain
+        # gemv tile (results/tune_gemv_dsv3_h100_s29.log, same sweep: DeepSeek-V3 T=1 106.4 ->
+        # 102.9 us; Qwen3 T=1, H = 2048, even: 21.6 / 21.7 us in the k_split sweep)
         split = 2 if rows_per_expert_hint(M, E) <= 0.25 else 1
-        gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, 2, group_m=1, gemv=True,
+        prefetch = 3 if split == 2 and H >= 4096 else 2
+        gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, prefetch, group_m=1, gemv=True,
                                one_loop=True, k_split=split)
     if ((w_bits < 8 or w_bits == 16) and act_bits == 16 and packed_gemv_down and I <= COMBINE_MAX_K
             and rows_per_expert_hint(M, E) <= COMBINE_MAX_ROWS_PER_EXPERT):

@@ -120,6 +120,16 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, act, T, cfg):
     _check_fused(fmt, gran, gs, act, T, (gate_up, COMBINE[cfg]))
 
 
+# the packed-code gate/up gemv tile, one loop, two K tiles a step, its weight words prefetched one
+# and two steps ahead (the table's depth at H >= 4096), at T=1 with the table's down launch
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2, 6)])
+def test_fused_expert_mlp_gemv_prefetch(fmt, gran, gs, act, stages):
+    down = dispatch.expert_mlp_configs(K_TOP, H, I, E, fmt, gran, gs, gs, act)[1]
+    gate_up = KernelConfig(1, 16, 128, 4, stages, group_m=1, gemv=True, one_loop=True, k_split=2)
+    _check_fused(fmt, gran, gs, act, 1, (gate_up, down))
+
+
 # 8-bit weight-only down launch in the 16-row w_lhs tile with x (the intermediate) and w2's stored
 # tile by TMA: the forward table's tile for K under 2048, which tune_moe_layer.py --tma-down times in
 # the fused MLP (where the table keeps 8-bit weights' pointer tile: no gain measured)
