@@ -135,6 +135,9 @@ def test_packed_gemv_tiles_only_where_the_word_reader_serves():
                                                       packed_gemv_down=words_down)
             if gate_up.gemv:
                 assert bits < 8 and act == 16 and words and gate_up.block_m == 1, gate_up
+                # weight words prefetched two steps ahead only at two K tiles a step and H >= 4096
+                # (DeepSeek-V3's gate/up at T=1, benchmarks/NOTES.md session 29), else one
+                assert gate_up.num_stages == (3 if gate_up.k_split == 2 and H >= 4096 else 2), (H, T, gate_up)
             # on the CUDA cores the down launch is only the token-major one with the combine
             assert down.combine == down.gemv, down
             if down.combine:  # 16-bit weights or packed codes, whose words the reader can take
