@@ -65,7 +65,8 @@ W_CHANNEL_T = [(32, 64, 4, True), (64, 64, 4, True), (16, 256, 4, True, 4),
                (4, 2048, 4, True), (8, 2048, 4, True), (8, 2048, 8, True), (16, 2048, 8, True), (16, 2048, 16, True),
                (2, 4096, 4, True), (4, 4096, 8, True), (8, 4096, 8, True), (8, 4096, 16, True),
                # two 4-warp programs an SM at 255 registers against one 8-warp (8, 4096) at 227
-               # (offline, sass_histogram.py --weight-cast channel_t): the same bytes in flight
+               # (offline, sass_histogram.py --weight-cast channel_t): the same bytes in flight;
+               # measured 1.4-2x slower than the defaults (results/tune_wT_channel_4x4096_h100_s29.*)
                (4, 4096, 4, True)]
 W_BLOCK = [(128, 128, w, f) for w in (16, 8, 4) for f in (False, True)]
 
