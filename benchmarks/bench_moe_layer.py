@@ -63,6 +63,19 @@ def skewed_layer(lname: str, dev) -> "moe_ops.MoE":
     return m
 
 
+def quantized_layer(lname: str, fname: str, dev):
+    """``(layer, act_quant)``: a Qwen3-style ``moe_ops.MoE`` of ``lname``'s sizes (seed 0) with its
+    experts in format ``fname`` (``FORMATS``), and the activation mode its calls take."""
+    H, I, E, k = LAYERS[lname]
+    m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+    spec = FORMATS[fname]
+    if spec is None:
+        return m, "none"
+    fmt, gran, gs, act = spec
+    moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+    return m, act or "none"
+
+
 def _fused_pays(fname: str, M: int, E: int) -> bool:
     """Whether ``moe_ops::expert_mlp`` takes its fused launches for format ``fname`` at ``M``
     rows (:func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`)."""

@@ -28,7 +28,7 @@ from moe_ops.lowering.kernel_choice import (KernelConfig, choose_expert_mlp_conf
 from . import launch, persistent_gemm
 from .act_quant import quantize_rows_kernel
 from .grouped_gemm import grouped_gemm_kernel
-from .host_math import cdiv, next_power_of_2
+from .host_math import cdiv, next_power_of_2, row_tile_bound
 from .routing_kernels import count_sort_kernel, router_topk_sort_kernel, topk_kernel, topk_sort_kernel
 from .scale_division import SIXTEEN_BIT
 
@@ -239,13 +239,6 @@ def w_tma_possible(w: torch.Tensor) -> bool:
             and launch.descriptors_allowed(w))
 
 
-def _row_tiles(M, block_m: int, E: int):
-    """Static bound on the M tiles of :func:`grouped_gemm_kernel` (its ``num_tiles``): each
-    expert with rows adds at most one part-filled tile, and at most ``min(E, M)`` experts have
-    rows; one more tile for the zero rows past ``offs[-1]``. ``M`` may be a SymInt."""
-    return cdiv(M, block_m) + torch.sym_min(M, E) + 1
-
-
 def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, gemv_layout: bool, has_scale: bool,
                   combine: bool):
     """Raise ``ValueError`` where ``config`` (K tile ``bk``) cannot serve a launch on weights of
@@ -310,7 +303,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
                       for c, b in candidates)
 
         def grid(meta):
-            return (_row_tiles(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
+            return (row_tile_bound(M, meta["BLOCK_M"], E) * cdiv(N, meta["BLOCK_N"]),)
         # every constexpr passed, defaults included: Inductor's launcher for a user-defined
         # autotuned kernel takes them all as arguments (candidates use pointer loads)
         wrap_triton(_tuned_kernel(tiles))[grid](*args, **consts, TMA_X=False, TMA_W=0)
@@ -318,7 +311,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     if top_k:  # token-major: one program per token and column block
         grid = (M // top_k * cdiv(N, config.block_n),)
     else:
-        grid = (_row_tiles(M, config.block_m, E) * cdiv(N, config.block_n),)
+        grid = (row_tile_bound(M, config.block_m, E) * cdiv(N, config.block_n),)
     meta = _tile_meta(config, bk, unit_k, pack, weight_only, unit_n, swiglu_n)
     descs, tma_x, tma_w = _tma_operands(xq, w, w_strides, config, meta, consts)
     kwargs = {**dict(zip(grouped_gemm_kernel.arg_names, args)), **consts, **meta, "TMA_X": tma_x, "TMA_W": tma_w}

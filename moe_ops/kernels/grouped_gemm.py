@@ -71,10 +71,10 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
               side by side, and stores ``y[t]`` (``[M / top_k, N]``); grid ``T * cdiv(N,
               BLOCK_N)``, not the row tiles below (:func:`_combine_program`).
 
-Scheduling (no host sync): the grid is ``(cdiv(M, BLOCK_M) + min(E, M) + 1) * cdiv(N, BLOCK_N)``
-programs, a static upper bound (each expert with rows adds at most one part-filled tile, and
-at most ``min(E, M)`` experts have rows: at decode the grid is sized by the rows, not by the
-experts). Each program reads ``offs`` on the device, finds which expert its M tile belongs to
+Scheduling (no host sync): the grid is ``row_tile_bound(M, BLOCK_M, E) * cdiv(N, BLOCK_N)``
+programs, a static upper bound on the row tiles a routing can use (``host_math.row_tile_bound``:
+at decode it is sized by the rows, not by the experts; one row a tile, exactly ``M``). Each
+program reads ``offs`` on the device, finds which expert its M tile belongs to
 (tiles numbered expert by expert). The programs after the last expert's tiles write the zero
 rows at or past ``offs[-1]``, so every output row is written. Decode and prefill differ only
 in tile shape (BLOCK_M 16 with a wide K tile for weight streaming; 64/128 for prefill), chosen
@@ -169,10 +169,11 @@ def grouped_order(t, row_tiles, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def swizzled_tile(pid, M, N, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(row tile, column tile)`` of program ``pid`` over ``cdiv(M, BLOCK_M) + min(M, E) + 1``
-    row tiles (the grouped grid's static bound) and ``cdiv(N, BLOCK_N)`` column tiles, in
-    :func:`grouped_order`."""
-    return grouped_order(pid, tl.cdiv(M, BLOCK_M) + tl.minimum(M, E) + 1, tl.cdiv(N, BLOCK_N), GROUP_M)
+    """``(row tile, column tile)`` of program ``pid`` over ``host_math.row_tile_bound``'s row
+    tiles (the grouped grid's static bound, computed here alike: the two must agree) and
+    ``cdiv(N, BLOCK_N)`` column tiles, in :func:`grouped_order`."""
+    row_tiles = (M + (tl.minimum(M, E) + 1) * (BLOCK_M - 1)) // BLOCK_M
+    return grouped_order(pid, row_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
 
 
 @triton.jit

@@ -7,6 +7,8 @@ Work on Python ints and on SymInts (the operators' bodies are traced under torch
 """
 from __future__ import annotations
 
+import torch
+
 
 def cdiv(x, y):
     """``ceil(x / y)`` for positive ``y``."""
@@ -23,3 +25,15 @@ def next_power_of_2(n):
     n |= n >> 16
     n |= n >> 32
     return n + 1
+
+
+def row_tile_bound(M, block_m: int, E: int):
+    """Static bound on the row tiles of a grouped launch over ``M`` rows in ``block_m``-row tiles
+    and ``E`` experts: the tiles of the experts with rows (numbered expert by expert,
+    ``grouped_gemm._expert_of_tile``) plus those of the zero rows past ``offs[-1]``. With ``n <=
+    min(M, E)`` experts holding ``M' <= M`` rows, ``sum_e cdiv(r_e, B) + cdiv(M - M', B) <= (M +
+    (n + 1) (B - 1)) / B``: each part-filled tile (at most one an expert, one for the zero rows)
+    leaves at most ``B - 1`` rows empty. One row a tile gives exactly ``M``.
+    ``grouped_gemm.swizzled_tile`` computes the same number on the device (its grouped order
+    maps the grid's programs onto these row tiles): the two must agree."""
+    return (M + (torch.sym_min(M, E) + 1) * (block_m - 1)) // block_m

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import launch
 from .grouped_gemm import _expert_tiles, _locate_tile, grouped_order
-from .host_math import cdiv, next_power_of_2
+from .host_math import cdiv, next_power_of_2, row_tile_bound
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def launch_persistent(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, offs: t
     E = offs.shape[0]
     N = w.shape[2] if dgrad else w.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    tile_bound = (cdiv(M, bm) + torch.sym_min(M, E) + 1) * cdiv(N, bn)
+    tile_bound = row_tile_bound(M, bm, E) * cdiv(N, bn)
     descs = {"x_desc": (x, (bm, bk)), "w_desc": (w, (1, bk, bn) if dgrad else (1, bn, bk))}
     xs, ws, (stride_xsm, stride_se, stride_sn) = scales if scales is not None else (y, y, (0, 0, 0))
     kwargs = dict(y_ptr=y, offs_ptr=offs, xs_ptr=xs, ws_ptr=ws, M=M, N=N, K=K, stride_ym=y.stride(0),

@@ -244,10 +244,12 @@ def test_all_rows_on_one_expert_and_m_smaller_than_tile():
     [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # every row its own expert: M part-filled tiles
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # every row dropped: only zero-row tiles
     [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # a tail row past offs[-1]
+    [1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # four part-filled tiles and a zero-row tile: all 5
 ])
 def test_grid_bound_with_more_experts_than_rows(counts):
-    """The grid has ``cdiv(M, BLOCK_M) + min(E, M) + 1`` M tiles (M=5 rows, E=12 experts, 2-row
-    tiles): enough when every row is alone on its expert, and when offs[-1] < M."""
+    """The grid has ``host_math.row_tile_bound`` M tiles, ``(M + (min(E, M) + 1) * (B - 1)) // B``
+    (M=5 rows, E=12 experts, B=2-row tiles: 5): enough when every row is alone on its expert,
+    when offs[-1] < M, and when both use every tile of the grid."""
     g = torch.Generator().manual_seed(sum(counts))
     m, e = 5, len(counts)
     x = torch.randn(m, K, generator=g, dtype=torch.float16)
