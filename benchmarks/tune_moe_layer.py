@@ -3,7 +3,8 @@ routing-weight scatter), one launch at a time with the other at its table choice
 timed: decode tiles at decode sizes, prefill tiles above 16 rows per expert.
 
 Usage (GPU): ``python benchmarks/tune_moe_layer.py [--out DIR] [--layer qwen3|dsv3]
-[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine] [--tma-down]``
+[--formats ...] [--tokens T ...] [--w-lhs] [--one-loop] [--pipeline] [--gemv] [--combine] [--tma-down]
+[--slot-sum] [--tma-gate-up]``
 (default: Qwen3-30B-A3B's
 layer at T=1 and 8; e.g. ``--tokens 4096 --formats int4_g128`` for the prefill gate/up tiles,
 whose 4-warp choice spills registers at int4, see benchmarks/NOTES.md; ``--one-loop``: only
@@ -12,7 +13,10 @@ launches, the table's tile over K tiles and pipeline depths; ``--gemv``: int4/in
 CUDA cores, codes read as 32-bit words; ``--combine``: only the down launch, token-major with the
 combine, against the row-tile w_lhs down tile and its separate sum; for bf16 against the tensor-core
 decode tile and its sum; ``--tma-down``: only the down launch, its 16-row ``w_lhs`` tiles with x and W by
-TMA and by pointers, against the table's tile and the one it gives where TMA is not possible).
+TMA and by pointers, against the table's tile and the one it gives where TMA is not possible;
+``--slot-sum``: the table's configs with the down launch summing the slots itself against the
+same launch and the separate sum, alternating; ``--tma-gate-up``: the gate/up launch's w_lhs tiles
+with W's codes by TMA (x gathered by pointers) and without, and the op's unfused composition).
 Prints the fastest configs per (format, T, launch) and writes ``tune_moe_layer.json``. The winners go to
 :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`.
 """
@@ -28,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
-from bench_moe_layer import FORMATS, LAYERS  # noqa: E402
+from bench_moe_layer import FORMATS, LAYERS, quantized_layer  # noqa: E402
 
-import moe_ops  # noqa: E402
+from moe_ops.expert_mlp import composed as em_composed  # noqa: E402
 from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
 
@@ -85,6 +89,28 @@ TMA_DOWN_SPACE = [KernelConfig(16, bn, 128, 4, st, group_m=1, w_lhs=True, tma=tm
                   for bn, st, tma in itertools.product((64, 128), (3, 4), (True, False))]
 
 
+def _slot_sum_ab(args_, default, label):
+    """The fused MLP with the table's row-tile down launch summing the slots itself
+    (``slot_sum``) and with the separate sum after it, alternating three times, CUDA-graph
+    timed; the two outputs' largest relative difference (the sums' orders may differ: float32
+    rounding, then the output's)."""
+    if default[1].combine or not default[1].decode:
+        print(f"{label}: the table's down launch is {'token-major' if default[1].combine else 'a prefill tile'}")
+        return None
+    pair = {on: (default[0], dataclasses.replace(default[1], slot_sum=on)) for on in (False, True)}
+    outs = {on: dispatch.expert_mlp(*args_, configs=cfgs).float() for on, cfgs in pair.items()}
+    diff = float(((outs[True] - outs[False]).abs() / outs[False].abs().clamp_min(1e-3)).max())
+    times = {False: [], True: []}
+    for _ in range(3):
+        for on, cfgs in pair.items():
+            times[on].append(harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=cfgs)) * 1e3)
+    sep, fused = sorted(times[False])[1], sorted(times[True])[1]
+    print(f"{label} separate sum {sep:.1f} us, slot sum {fused:.1f} us ({(sep - fused) / sep * 100:+.1f}%), "
+          f"runs {[round(v, 1) for v in times[False]]} / {[round(v, 1) for v in times[True]]}, "
+          f"largest relative difference {diff:.2e}", flush=True)
+    return {"separate_us": sep, "slot_sum_us": fused, "runs": times, "max_rel_diff": diff}
+
+
 def _weight_only(fname: str) -> bool:
     return FORMATS[fname] is not None and FORMATS[fname][3] in (None, "none")
 
@@ -94,13 +120,7 @@ def main(args):
     H, I, E, k = LAYERS[args.layer]  # Qwen3-style routing at both sizes, as bench_moe_layer.py
     results = {}
     for fname in args.formats.split(","):
-        m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
-        spec = FORMATS[fname]
-        act = "none"
-        if spec is not None:
-            fmt, gran, gs, act = spec
-            moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
-            act = act or "none"
+        m, act = quantized_layer(args.layer, fname, dev)
         a1, a2 = m.gate_up.op_args(), m.down.op_args()
         for T in args.tokens:
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
@@ -110,8 +130,14 @@ def main(args):
                                                   down_tma=dispatch.down_tma_possible(x, a2[0], I))
             base = harness.bench_graph_ms(lambda: dispatch.expert_mlp(*args_, configs=default))
             print(f"{fname} T={T} default {default}: {base * 1e3:.1f} us", flush=True)
-            launches = (0,) if args.one_loop and not args.pipeline else ((1,) if args.combine or args.tma_down
-                                                                         else (0, 1))
+            if args.tma_gate_up:  # the composition the op would run instead, same run
+                unfused = harness.bench_graph_ms(lambda: em_composed(*args_))
+                print(f"{fname} T={T} unfused composition: {unfused * 1e3:.1f} us", flush=True)
+            if args.slot_sum:
+                results[f"{fname}/T{T}/slot_sum"] = _slot_sum_ab(args_, default, f"{fname} T={T}")
+                continue
+            launches = (0,) if (args.one_loop and not args.pipeline) or args.tma_gate_up else (
+                (1,) if args.combine or args.tma_down else (0, 1))
             for which in launches:
                 def make(cfg, which=which):
                     cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
@@ -125,6 +151,9 @@ def main(args):
                              for bk, st in itertools.product((64, 128, 256), (2, 3, 4, 5, 6, 8))]
                 elif args.combine:
                     space = COMBINE16_SPACE if FORMATS[fname] is None else COMBINE_SPACE
+                elif args.tma_gate_up:  # the gathered gate/up launch: x by pointers, W's codes by TMA
+                    space = [default[0]] + [dataclasses.replace(c, tma=True) for c in W_LHS_SPACE] + W_LHS_SPACE
+                    space = list(dict.fromkeys(space))
                 elif args.tma_down:  # also the down tile the table gives where TMA is not possible
                     no_tma = dispatch.expert_mlp_configs(T * k, H, I, E, a1[3], a1[4], a1[5], a2[5], act,
                                                          down_tma=False)[1]
@@ -138,7 +167,7 @@ def main(args):
                 else:
                     space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
                 best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
-                if args.tma_down:  # every row: the table's tile wherever it ranks
+                if args.tma_down or args.tma_gate_up:  # every row: the table's tile wherever it ranks
                     for ms, c in best:
                         print(f"{fname} T={T} down {ms * 1e3:.1f} us {c}", flush=True)
                 if args.combine:  # the reference row (the last of the space), wherever it ranks
@@ -163,6 +192,11 @@ if __name__ == "__main__":
     p.add_argument("--gemv", action="store_true", help="decode, packed int4/int2: the CUDA-core tiles")
     p.add_argument("--combine", action="store_true",
                    help="decode, packed int4/int2: only the down launch, token-major with the combine")
+    p.add_argument("--tma-gate-up", action="store_true",
+                   help="decode, weight-only: the gate/up launch's w_lhs tiles with W's codes by TMA, and the "
+                        "unfused composition")
+    p.add_argument("--slot-sum", action="store_true",
+                   help="decode: the table's down launch summing the slots itself against the separate sum")
     p.add_argument("--pipeline", action="store_true",
                    help="both launches: the table's tile over K tiles 64-256 and 2-8 pipeline stages")
     main(p.parse_args())

@@ -6,7 +6,7 @@ size: its size hint picks the bucket (Inductor guards the specialisation like an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class KernelConfig:
     # token and column block sums the token's top_k slots side by side, so the [T * top_k, H]
     # rows and the combine's separate reduction are gone (grouped_gemm COMBINE)
     combine: bool = False
+    # the fused expert MLP's row-tile down launch sums each token's top_k slot rows itself: the last
+    # program of each column block (counted on int32 counters that the gate/up launch zeroes) adds
+    # them in slot order into the [T, H] output, so the separate reduction launch is gone
+    # (grouped_gemm SLOT_SUM)
+    slot_sum: bool = False
     # tensor-core tiles (plain, unpacked formats): x and W tiles loaded through TMA descriptors
     # where the device has TMA (CUDA capability >= 9) and the operands' layout allows
     # (dispatch._tma_operands); elsewhere the same tile with pointer loads
@@ -345,10 +350,34 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int) -> bool:
     return not (weight_only and rows_per_expert_hint(M, E) > FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT)
 
 
+# the fused expert MLP's row-tile down launch sums the token's slots itself (KernelConfig.slot_sum)
+# up to this many rows (T * top_k): the last program of each column block adds every token's rows
+# of that block, so its serial work grows with T, while the separate sum's launch costs the same.
+# benchmarks/tune_moe_layer.py --slot-sum (results/tune_slot_sum_{dsv3,qwen3}_h100_s30.log, the
+# fused MLP graph-timed, alternating): T=1 (8 rows) DeepSeek-V3 E=32 int4 g128 101.4 -> 98.7 us,
+# int8 W8A8 130.1 -> 127.5, fp8 block 149.7 -> 133.4, bf16 235.2 -> 234.0; Qwen3-30B-A3B int8 W8A8
+# 23.8 -> 21.6, fp8 block 24.2 -> 23.4 (its int4 and bf16 take the token-major combine); T=8
+# within +-2% either way, T=16 and 64 0.4-3.4% slower
+SLOT_SUM_MAX_ROWS = 8
+
+
 def choose_expert_mlp_configs(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
                               act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True,
                               down_tma: bool = False):
-    """(gate/up, down) configs of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
+    """(gate/up, down) configs of the fused expert MLP (see :func:`_expert_mlp_tiles`); a
+    row-tile down launch at decode sizes, up to ``SLOT_SUM_MAX_ROWS`` rows, sums the slots itself
+    (``slot_sum``)."""
+    gate_up, down = _expert_mlp_tiles(M, H, I, E, w_bits, group_size1, group_size2, act_bits, packed_gemv,
+                                      packed_gemv_down, down_tma)
+    if down.decode and not down.combine and M <= SLOT_SUM_MAX_ROWS:
+        down = replace(down, slot_sum=True)
+    return gate_up, down
+
+
+def _expert_mlp_tiles(M: int, H: int, I: int, E: int, w_bits: int, group_size1: int, group_size2: int,
+                      act_bits: int = 16, packed_gemv: bool = True, packed_gemv_down: bool = True,
+                      down_tma: bool = False):
+    """(gate/up, down) tiles of the fused expert MLP (:mod:`moe_ops.expert_mlp`) for ``M =
     T * top_k`` rows, hidden ``H``, expert intermediate ``I``. The gate/up launch keeps the gate
     and up tiles live (two accumulators, or one twice as wide with ``one_loop``), so prefill
     tiles are at most 128 wide. ``packed_gemv`` / ``packed_gemv_down``: w1's / w2's packed codes

@@ -18,7 +18,10 @@ combine is a sum over the top_k slots. 16-bit and packed int4/int2 weight-only a
 ``combine`` config of :func:`moe_ops.lowering.kernel_choice.choose_expert_mlp_configs`): the
 gate/up launch also writes each slot's row of ``h``, and the down launch is token-major, one
 program per token and column block summing the token's slots in float32 (combine included:
-one launch fewer, the ``[T * top_k, H]`` rows never written). Training recipes, combinations
+one launch fewer, the ``[T * top_k, H]`` rows never written). Elsewhere at up to 8 rows
+(``T * top_k``; the ``slot_sum`` config) the row-tile down launch sums the slots itself: the last
+program of each column block, counted on int32 counters that the gate/up launch zeroes, adds
+every token's rows of that block in slot order (again one launch fewer). Training recipes, combinations
 without a fused kernel and weight-only quantized experts above 512 rows per expert (where the
 composition measured faster: :func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`) run
 :func:`composed`, the same math through the unfused operators.

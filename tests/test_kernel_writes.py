@@ -14,6 +14,7 @@ from moe_ops.kernels import routing_kernels as rk  # noqa: E402
 from moe_ops.kernels.grouped_wgrad import grouped_wgrad_fp8_kernel  # noqa: E402
 from moe_ops.kernels.token_block_quant import token_block_quant_kernel  # noqa: E402
 from moe_ops.kernels.weight_quant import fp8_weight_quant_kernel  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig  # noqa: E402
 
 
 class _Sm90Target:
@@ -93,13 +94,18 @@ def _launches(monkeypatch, fn):
     return seen
 
 
-# (weight format, granularity, act_quant, tokens, experts): the table's tiles for a decode launch
-# pair with the combine (int4, 1/16 row an expert), the int8 pair that writes the row amax, and
-# prefill-sized row tiles
-@pytest.mark.parametrize("fmt,gran,act,T,E_", [("int4_asym", "group", "none", 1, 32),
-                                               ("int8_sym", "channel", "int8_token", 2, 8),
-                                               ("none", "none", "none", 64, 8)])
-def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, monkeypatch):
+# (weight format, granularity, act_quant, tokens, experts, configs): the table's tiles for a decode
+# launch pair with the combine (int4, 1/16 row an expert), the int8 pair that writes the row amax,
+# prefill-sized row tiles, and a down launch that sums the slots itself (its gate/up launch zeroes
+# the counters)
+SLOT_SUM_PAIR = (KernelConfig(16, 16, 64, 4, 1), KernelConfig(16, 32, 64, 4, 1, slot_sum=True))
+
+
+@pytest.mark.parametrize("fmt,gran,act,T,E_,configs", [("int4_asym", "group", "none", 1, 32, None),
+                                                       ("int8_sym", "channel", "int8_token", 2, 8, None),
+                                                       ("none", "none", "none", 64, 8, None),
+                                                       ("int4_asym", "group", "none", 2, 8, SLOT_SUM_PAIR)])
+def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, configs, monkeypatch):
     H_, I_, k = 256, 128, 2
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(E_, 2 * I_, H_, generator=g), torch.randn(E_, H_, I_, generator=g)
@@ -108,13 +114,17 @@ def test_expert_mlp_launches_write_their_outputs_only(fmt, gran, act, T, E_, mon
     r = moe_ops.route(torch.randn(T, E_, generator=g), k)
     x = torch.randn(T, H_, generator=g).bfloat16()
     launches = _launches(monkeypatch, lambda: dispatch.expert_mlp(x, r.weights, r.sorted_rows, r.offs, *args[0],
-                                                                   *args[1], fmt, gran, 128, 128, act, "none"))
+                                                                   *args[1], fmt, gran, 128, 128, act, "none",
+                                                                   configs=configs))
     gemms = [(kern, kw) for kern, kw in launches if kern.fn.__name__ == "grouped_gemm_kernel"]
     assert len(gemms) == 2
-    if fmt == "int4_asym":
+    if fmt == "int4_asym" and configs is None:
         assert gemms[1][1]["COMBINE"] == k  # the case covers the token-major down launch
+    if configs is SLOT_SUM_PAIR:
+        assert gemms[0][1]["CNT_ZERO"] > 0 and gemms[1][1]["SLOT_SUM"] == k
     for kern, kw in gemms:
-        want = ["y_ptr"] + ["slot_ptr"] * kw["SLOT_OUT"] + ["amax_ptr"] * kw["AMAX_OUT"]
+        want = (["y_ptr"] + ["slot_ptr"] * kw["SLOT_OUT"] + ["amax_ptr"] * kw["AMAX_OUT"]
+                + ["cnt_ptr"] * bool(kw["CNT_ZERO"] or kw["SLOT_SUM"]) + ["sum_ptr"] * bool(kw["SLOT_SUM"]))
         assert _written(kern, **kw) == sorted(want)
 
 
@@ -142,7 +152,6 @@ TMA_LAUNCHES = [("forward", {"x_desc", "w_desc"}, 1), ("dgrad", {"x_desc", "w_de
 def test_tma_launch_writes_its_output_only(case, names, tma_w, monkeypatch):
     """Operands as TMA descriptors (``KernelConfig.tma``; torch's "stable" metadata, as
     :mod:`moe_ops.kernels.launch` records them when traced): still only ``y`` counts as written."""
-    from moe_ops.lowering.kernel_choice import KernelConfig
     x, w = torch.randn(256, 128).bfloat16(), torch.randn(4, 192, 128).bfloat16()
     offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
     cfg = KernelConfig(64, 64, 64, 4, 3, tma=True, w_lhs=case == "int4_w_lhs")

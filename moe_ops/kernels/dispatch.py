@@ -240,12 +240,13 @@ def w_tma_possible(w: torch.Tensor) -> bool:
 
 
 def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, gemv_layout: bool, has_scale: bool,
-                  combine: bool):
+                  combine: bool, slot_sum: bool = False):
     """Raise ``ValueError`` where ``config`` (K tile ``bk``) cannot serve a launch on weights of
     ``spec`` (None: 16-bit) with activation code ``act`` and scales over ``unit_k`` columns:
-    the gemv tile's needs (:func:`_feasible`), and ``config.combine`` on exactly the fused
+    the gemv tile's needs (:func:`_feasible`), ``config.combine`` on exactly the fused
     expert MLP's token-major down launch (``combine``) with weights it reads (16-bit, or packed
-    int4/int2 codes with scales) and 16-bit activations."""
+    int4/int2 codes with scales) and 16-bit activations, and ``config.slot_sum`` on exactly its
+    row-tile down launch that sums the slots (``slot_sum``)."""
     w_kind, _, _, _, pack = _weight_consts(spec)
     if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
@@ -257,6 +258,9 @@ def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, ge
         raise ValueError(f"config {config}: combine=True is the fused expert MLP's token-major down launch, "
                          "16-bit weights or packed int4/int2 weight-only codes on the gemv tile with k_split 1, "
                          "and only that launch")
+    if config.slot_sum != slot_sum or (slot_sum and config.combine):
+        raise ValueError(f"config {config}: slot_sum=True is the fused expert MLP's row-tile down launch "
+                         "(not combine), and only that launch")
 
 
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,
@@ -271,14 +275,16 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
     the launch is a ``triton.autotune`` kernel over them instead of ``config``."""
     w_kind, bits, zero_mode, implicit_zero, pack = _weight_consts(spec)
     f = fused or {}
-    xrow, dst, rw, amax, slot = (f.get(k) for k in ("xrow", "dst", "rw", "amax", "slot"))
+    xrow, dst, rw, amax, slot, cnt, total = (f.get(k) for k in ("xrow", "dst", "rw", "amax", "slot", "cnt", "sum"))
     amax_cols = f.get("amax_cols", 1)
     top_k = f.get("combine", 0)
+    slot_sum = f.get("slot_sum", 0)
     _check_config(config, bk, spec, act, unit_k, gemv_layout_ok(w_strides, w.storage_offset(), K, pack),
-                  ws is not w, bool(top_k))
+                  ws is not w, bool(top_k), bool(slot_sum))
     args = (xq, xs, w, ws, wz, y, offs,
             offs if xrow is None else xrow, offs if dst is None else dst, xs if rw is None else rw,
             xs if amax is None else amax, offs if slot is None else slot,
+            offs if cnt is None else cnt, y if total is None else total,
             xq, w,  # x_desc, w_desc: the pointers unless _tma_operands gives descriptors
             M, N, K,
             xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1) if xs.dim() == 2 else 0,
@@ -294,7 +300,8 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         GATHER=f.get("gather", 0), SWIGLU=bool(f.get("swiglu")), AMAX_OUT=bool(f.get("amax_out")),
         SCATTER=dst is not None, ROW_WEIGHT=rw is not None,
         AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols), SLOT_OUT=bool(f.get("slot_out")),
-        COMBINE=top_k, COMBINE_POW2=next_power_of_2(max(top_k, 1)))
+        COMBINE=top_k, COMBINE_POW2=next_power_of_2(max(top_k, 1)), SLOT_SUM=slot_sum,
+        CNT_ZERO=f.get("cnt_zero", 0))
     weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
     swiglu_n = N if consts["SWIGLU"] else None
     if candidates is not None and len(candidates) > 1:
@@ -493,14 +500,21 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
             return None
         cfgs.append((cfg, bk))
     combine = cfgs[1][0].combine  # token-major down launch: no [M, H] rows, no separate sum
-    if combine:
-        tuned[1] = None  # the tuner's down candidates are row-tile launches
+    slot_sum = cfgs[1][0].slot_sum  # the row-tile down launch sums the slots: no separate sum
+    if combine or slot_sum:
+        # the tuner's down candidates are row-tile launches of other widths (the slot sum's
+        # counters are one a column block of this config's)
+        tuned[1] = None
     # both launches' configs checked before either runs (_launch checks each again)
     for (cfg, bk), (_, unit_k), w, scale, red, down in zip(cfgs, units, (w1, w2), (w1_scale, w2_scale), (H, I),
                                                             (False, True)):
         _check_config(cfg, bk, spec, act, unit_k, gemv_layout_ok(w.stride(), w.storage_offset(), red, pack),
-                      scale is not None, combine and down)
+                      scale is not None, combine and down, slot_sum and down)
     out_rows = torch.empty(T if combine else M, H, dtype=x.dtype, device=x.device)
+    # slot sum: one arrival counter a down column block, zeroed by the gate/up launch
+    n_cnt = cdiv(H, cfgs[1][0].block_n) if slot_sum else 0
+    cnt = torch.empty(n_cnt, dtype=torch.int32, device=x.device) if slot_sum else None
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device) if slot_sum else None
     if M and H and I:
         rows = sorted_rows.contiguous()
         # gate/up: gathered token rows (quantized once per token), SwiGLU epilogue -> h [M, I]
@@ -517,7 +531,7 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
                 *units[0], act, act_unit_k, act == 1 and w_format == "int8_asym",
                 act == 0 and w1_scale is not None and units[0][1] >= _HUGE, cfgs[0][0], cfgs[0][1],
                 fused=dict(xrow=rows, swiglu=True, amax_out=int8, amax=amax, amax_cols=amax_cols,
-                           gather=top_k, slot=slot, slot_out=combine),
+                           gather=top_k, slot=slot, slot_out=combine, cnt=cnt, cnt_zero=n_cnt),
                 candidates=None if int8 else tuned[0])  # amax_cols: fixed tile
         # down: h quantized in the loads (int8 at decode sizes) or by the act-quant kernel (fp8;
         # int8 at prefill sizes); routing weight and the token-major store in the epilogue
@@ -531,12 +545,18 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
         rw = topk_weights.to(torch.float32).contiguous().reshape(-1)
         fused = dict(slot=slot, rw=rw, combine=top_k) if combine else dict(dst=rows, rw=rw, amax=amax,
                                                                                amax_cols=amax_cols)
+        if slot_sum:
+            fused.update(cnt=cnt, sum=out, slot_sum=top_k)
         _launch(hq, hs, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), ws, wz, st, out_rows, offs, M, H, I, E,
                 spec, *units[1], act2, act_unit_k, act2 in (1, 3) and w_format == "int8_asym",
                 act2 == 0 and w2_scale is not None and units[1][1] >= _HUGE, cfgs[1][0], cfgs[1][1],
                 fused=fused, candidates=tuned[1])
     elif M:
         out_rows.zero_()
+        if slot_sum:
+            out.zero_()
+    if slot_sum:
+        return out
     return out_rows if combine else out_rows.view(T, top_k, H).sum(dim=1)
 
 

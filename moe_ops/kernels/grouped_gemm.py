@@ -70,6 +70,12 @@ Fused MoE prologue/epilogue (the expert MLP, :mod:`moe_ops.expert_mlp`):
               W[e]^T`` over the token's top_k slots s (``COMBINE_POW2`` its next power of two),
               side by side, and stores ``y[t]`` (``[M / top_k, N]``); grid ``T * cdiv(N,
               BLOCK_N)``, not the row tiles below (:func:`_combine_program`).
+``SLOT_SUM``  (= top_k, > 0; with ``SCATTER``, the fused expert MLP's row-tile down launch) also
+              sum each token's top_k stored rows into ``sum`` (``[M / top_k, N]``): the last
+              program of each column block, counted on ``cnt`` (int32 ``[cdiv(N, BLOCK_N)]``),
+              adds them in slot order (:func:`_slot_sum_last`); no separate reduction launch.
+``CNT_ZERO``  (> 0) program 0 zeroes ``cnt[:CNT_ZERO]`` first, for a ``SLOT_SUM`` launch
+              downstream (the fused expert MLP's gate/up launch).
 
 Scheduling (no host sync): the grid is ``row_tile_bound(M, BLOCK_M, E) * cdiv(N, BLOCK_N)``
 programs, a static upper bound on the row tiles a routing can use (``host_math.row_tile_bound``:
@@ -179,6 +185,7 @@ def swizzled_tile(pid, M, N, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def grouped_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, xrow_ptr, dst_ptr, rw_ptr, amax_ptr, slot_ptr,
+    cnt_ptr, sum_ptr,
     x_desc, w_desc,
     M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
@@ -197,6 +204,7 @@ def grouped_gemm_kernel(
     ONE_LOOP: tl.constexpr = False, GEMV_PREFETCH: tl.constexpr = 2, GEMV_KSPLIT: tl.constexpr = 1,
     SLOT_OUT: tl.constexpr = False, COMBINE: tl.constexpr = 0, COMBINE_POW2: tl.constexpr = 1,
     TMA_X: tl.constexpr = False, TMA_W: tl.constexpr = 0, SCALE_UNIFORM_N: tl.constexpr = False,
+    SLOT_SUM: tl.constexpr = 0, CNT_ZERO: tl.constexpr = 0,
 ):
     if COMBINE:
         _combine_program(x_ptr, w_ptr, ws_ptr, wz_ptr, y_ptr, offs_ptr, rw_ptr, slot_ptr, N, K,
@@ -205,6 +213,11 @@ def grouped_gemm_kernel(
                          PACK, GEMV, BLOCK_M, BLOCK_N, BLOCK_K, GEMV_PREFETCH, GEMV_KSPLIT, ACT, SWIGLU, COMBINE,
                          COMBINE_POW2)
         return
+    if CNT_ZERO:
+        if tl.program_id(0) == 0:  # the next launch's arrival counters (SLOT_SUM)
+            for c0 in tl.static_range(0, CNT_ZERO, 128):
+                rc = c0 + tl.arange(0, 128)
+                tl.store(cnt_ptr + rc, tl.zeros((128,), dtype=tl.int32), mask=rc < CNT_ZERO)
     tile, pid_n = swizzled_tile(tl.program_id(0), M, N, E, BLOCK_M, BLOCK_N, GROUP_M)
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
     ends = tl.load(offs_ptr + e_idx, mask=e_idx < E, other=0)
@@ -332,6 +345,34 @@ def grouped_gemm_kernel(
         if AMAX_OUT:
             amax = tl.max(tl.where(o_mask, tl.abs(res.to(tl.float32)), 0.0), 1)
             tl.store(amax_ptr + rm64 * AMAX_COLS + pid_n, amax, mask=m_mask)
+    if SLOT_SUM:
+        _slot_sum_last(y_ptr, sum_ptr, cnt_ptr, M, N, pid_n, rn, n_mask, y_cols, stride_ym, SLOT_SUM, BLOCK_N)
+
+
+@triton.jit
+def _slot_sum_last(y_ptr, sum_ptr, cnt_ptr, M, N, pid_n, rn, n_mask, y_cols, stride_ym, TOP_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """``SLOT_SUM``: count this program's column block done on ``cnt[pid_n]`` (int32, zeroed
+    by the launch before, acquire-release at GPU scope, after every warp's stores); the last of
+    the block's ``num_programs / cdiv(N, BLOCK_N)`` programs sums each token's ``TOP_K`` slot
+    rows of ``y`` (``[M, N]``, slot ``t * TOP_K + j`` at row ``t * TOP_K + j``) over the block's
+    columns in float32, slot order (deterministic), into ``sum[t]`` (``[M / TOP_K, N]``,
+    contiguous, ``sum_ptr``'s dtype)."""
+    tl.debug_barrier()  # every warp's stores issued before the release below
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) // tl.cdiv(N, BLOCK_N) - 1:
+        T = M // TOP_K
+        ROWS: tl.constexpr = 16
+        for t0 in range(0, T, ROWS):
+            rt = t0 + tl.arange(0, ROWS)
+            ok = (rt < T)[:, None] & n_mask[None, :]
+            total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(TOP_K):
+                src = (rt * TOP_K + j).to(tl.int64) * stride_ym
+                total += tl.load(y_ptr + src[:, None] + y_cols[None, :], mask=ok, other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+            tl.store(sum_ptr + rt.to(tl.int64)[:, None] * N + rn[None, :], total.to(sum_ptr.dtype.element_ty),
+                     mask=ok)
 
 
 @triton.jit

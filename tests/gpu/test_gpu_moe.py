@@ -130,6 +130,31 @@ def test_fused_expert_mlp_gemv_prefetch(fmt, gran, gs, act, stages):
     _check_fused(fmt, gran, gs, act, 1, (gate_up, down))
 
 
+# the row-tile down launch summing the slots itself (slot_sum) against the oracle, where the table
+# takes it (T 1, 3, 16: up to 128 rows) and past it (T 40: the last program sums 40 tokens in
+# three 16-token steps), tensor-core, w_lhs TMA and 8-bit tiles; then against the same launch with
+# the separate sum, and bitwise-equal over repeated calls (the counters' last program changes, its
+# sum's order does not)
+@pytest.mark.parametrize("T", [1, 16, 40])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (0, 1, 4, 7)])
+def test_fused_expert_mlp_slot_sum(fmt, gran, gs, act, T):
+    gate_up, down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)
+    if down.combine:
+        pytest.skip("the table's down launch is token-major here")
+    down = KernelConfig(**{**down.__dict__, "slot_sum": True})
+    _check_fused(fmt, gran, gs, act, T, (gate_up, down))
+    g, w, rows, offs = _routing(T, 17 + T)
+    a1, a2 = _weights(g, fmt, gran, gs)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    args = (_dev(x), _dev(w), _dev(rows), _dev(offs), *map(_dev, a1), *map(_dev, a2), fmt, gran, gs, gs, act, "none")
+    first = dispatch.expert_mlp(*args, configs=(gate_up, down))
+    for _ in range(3):
+        assert torch.equal(dispatch.expert_mlp(*args, configs=(gate_up, down)), first)
+    separate = dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(**{**down.__dict__, "slot_sum": False})))
+    # float32 sums of the same bf16 rows in possibly other orders, each rounded to bf16 once
+    assert torch.allclose(first.float(), separate.float(), rtol=8e-3, atol=1e-6)
+
+
 # 8-bit weight-only down launch in the 16-row w_lhs tile with x (the intermediate) and w2's stored
 # tile by TMA: the forward table's tile for K under 2048, which tune_moe_layer.py --tma-down times in
 # the fused MLP (where the table keeps 8-bit weights' pointer tile: no gain measured)

@@ -27,18 +27,29 @@ CONFIGS = {"decode": (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4
            "one_loop_gemv": (KernelConfig(1, 16, 32, 4, 1, group_m=1, gemv=True, one_loop=True, k_split=2),
                              KernelConfig(1, 32, 32, 4, 3, group_m=1, gemv=True)),
            "one_loop_w_lhs": (KernelConfig(32, 32, 32, 4, 1, w_lhs=True, one_loop=True),
-                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True))}
-WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs")
+                              KernelConfig(16, 32, 32, 4, 1, w_lhs=True)),
+           # W's stored tiles by TMA descriptors (the interpreter emulates them): the gathered
+           # two-loop gate/up decode tile (gate rows at pid_n * 32, up rows at I + pid_n * 32;
+           # x by pointers) and the down tile (x, the in-order intermediate, by TMA as well)
+           "w_lhs_tma": (KernelConfig(16, 32, 32, 4, 1, w_lhs=True, tma=True),
+                         KernelConfig(16, 32, 32, 4, 1, w_lhs=True, tma=True))}
+WEIGHT_ONLY_CONFIGS = ("gemv", "w_lhs", "one_loop_gemv", "one_loop_w_lhs", "w_lhs_tma")
 
 
 def _routing(seed):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
-    logits[:, 1] = -1e4  # expert 1 gets no rows
-    w, ids = torch.ops.moe_ops.topk_route(logits, TOP_K, "softmax", True)
-    ids[3, 1] = E  # a dropped slot: sorted past offs[-1]
+    return (g, *_routing_with_drop(g, T, TOP_K))
+
+
+def _routing_with_drop(g, tokens, top_k):
+    """``(topk_weights, sorted_rows, offs)`` of ``tokens`` tokens routed top-``top_k`` over E
+    experts: expert 1 gets no rows, token 3's second slot is dropped (sorted past offs[-1])."""
+    logits = torch.randn(tokens, E, generator=g)
+    logits[:, 1] = -1e4
+    tw, ids = torch.ops.moe_ops.topk_route(logits, top_k, "softmax", True)
+    ids[3, 1] = E
     rows, offs = torch.ops.moe_ops.sort_rows(ids, E)
-    return g, w, rows, offs
+    return tw, rows, offs
 
 
 def _weights(g, fmt, gran, gs, dtype):
@@ -93,11 +104,7 @@ def test_fused_expert_mlp_combine(fmt, gran, gs, top_k, cfgs):
     slot), a dropped slot adds nothing, an expert with no rows costs nothing; packed codes and
     16-bit weights."""
     g = torch.Generator().manual_seed(hash((fmt, top_k, cfgs)) % 991)
-    logits = torch.randn(T, E, generator=g)
-    logits[:, 1] = -1e4
-    tw, ids = torch.ops.moe_ops.topk_route(logits, top_k, "softmax", True)
-    ids[3, 1] = E  # dropped
-    rows, offs = torch.ops.moe_ops.sort_rows(ids, E)
+    tw, rows, offs = _routing_with_drop(g, T, top_k)
     x = torch.randn(T, H, generator=g).half()
     (w1, s1, z1), (w2, s2, z2) = _weights(g, fmt, gran, gs, torch.float16)
     args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, fmt, gran, gs, gs, "none", "none")
@@ -127,6 +134,61 @@ def test_combine_is_refused_where_it_cannot_serve(monkeypatch):
         dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(1, 8, 32, 4, 2, gemv=True, combine=True,
                                                                   k_split=2)))
     assert launched == []
+
+
+# the row-tile down launch summing the slots itself (SLOT_SUM), after a tensor-core and a gemv
+# gate/up launch (either zeroes the counters): a tensor-core decode tile, a w_lhs tile, a row tile
+# of 32 and a 16-bit gemv tile; T 11 (one 16-token step of the last program's sum) and 37 (three)
+SLOT_SUM_CONFIGS = [
+    (KernelConfig(16, 16, 32, 4, 1), KernelConfig(16, 32, 32, 4, 1, slot_sum=True)),
+    (KernelConfig(1, 16, 32, 4, 2, group_m=1, gemv=True, one_loop=True),
+     KernelConfig(16, 32, 32, 4, 1, w_lhs=True, slot_sum=True)),
+    (KernelConfig(32, 32, 32, 4, 1, one_loop=True), KernelConfig(32, 16, 32, 4, 1, slot_sum=True)),
+    (KernelConfig(16, 16, 32, 4, 1), KernelConfig(1, 32, 32, 4, 1, group_m=1, gemv=True, slot_sum=True))]
+
+
+@pytest.mark.parametrize("cfgs,fmt,gran,gs,act,tokens", [
+    (0, *CASES[i], 11) for i in (0, 1, 4)] + [(1, "int4_asym", "group", 32, "none", 11),
+                                           (2, "none", "none", 0, "none", 37), (3, "none", "none", 0, "none", 11),
+                                           (0, "int4_sym", "channel", 0, "int8_token", 37)])
+def test_fused_expert_mlp_slot_sum(cfgs, fmt, gran, gs, act, tokens):
+    """SLOT_SUM: the last program of each column block sums every token's slots (a dropped slot,
+    stored as zeros by a spare program, and an expert with no rows included), the same numbers
+    as the separate sum over the same launch's rows; twice in a row (the gate/up launch zeroes
+    the counters each call)."""
+    g = torch.Generator().manual_seed(hash((fmt, act, cfgs, tokens)) % 983)
+    tw, rows, offs = _routing_with_drop(g, tokens, TOP_K)
+    x = torch.randn(tokens, H, generator=g).half()
+    (w1, s1, z1), (w2, s2, z2) = _weights(g, fmt, gran, gs, torch.float16)
+    args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, fmt, gran, gs, gs, act, "none")
+    gate_up, down = SLOT_SUM_CONFIGS[cfgs]
+    separate = dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(**{**down.__dict__, "slot_sum": False})))
+    for _ in range(2):
+        out = dispatch.expert_mlp(*args, configs=(gate_up, down))
+        assert out.shape == (tokens, H) and torch.equal(out, separate)
+    assert rel_err(out, em.composed(*args)) < (6e-3 if act == "int8_token" else 2e-3)
+
+
+def test_slot_sum_is_refused_where_it_cannot_serve(monkeypatch):
+    """slot_sum only on the fused expert MLP's row-tile down launch: not on its gate/up launch,
+    not with the token-major combine, not on a plain grouped GEMM; refused before any launch."""
+    launched = []
+    monkeypatch.setattr(dispatch, "_launch", lambda *a, **k: launched.append(a))
+    g, tw, rows, offs = _routing(5)
+    x = torch.randn(T, H, generator=g).half()
+    (w1, s1, z1), (w2, s2, z2) = _weights(g, "int4_asym", "group", 32, torch.float16)
+    args = (x, tw, rows, offs, w1, s1, z1, w2, s2, z2, "int4_asym", "group", 32, 32, "none", "none")
+    gate_up, down = SLOT_SUM_CONFIGS[0]
+    with pytest.raises(ValueError, match="slot_sum"):
+        dispatch.expert_mlp(*args, configs=(down, down))
+    with pytest.raises(ValueError, match="slot_sum"):
+        dispatch.expert_mlp(*args, configs=(gate_up, KernelConfig(**{**COMBINE_CONFIGS[0][1].__dict__,
+                                                                     "slot_sum": True})))
+    assert launched == []
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="slot_sum"):
+        dispatch.grouped_mm(torch.randn(T * TOP_K, H, generator=g).half(), w1, s1, z1, offs, "int4_asym", "group",
+                            32, "none", "none", config=down)
 
 
 def test_int8_requant_in_loads_is_exact_to_its_rule():
