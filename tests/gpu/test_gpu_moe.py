@@ -130,6 +130,19 @@ def test_fused_expert_mlp_gemv_prefetch(fmt, gran, gs, act, stages):
     _check_fused(fmt, gran, gs, act, 1, (gate_up, down))
 
 
+# the gathered two-loop gate/up decode tile (the table's for int4/int2 weight-only over half a row
+# per expert) with W's packed codes by TMA (x by pointers), 3 stages: the tile that
+# tune_moe_layer.py --tma-gate-up measured faster (benchmarks/NOTES.md, session 30), not yet in the
+# table; and its pointer-load twin
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("T", [3, 16])
+@pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2, 6)])
+def test_fused_expert_mlp_gate_up_tma(fmt, gran, gs, act, T, tma):
+    gate_up, down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)
+    assert gate_up.w_lhs and gate_up.decode and not gate_up.one_loop
+    _check_fused(fmt, gran, gs, act, T, (KernelConfig(**{**gate_up.__dict__, "num_stages": 3, "tma": tma}), down))
+
+
 # the row-tile down launch summing the slots itself (slot_sum) against the oracle, where the table
 # takes it (T 1, 3, 16: up to 128 rows) and past it (T 40: the last program sums 40 tokens in
 # three 16-token steps), tensor-core, w_lhs TMA and 8-bit tiles; then against the same launch with
