@@ -166,10 +166,11 @@ def main(args):
                     space = [c for c in space if _weight_only(fname) or not c.w_lhs]
                 else:
                     space = (W_LHS_SPACE if args.w_lhs else SPACE) if T * k <= 16 * E else PREFILL_SPACE
-                best = harness.sweep(make, space, f"{fname} T={T} {'gate_up' if which == 0 else 'down'}", graph=True)
+                launch_name = 'gate_up' if which == 0 else 'down'
+                best = harness.sweep(make, space, f"{fname} T={T} {launch_name}", graph=True)
                 if args.tma_down or args.tma_gate_up:  # every row: the table's tile wherever it ranks
                     for ms, c in best:
-                        print(f"{fname} T={T} down {ms * 1e3:.1f} us {c}", flush=True)
+                        print(f"{fname} T={T} {launch_name} all {ms * 1e3:.1f} us {c}", flush=True)
                 if args.combine:  # the reference row (the last of the space), wherever it ranks
                     ref = [(ms, c) for ms, c in best if c == space[-1]]
                     print(f"{fname} T={T} reference {space[-1]}: "

@@ -445,6 +445,17 @@ def _expert_mlp_tiles(M: int, H: int, I: int, E: int, w_bits: int, group_size1: 
         prefetch = 3 if split == 2 and H >= 4096 else 2
         gate_up = KernelConfig(1, 16, _block_k(H, min(unit1, H), 128), 2 * split, prefetch, group_m=1, gemv=True,
                                one_loop=True, k_split=split)
+    if gate_up.decode and gate_up.w_lhs and not gate_up.one_loop and w_bits < 8 and act_bits == 16:
+        # int4/int2 weight-only two-loop decode tile: w1's codes by TMA (x stays gathered by
+        # pointers; dispatch._tma_operands falls back to pointer loads where TMA is not possible),
+        # 3 stages, 128 columns from 4 rows per expert. tune_moe_layer.py --tma-gate-up, int4 g128,
+        # the fused MLP graph-timed against the unfused composition (whose plain GEMMs take W by
+        # TMA) in the same run (results/tune_tma_gate_up_{dsv3_h100_s30,qwen3_h100_s31}.log):
+        # DeepSeek-V3 E=32 T=8 377.2 -> 324.2 us (16x64; 16x128 356.8; composition 324.3), T=64
+        # 579.9 -> 515.8 (16x128; 16x64 527.4; composition 517.6); Qwen3-30B-A3B T=16 129.5 ->
+        # 118.2 (16x64; 16x128 120.4; composition 125.0), T=64 191.9 -> 166.1 (16x128; 16x64
+        # 175.3; composition 181.3)
+        gate_up = replace(gate_up, block_n=128 if rows_per_expert_hint(M, E) >= 4 else 64, num_stages=3, tma=True)
     if ((w_bits < 8 or w_bits == 16) and act_bits == 16 and packed_gemv_down and I <= COMBINE_MAX_K
             and rows_per_expert_hint(M, E) <= COMBINE_MAX_ROWS_PER_EXPERT):
         return gate_up, (_combine_config(I, min(unit2, I)) if w_bits < 8 else _combine16_config(I))

@@ -131,16 +131,20 @@ def test_fused_expert_mlp_gemv_prefetch(fmt, gran, gs, act, stages):
 
 
 # the gathered two-loop gate/up decode tile (the table's for int4/int2 weight-only over half a row
-# per expert) with W's packed codes by TMA (x by pointers), 3 stages: the tile that
-# tune_moe_layer.py --tma-gate-up measured faster (benchmarks/NOTES.md, session 30), not yet in the
-# table; and its pointer-load twin
+# per expert: 16x64 at T=3, 16x128 at T=16, 4 rows per expert here) with W's packed codes by TMA (x
+# by pointers), 3 stages, as the table gives it (tune_moe_layer.py --tma-gate-up, benchmarks/NOTES.md
+# sessions 30-31); and its pointer-load twin
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("T", [3, 16])
 @pytest.mark.parametrize("fmt,gran,gs,act", [CASES[i] for i in (1, 2, 6)])
-def test_fused_expert_mlp_gate_up_tma(fmt, gran, gs, act, T, tma):
+def test_fused_expert_mlp_gate_up_tma(fmt, gran, gs, act, T, tma, monkeypatch):
     gate_up, down = dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act)
-    assert gate_up.w_lhs and gate_up.decode and not gate_up.one_loop
-    _check_fused(fmt, gran, gs, act, T, (KernelConfig(**{**gate_up.__dict__, "num_stages": 3, "tma": tma}), down))
+    assert gate_up.w_lhs and gate_up.decode and not gate_up.one_loop and gate_up.tma and gate_up.num_stages == 3
+    assert gate_up.block_n == (128 if T == 16 else 64)
+    seen = spy_tma_operands(monkeypatch)
+    _check_fused(fmt, gran, gs, act, T, (KernelConfig(**{**gate_up.__dict__, "tma": tma}), down))
+    if tma and tma_capable():
+        assert (False, 1) in seen, seen  # the gate/up launch: W's codes by TMA, x gathered by pointers
 
 
 # the row-tile down launch summing the slots itself (slot_sum) against the oracle, where the table
