@@ -10,7 +10,7 @@ from moe_ops import reference
 from moe_ops.kernels import dispatch
 from moe_ops.lowering import autotune
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
-from helpers import ragged_offs, rel_err
+from helpers import ragged_offs, rel_err, spy_tma_operands
 
 E, N, K = 4, 40, 256
 
@@ -134,11 +134,12 @@ def test_tuned_expert_mlp_with_the_combine(monkeypatch):
     assert rel_err(out, em.composed(*args)) < 2e-3
 
 
-def test_fused_mlp_down_w_lhs_tma_tile_stays_out_of_the_tuner(monkeypatch):
-    """int4 at decode sizes (2 rows per expert): the fused MLP's down launch takes the 16-row
-    ``w_lhs`` tile with x (the intermediate) and w2's codes by TMA (the interpreter emulates it)
-    and keeps it under the tuner, which offers candidates for the gate/up launch only; the
-    result is the composition's."""
+def test_fused_mlp_w_lhs_tma_tiles_stay_out_of_the_tuner(monkeypatch):
+    """int4 at decode sizes (2 rows per expert): the fused MLP's gate/up launch takes the 16-row
+    two-loop ``w_lhs`` tile with w1's codes by TMA (x gathered by pointers), its down launch the
+    16-row ``w_lhs`` tile with x (the intermediate) and w2's codes by TMA (the interpreter emulates
+    both); the tuner, whose candidates load by pointers, is offered neither; the result is the
+    composition's."""
     from moe_ops import expert_mlp as em
     monkeypatch.setenv("MOE_OPS_AUTOTUNE", "1")
     offered = []
@@ -153,10 +154,12 @@ def test_fused_mlp_down_w_lhs_tma_tile_stays_out_of_the_tuner(monkeypatch):
     q2 = moe_ops.quantize_weight(torch.randn(E, H, I, generator=g).half() * I ** -0.5, "int4_asym", "group", 32)
     gate_up, down = dispatch.expert_mlp_configs(T * top_k, H, I, E, "int4_asym", "group", 32, 32, "none",
                                                 down_tma=dispatch.down_tma_possible(x, q2.data, I))
-    assert autotune.keeps_static(down) and not autotune.keeps_static(gate_up)
+    assert gate_up.tma and down.tma and autotune.keeps_static(down) and autotune.keeps_static(gate_up)
+    seen = spy_tma_operands(monkeypatch)
     args = (x, tw, rows, offs, *q1.op_args()[:3], *q2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
     out = dispatch.expert_mlp(*args)
-    assert offered == [gate_up]
+    assert offered == []
+    assert seen == [(False, 1), (True, 1)], seen  # gate/up: W by TMA, x gathered; down: both by TMA
     assert rel_err(out, em.composed(*args)) < 2e-3
 
 
