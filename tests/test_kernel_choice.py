@@ -108,8 +108,9 @@ def test_fused_down_takes_tma_at_decode_sizes_only():
 
 def test_fused_gate_up_takes_w_by_tma_in_weight_only_two_loop_decode_tiles_only():
     """The gathered gate/up launch asks for W's codes by TMA (``tma``) in exactly its two-loop
-    16-row ``w_lhs`` decode tiles of int4/int2 weight-only formats, 3 stages there; every other
-    gate/up tile (one loop, gemv, prefill, 8/16-bit weights, W4A8) asks for none."""
+    16-row ``w_lhs`` decode tiles of int4/int2 weight-only formats, 3 stages there, 128 columns
+    from 4 rows per expert (64 below); every other gate/up tile (one loop, gemv, prefill, 8/16-bit
+    weights, W4A8) asks for none."""
     seen = set()
     for (H, I, E, k), T, bits, act in itertools.product(LAYERS, TOKENS, BITS, (16, 8)):
         gate_up = choose_expert_mlp_configs(T * k, H, I, E, bits, 128, 128, act)[0]
@@ -117,6 +118,7 @@ def test_fused_gate_up_takes_w_by_tma_in_weight_only_two_loop_decode_tiles_only(
         assert gate_up.tma == expect, (H, T, bits, act, gate_up)
         if expect:
             assert gate_up.num_stages == 3 and gate_up.block_m == 16, gate_up
+            assert gate_up.block_n == (128 if T * k >= 4 * E else 64), (H, T, gate_up)
             seen.add((H, T))
     # DeepSeek-V3 T=8 (the case measured), Qwen3-30B-A3B T=16, Mixtral T=3
     assert {(7168, 8), (2048, 16), (4096, 3)} <= seen, seen
