@@ -63,11 +63,14 @@ def skewed_layer(lname: str, dev) -> "moe_ops.MoE":
     return m
 
 
-def quantized_layer(lname: str, fname: str, dev):
-    """``(layer, act_quant)``: a Qwen3-style ``moe_ops.MoE`` of ``lname``'s sizes (seed 0) with its
-    experts in format ``fname`` (``FORMATS``), and the activation mode its calls take."""
+def quantized_layer(lname: str, fname: str, dev, state_dict: dict = None):
+    """``(layer, act_quant)``: a Qwen3-style ``moe_ops.MoE`` of ``lname``'s sizes (seed 0, or the
+    bf16 ``state_dict`` given) with its experts in format ``fname`` (``FORMATS``), and the
+    activation mode its calls take."""
     H, I, E, k = LAYERS[lname]
     m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
+    if state_dict is not None:
+        m.load_state_dict(state_dict)
     spec = FORMATS[fname]
     if spec is None:
         return m, "none"
@@ -118,10 +121,7 @@ def run(args):
             if spec is None:
                 quantized[fname] = base
                 continue
-            m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
-            m.load_state_dict(base.state_dict())
-            fmt, gran, gs, act = spec
-            quantized[fname] = moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+            quantized[fname] = quantized_layer(lname, fname, dev, base.state_dict())[0]
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
             res = {}

@@ -12,20 +12,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_moe_layer import FORMATS, LAYERS  # noqa: E402
-
-import moe_ops  # noqa: E402
+from bench_moe_layer import LAYERS, quantized_layer  # noqa: E402
 
 
 def main(args):
     dev = torch.device("cuda")
-    H, I, E, k = LAYERS[args.layer]
+    H = LAYERS[args.layer][0]
     for fname in args.formats.split(","):
-        m = moe_ops.MoE.from_style("qwen3", H, I, E, k, dtype=torch.bfloat16, seed=0).to(dev)
-        spec = FORMATS[fname]
-        if spec is not None:
-            fmt, gran, gs, act = spec
-            moe_ops.quantize_experts(m, fmt, gran, gs or 128, act_quant=act)
+        m = quantized_layer(args.layer, fname, dev)[0]
         x = torch.randn(args.T, H, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             for _ in range(3):
