@@ -79,14 +79,16 @@ def quantized_layer(lname: str, fname: str, dev, state_dict: dict = None):
     return m, act or "none"
 
 
-def _fused_pays(fname: str, M: int, E: int) -> bool:
-    """Whether ``moe_ops::expert_mlp`` takes its fused launches for format ``fname`` at ``M``
-    rows (:func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`)."""
+def _fused_pays(fname: str, x: torch.Tensor, top_k: int, E: int) -> bool:
+    """Whether ``moe_ops::expert_mlp`` takes its fused launches for format ``fname`` on the layer
+    input ``x`` ``[T, H]`` (:func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`)."""
     from moe_ops import formats
+    from moe_ops.kernels.dispatch import x_tma_possible
     from moe_ops.lowering.kernel_choice import fused_expert_mlp_pays
     spec = FORMATS[fname]
     bits = 16 if spec is None else formats.get_format(spec[0]).bits
-    return fused_expert_mlp_pays(M, E, bits, 8 if spec is not None and spec[3] else 16)
+    return fused_expert_mlp_pays(x.shape[0] * top_k, E, bits, 8 if spec is not None and spec[3] else 16,
+                                 x_tma_possible(x))
 
 
 def count_kernels(fn) -> int:
@@ -136,7 +138,7 @@ def run(args):
                         m.fused = fused
                         name = f"ours_{fname}" + ("" if fused else "_unfused")
                         # the op runs its composition where the fused launches do not pay
-                        runs_fused = fused and _fused_pays(fname, T * k, E)
+                        runs_fused = fused and _fused_pays(fname, x, k, E)
                         res[name] = (_time(lambda: m(x)), count_kernels(lambda: m(x)), act_mb(T, H, I, k, runs_fused))
                     m.fused = True
             peer_ms = res["grouped_mm_compiled"][0]

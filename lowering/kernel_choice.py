@@ -68,6 +68,11 @@ def _gemv_config(K: int) -> KernelConfig:
     return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
+# int4/int2 weight-only forward above this many rows per expert, x by TMA: the 128-row prefill
+# ``w_lhs`` tiles (``choose_forward_config``), W's codes by TMA where aligned
+PACKED_TMA_PREFILL_MIN_ROWS = 32
+
+
 def rows_per_expert_hint(M: int, E: int) -> float:
     return M / max(E, 1)
 
@@ -189,7 +194,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         if rpe <= 0.5:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
-    if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > 32:
+    if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
         # int4/int2 weight-only prefill: the dequantized weight as the register operand (w_lhs),
         # x's tiles by TMA, and W's stored codes too where a 16-byte multiple. tune_forward.py
         # --tma (results/tune_tma_x_weight_only_h100_s20.*, eager, x by TMA, bit-equal to the
@@ -336,18 +341,28 @@ def _combine16_config(K: int) -> KernelConfig:
 FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT = 512
 
 
-def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int) -> bool:
+def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tma: bool = False) -> bool:
     """Whether the fused expert MLP's two launches beat its unfused composition for ``M`` rows over
-    ``E`` experts. Not for weight-only quantized experts above 512 rows per expert: the gate/up
-    launch keeps two accumulators and cannot take the 256-row tiles the plain forward takes there.
-    ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16_row_kernels.md,
-    T=4096, after the row kernels made the composition's gathers and sums copy-speed):
-    DeepSeek-V3 E=32 (1024 rows an expert) int4 g128 10.3 ms fused against 9.19 composed, fp8
-    block 7.72 against 7.19; Qwen3-30B-A3B (256 rows an expert) fused faster (int4 1.57 against
-    1.73 ms, fp8 block 1.20 against 1.36); bf16 and W8A8 fused faster at both (DeepSeek-V3 bf16
-    5.08 against 5.59, int8 W8A8 3.88 against 4.55)."""
+    ``E`` experts; ``prefill_tma``: the composition's plain GEMMs can take x (and W's codes) by TMA
+    (:func:`moe_ops.kernels.dispatch.x_tma_possible` on x).
+
+    - Weight-only quantized experts above ``FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT``: the gate/up
+      launch keeps two accumulators and cannot take the 256-row tiles the plain forward takes
+      there. ``benchmarks/bench_moe_layer.py`` on an H100 (results/moe_layer_h100_s16_row_kernels.md,
+      T=4096): DeepSeek-V3 E=32 (1024 rows an expert) int4 g128 10.3 ms fused against 9.19
+      composed, fp8 block 7.72 against 7.19; bf16 and W8A8 fused faster (DeepSeek-V3 bf16 5.08
+      against 5.59, int8 W8A8 3.88 against 4.55).
+    - Packed (int4/int2) weight-only experts above ``PACKED_TMA_PREFILL_MIN_ROWS`` rows per expert
+      where ``prefill_tma``: the composition's GEMMs take the 128-row ``w_lhs`` tiles with x and
+      W's codes by TMA (session 20), which the fused gate/up launch (x gathered, two
+      accumulators) has no form of. Same benchmark (results/moe_layer_h100_s32_prefill.md):
+      Qwen3-30B-A3B T=4096 (256 rows an expert) int4 g128 1.59 ms fused against 1.29 composed;
+      fp8 block (the same pointer-load tile family either way) stays fused, 1.23 against 1.40."""
     weight_only = w_bits < 16 and act_bits == 16
-    return not (weight_only and rows_per_expert_hint(M, E) > FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT)
+    rpe = rows_per_expert_hint(M, E)
+    if weight_only and w_bits < 8 and prefill_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
+        return False
+    return not (weight_only and rpe > FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT)
 
 
 # the fused expert MLP's row-tile down launch sums the token's slots itself (KernelConfig.slot_sum)

@@ -22,7 +22,8 @@ one launch fewer, the ``[T * top_k, H]`` rows never written). Elsewhere at up to
 (``T * top_k``; the ``slot_sum`` config) the row-tile down launch sums the slots itself: the last
 program of each column block, counted on int32 counters that the gate/up launch zeroes, adds
 every token's rows of that block in slot order (again one launch fewer). Training recipes, combinations
-without a fused kernel and weight-only quantized experts above 512 rows per expert (where the
+without a fused kernel, weight-only quantized experts above 512 rows per expert, and packed
+int4/int2 ones above 32 where the composition's GEMMs can take x by TMA (Hopper; where the
 composition measured faster: :func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`) run
 :func:`composed`, the same math through the unfused operators.
 

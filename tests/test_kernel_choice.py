@@ -183,13 +183,22 @@ def test_wgrad_fp8_tiles_fit_shared_memory():
 
 
 def test_fused_expert_mlp_pays_rule():
-    """Weight-only quantized experts above 512 rows an expert run the composition; 16-bit
-    weights and quantized activations stay fused at every size."""
+    """Weight-only quantized experts above 512 rows an expert run the composition, and packed
+    (int4/int2) ones above 32 where the composition's GEMMs take x by TMA (their 128-row prefill
+    tiles); 16-bit weights and quantized activations stay fused at every size."""
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 4, 16) is False  # DeepSeek-V3 T=4096: 1024 an expert
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 16) is False
     assert kc.fused_expert_mlp_pays(32 * 1024, 128, 4, 16) is True  # Qwen3-30B-A3B: 256 an expert
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 16, 16) is True
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 8) is True
+    for M, E, bits, act_bits in itertools.product((8, 64 * 8, 256 * 8, 4096 * 8), (32, 128), (2, 4, 8, 16), (8, 16)):
+        rpe = M / E
+        composed = bits < 16 and act_bits == 16 and (rpe > 512 or (bits < 8 and rpe > 32))
+        assert kc.fused_expert_mlp_pays(M, E, bits, act_bits, prefill_tma=True) is not composed, (M, E, bits)
+        # the x-by-TMA tile the packed part defers to is the plain forward's above that many rows
+        if bits < 8 and act_bits == 16:
+            cfg = choose_forward_config(M, 1536, 2048, E, bits, 128, x_tma=True, w_tma=True)
+            assert (cfg.w_lhs and cfg.tma and cfg.block_m >= 128) == (rpe > kc.PACKED_TMA_PREFILL_MIN_ROWS), cfg
 
 
 def test_expert_mlp_dispatch_defers_to_the_composition():
@@ -203,6 +212,21 @@ def test_expert_mlp_dispatch_defers_to_the_composition():
     out = dispatch.expert_mlp(torch.randn(T_, H_).bfloat16(), r.weights, r.sorted_rows, r.offs,
                               *qw1.op_args()[:3], *qw2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
     assert out is None
+
+
+def test_expert_mlp_dispatch_defers_packed_prefill_where_x_comes_by_tma(monkeypatch):
+    """int4 weight-only at 64 rows an expert: ``dispatch.expert_mlp`` hands the rule whether x can
+    come by TMA; where it can (patched in: CPU tensors cannot), the op runs its composition."""
+    from moe_ops.kernels import dispatch
+    E_, T_, k, H_, I_ = 4, 128, 2, 64, 32
+    qw1, qw2 = (moe_ops.quantize_weight(torch.randn(E_, n, kk), "int4_asym", "group", 32)
+                for n, kk in ((2 * I_, H_), (H_, I_)))
+    r = moe_ops.route(torch.randn(T_, E_), k)
+    seen = []
+    monkeypatch.setattr(dispatch, "x_tma_possible", lambda x: seen.append(tuple(x.shape)) or True)
+    out = dispatch.expert_mlp(torch.randn(T_, H_).bfloat16(), r.weights, r.sorted_rows, r.offs,
+                              *qw1.op_args()[:3], *qw2.op_args()[:3], "int4_asym", "group", 32, 32, "none", "none")
+    assert out is None and seen == [(T_, H_)]
 
 
 def test_fp8_dot_k_tiles_of_256_only_with_scales_constant_over_them():
