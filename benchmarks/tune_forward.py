@@ -201,6 +201,12 @@ TMA_W_DECODE = [C(16, 64, 128, 4, 4, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 4, group_m=1, w_lhs=True, tma=True)]
+# 17-64 rows per expert (the table's 64-row pointer tile up to 32, the 128-row TMA tile above):
+# w_lhs tiles of 32 and 64 rows by TMA, one M tile per expert's rows
+TMA_W_MID = [C(32, 128, 64, 4, 3, w_lhs=True, tma=True), C(64, 128, 64, 4, 3, w_lhs=True, tma=True),
+             C(64, 128, 64, 4, 4, w_lhs=True, tma=True), C(64, 128, 128, 4, 3, w_lhs=True, tma=True),
+             C(64, 64, 64, 4, 4, w_lhs=True, tma=True), C(32, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
+             C(64, 128, 64, 8, 3, w_lhs=True, tma=True)]
 # 8-bit weights at decode sizes, also: 256-column K tiles (the pointer table's K tile)
 TMA_W_DECODE_8BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
                      C(16, 128, 256, 4, 3, group_m=1, w_lhs=True, tma=True)]
@@ -208,7 +214,8 @@ TMA_W_DECODE_8BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
 
 def tune_tma_w(shapes, tokens, variants, out_path):
     """Per case, the table's tile, its TMA twin, the table's tile where neither x nor W can come
-    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit weights
+    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, 17-64 rows per expert: :data:`TMA_W_MID` and the
+    128-row tile; for 8-bit weights at decode sizes
     :data:`TMA_W_DECODE_8BIT` too) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
     timed), and whether the two give the same bits."""
     import moe_ops
@@ -229,6 +236,8 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 label = f"{sname:18s} T={T:5d} {lab:14s}"
                 rows = []
                 extra = TMA_W_TILES
+                if not table.decode and T * top_k / E <= 64:
+                    extra = TMA_W_MID + TMA_W_TILES[:1]
                 if table.decode:
                     extra = TMA_W_DECODE + (TMA_W_DECODE_8BIT if _BITS[lab] == 8 else [])
                 tiles = [table] + ([_with_tma(table)] if not table.tma else []) + ([no_tma] if no_tma != table else [])

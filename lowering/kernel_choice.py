@@ -68,9 +68,11 @@ def _gemv_config(K: int) -> KernelConfig:
     return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
-# int4/int2 weight-only forward above this many rows per expert, x by TMA: the 128-row prefill
-# ``w_lhs`` tiles (``choose_forward_config``), W's codes by TMA where aligned
-PACKED_TMA_PREFILL_MIN_ROWS = 32
+# int4/int2 weight-only forward above this many rows per expert (the decode tiles' end), x by
+# TMA: the prefill ``w_lhs`` tiles (``choose_forward_config``), W's codes by TMA where aligned;
+# 64 rows up to PACKED_TMA_WIDE_MIN_ROWS rows per expert, 128 (or 256) above
+PACKED_TMA_PREFILL_MIN_ROWS = 16
+PACKED_TMA_WIDE_MIN_ROWS = 32
 
 
 def rows_per_expert_hint(M: int, E: int) -> float:
@@ -195,6 +197,15 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
     if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
+        if rpe <= PACKED_TMA_WIDE_MIN_ROWS:
+            # 17-32 rows per expert: one 64-row M tile per expert, the dequantized weight as the
+            # register operand, x and W's codes by TMA (tune_forward.py --tma --tma-w, TMA_W_MID;
+            # results/tune_tma_w_mid_int4_h100_s33.log, int4 g128, CUDA-graph timed, against the
+            # 64-row pointer tile below; bit-equal with W by pointers): Qwen3-30B-A3B gate_up T=384
+            # (24 rows) 0.205 -> 0.125 ms, T=512 (32) 0.257 -> 0.157 (the 128-row tile: 0.188),
+            # down 0.108 -> 0.067, 0.135 -> 0.083; DeepSeek-V3 E=32 T=128 (32) 0.772 -> 0.412.
+            # With W by pointers (unaligned codes) still 0.145, 0.184, 0.079, 0.099, 0.497
+            return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3, w_lhs=True, tma=True)
         # int4/int2 weight-only prefill: the dequantized weight as the register operand (w_lhs),
         # x's tiles by TMA, and W's stored codes too where a 16-byte multiple. tune_forward.py
         # --tma (results/tune_tma_x_weight_only_h100_s20.*, eager, x by TMA, bit-equal to the
@@ -353,11 +364,15 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tm
       composed, fp8 block 7.72 against 7.19; bf16 and W8A8 fused faster (DeepSeek-V3 bf16 5.08
       against 5.59, int8 W8A8 3.88 against 4.55).
     - Packed (int4/int2) weight-only experts above ``PACKED_TMA_PREFILL_MIN_ROWS`` rows per expert
-      where ``prefill_tma``: the composition's GEMMs take the 128-row ``w_lhs`` tiles with x and
-      W's codes by TMA (session 20), which the fused gate/up launch (x gathered, two
+      where ``prefill_tma``: the composition's GEMMs take the 64/128-row ``w_lhs`` tiles with x
+      and W's codes by TMA (sessions 20 and 33), which the fused gate/up launch (x gathered, two
       accumulators) has no form of. Same benchmark (results/moe_layer_h100_s32_prefill.md):
       Qwen3-30B-A3B T=4096 (256 rows an expert) int4 g128 1.59 ms fused against 1.29 composed;
-      fp8 block (the same pointer-load tile family either way) stays fused, 1.23 against 1.40."""
+      fp8 block (the same pointer-load tile family either way) stays fused, 1.23 against 1.40.
+      ``benchmarks/probe_fused_prefill.py`` (results/probe_fused_prefill_h100_s33*.log, int4 g128,
+      fused forced against composed, CUDA-graph timed): Qwen3 20-32 rows an expert 0.81-0.85x,
+      48 rows 1.017x, 64-256 rows 0.79-0.83x; DeepSeek-V3 E=32 20-32 rows 0.704x, 64-256 rows
+      0.73-0.74x; at 16 rows (decode tiles both ways) fused 1.021x."""
     weight_only = w_bits < 16 and act_bits == 16
     rpe = rows_per_expert_hint(M, E)
     if weight_only and w_bits < 8 and prefill_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:

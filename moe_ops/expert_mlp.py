@@ -23,7 +23,7 @@ one launch fewer, the ``[T * top_k, H]`` rows never written). Elsewhere at up to
 program of each column block, counted on int32 counters that the gate/up launch zeroes, adds
 every token's rows of that block in slot order (again one launch fewer). Training recipes, combinations
 without a fused kernel, weight-only quantized experts above 512 rows per expert, and packed
-int4/int2 ones above 32 where the composition's GEMMs can take x by TMA (Hopper; where the
+int4/int2 ones above 16 where the composition's GEMMs can take x by TMA (Hopper; where the
 composition measured faster: :func:`moe_ops.lowering.kernel_choice.fused_expert_mlp_pays`) run
 :func:`composed`, the same math through the unfused operators.
 
