@@ -69,9 +69,9 @@ def _check_fused(fmt, gran, gs, act, T, configs=None):
     assert rel_err(out, ref) < bound, rel_err(out, ref)
 
 
-# 128 rows per expert (prefill tiles), decode, and 1/4 row per expert (int4/int2 gate/up on the
-# CUDA cores, KernelConfig.gemv)
-@pytest.mark.parametrize("T", [512, 3, 1])
+# 128 rows per expert (prefill tiles), 24 (int4/int2 on Hopper: the composition's 64-row TMA
+# tiles), decode, and 1/4 row per expert (int4/int2 gate/up on the CUDA cores, KernelConfig.gemv)
+@pytest.mark.parametrize("T", [512, 96, 3, 1])
 @pytest.mark.parametrize("fmt,gran,gs,act", CASES)
 def test_fused_expert_mlp(fmt, gran, gs, act, T):
     _check_fused(fmt, gran, gs, act, T)
@@ -79,7 +79,7 @@ def test_fused_expert_mlp(fmt, gran, gs, act, T):
     from moe_ops.lowering.kernel_choice import fused_expert_mlp_pays
     bits = 16 if fmt == "none" else formats.get_format(fmt).bits
     if not fused_expert_mlp_pays(T * K_TOP, E, bits, 8 if act != "none" else 16, tma_capable()):
-        # the op ran its composition (int4/int2 at 128 rows an expert on Hopper): the fused
+        # the op ran its composition (int4/int2 above 16 rows an expert on Hopper): the fused
         # launches with the table's tiles on the same shape too
         _check_fused(fmt, gran, gs, act, T, dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act))
 
