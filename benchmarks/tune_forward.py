@@ -214,9 +214,9 @@ TMA_W_DECODE_8BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
 
 def tune_tma_w(shapes, tokens, variants, out_path):
     """Per case, the table's tile, its TMA twin, the table's tile where neither x nor W can come
-    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, 17-64 rows per expert: :data:`TMA_W_MID` and the
-    128-row tile; for 8-bit weights at decode sizes
-    :data:`TMA_W_DECODE_8BIT` too) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
+    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit weights
+    :data:`TMA_W_DECODE_8BIT` too; prefill tiles at up to 64 rows per expert: :data:`TMA_W_MID`
+    and the 128-row tile) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
     timed), and whether the two give the same bits."""
     import moe_ops
     dev = torch.device("cuda")
