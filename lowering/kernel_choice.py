@@ -73,6 +73,9 @@ def _gemv_config(K: int) -> KernelConfig:
 # 64 rows up to PACKED_TMA_WIDE_MIN_ROWS rows per expert, 128 (or 256) above
 PACKED_TMA_PREFILL_MIN_ROWS = 16
 PACKED_TMA_WIDE_MIN_ROWS = 32
+# prefill forward tiles of 64 rows (M) up to this many rows per expert, of 128 or 256 above
+# (except packed int4/int2 weight-only with x by TMA: PACKED_TMA_WIDE_MIN_ROWS)
+MID_TILE_MAX_ROWS = 64
 
 
 def rows_per_expert_hint(M: int, E: int) -> float:
@@ -225,7 +228,17 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         if not (w_tma and bk * w_bits % 128 == 0) and (rpe >= 512 or N * K >= 1 << 23):
             return KernelConfig(256, 128, bk, 8, 4, w_lhs=True, tma=True)
         return KernelConfig(128, 128, bk, 8, 3, w_lhs=True, tma=True)
-    if rpe <= 64:
+    if act_bits == 16 and w_bits == 8 and k_contiguous and x_tma and w_tma and rpe <= MID_TILE_MAX_ROWS:
+        # 8-bit weight-only at 17-64 rows per expert: the 64-row w_lhs tile with x and W's stored
+        # tile (int8 codes, fp8 values) by TMA (tune_forward.py --tma --tma-w, TMA_W_MID;
+        # results/tune_tma_w_mid_8bit_h100_s34.log, CUDA-graph timed, bit-equal with W by
+        # pointers), against the 64-row pointer tile below, int8 / fp8 channel: Qwen3-30B-A3B
+        # gate_up T=384 (24 rows) 0.140 -> 0.129 / 0.120 -> 0.102 ms, T=1024 (64) 0.272 -> 0.256 /
+        # 0.237 -> 0.204, down T=384 0.080 -> 0.068 / 0.070 -> 0.064, T=1024 0.152 -> 0.134 /
+        # 0.128 -> 0.112; DeepSeek-V3 E=32 T=128 (32) 0.442 -> 0.399 / 0.428 -> 0.309. With W by
+        # pointers the same tile lost (Qwen3 gate_up T=384 int8 0.151, fp8 0.143)
+        return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 3, w_lhs=True, tma=True)
+    if rpe <= MID_TILE_MAX_ROWS:
         return KernelConfig(64, 128, _block_k(K, scale_k_unit, 64), 4, 4)
     if act_bits == 8 and w_bits == 8 and scale_k_unit >= 128:  # fp8 x fp8 (or int8) with wide K tiles
         # benchmarks/tune_recipes.py (forward and dgrad of both FP8 recipes, H100): 64-row

@@ -93,6 +93,32 @@ def test_8bit_weight_only_decode_takes_w_lhs_by_tma_where_k_is_short():
     assert taken
 
 
+
+def test_8bit_weight_only_mid_rows_take_w_lhs_by_tma():
+    """8-bit weight-only forward at 17-64 rows per expert (``kc.MID_TILE_MAX_ROWS``) takes the
+    64-row ``w_lhs`` tile with x and W's stored tile by TMA where both can come by TMA; W8A8, the
+    dgrad view and x or W without TMA keep the 64-row pointer tile there; above 64 rows neither
+    takes a 64-row ``w_lhs`` tile."""
+    taken = 0
+    for (H, I, E, k), T, (x_tma, w_tma), act, contiguous in itertools.product(
+            LAYERS, TOKENS, ((True, True), (True, False), (False, True)), (16, 8), (True, False)):
+        for M in (T * k, 64 * E, 64 * E + 8):
+            rpe = M / E
+            if rpe <= 16:
+                continue
+            for N, K in ((2 * I, H), (H, I)):
+                for unit in (128, K):
+                    cfg = choose_forward_config(M, N, K, E, 8, unit, act_bits=act, k_contiguous=contiguous,
+                                                x_tma=x_tma, w_tma=w_tma)
+                    if rpe > kc.MID_TILE_MAX_ROWS:
+                        assert not (cfg.w_lhs and cfg.block_m == 64), (M, E, cfg)
+                    elif act == 16 and contiguous and x_tma and w_tma:
+                        assert cfg == KernelConfig(64, 128, 64, 4, 3, w_lhs=True, tma=True), (M, E, K, cfg)
+                        taken += 1
+                    else:
+                        assert cfg == KernelConfig(64, 128, 64, 4, 4), (M, E, K, act, cfg)
+    assert taken
+
 def test_fused_down_takes_tma_at_decode_sizes_only():
     """The fused MLP's down launch (x the in-order intermediate) takes x and W by TMA where the
     caller says it can (``down_tma``), at decode sizes only (16-row ``w_lhs`` tiles); its

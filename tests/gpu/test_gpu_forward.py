@@ -371,6 +371,23 @@ def test_forward_tma_decode_8bit_weights(fmt, gran, monkeypatch):
     assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1)
 
 
+@pytest.mark.parametrize("tile", [KernelConfig(64, 128, 128, 4, 3, w_lhs=True, tma=True),
+                                  KernelConfig(64, 128, 64, 4, 3, w_lhs=True, tma=True)], ids=str)
+@pytest.mark.parametrize("fmt,gran", [("int8_asym", "channel"), ("int8_sym", "group"), ("fp8_e4m3", "channel"),
+                                      ("fp8_e5m2", "tensor"), ("fp8_e4m3", "block")])
+def test_forward_tma_mid_rows_8bit_weights(fmt, gran, tile, monkeypatch):
+    """8-bit weight-only codes at 17-64 rows an expert in the 64-row ``w_lhs`` tiles with x and W's
+    stored tile (int8 codes, fp8 values) by TMA, against the pointer-load twin
+    (:func:`_check_tma_twin`); about 31 rows an expert, ragged with an empty expert, N = 320
+    leaving a partial N tile."""
+    if not tma_capable():
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
+    M, E, N, K = 1500, 48, 320, 640
+    x, w, offs = _case(hash((fmt, gran, str(tile), "tma_mid_8bit")) % 10000, M, E, N, K)
+    wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, 128 if gran == "group" else 0)
+    assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1)
+
+
 @pytest.mark.parametrize("fmt", ["none", "int4_asym"])
 def test_compiled_forward_tma_tile(fmt, monkeypatch):
     """Under torch.compile the launch's host-side TensorDescriptors are rebuilt by Inductor from
