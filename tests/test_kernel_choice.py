@@ -93,7 +93,6 @@ def test_8bit_weight_only_decode_takes_w_lhs_by_tma_where_k_is_short():
     assert taken
 
 
-
 def test_8bit_weight_only_mid_rows_take_w_lhs_by_tma():
     """8-bit weight-only forward at 17-64 rows per expert (``kc.MID_TILE_MAX_ROWS``) takes the
     64-row ``w_lhs`` tile with x and W's stored tile by TMA where both can come by TMA; W8A8, the
@@ -118,6 +117,7 @@ def test_8bit_weight_only_mid_rows_take_w_lhs_by_tma():
                     else:
                         assert cfg == KernelConfig(64, 128, 64, 4, 4), (M, E, K, act, cfg)
     assert taken
+
 
 def test_fused_down_takes_tma_at_decode_sizes_only():
     """The fused MLP's down launch (x the in-order intermediate) takes x and W by TMA where the
