@@ -30,7 +30,7 @@ import harness  # noqa: E402
 from bench_forward import OURS, SHAPES  # noqa: E402
 
 from moe_ops.kernels import dispatch  # noqa: E402
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config  # noqa: E402
+from moe_ops.lowering.kernel_choice import MID_TILE_MAX_ROWS, KernelConfig, choose_forward_config  # noqa: E402
 
 C = KernelConfig
 PREFILL = [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 3), C(128, 128, 64, 4, 4), C(64, 128, 64, 4, 4),
@@ -236,7 +236,7 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 label = f"{sname:18s} T={T:5d} {lab:14s}"
                 rows = []
                 extra = TMA_W_TILES
-                if not table.decode and T * top_k / E <= 64:
+                if not table.decode and T * top_k / E <= MID_TILE_MAX_ROWS:
                     extra = TMA_W_MID + TMA_W_TILES[:1]
                 if table.decode:
                     extra = TMA_W_DECODE + (TMA_W_DECODE_8BIT if _BITS[lab] == 8 else [])
