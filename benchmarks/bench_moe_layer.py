@@ -87,8 +87,9 @@ def _fused_pays(fname: str, x: torch.Tensor, top_k: int, E: int) -> bool:
     from moe_ops.lowering.kernel_choice import fused_expert_mlp_pays
     spec = FORMATS[fname]
     bits = 16 if spec is None else formats.get_format(spec[0]).bits
+    # the layers' weights are contiguous with 16-byte rows: W by TMA wherever x is
     return fused_expert_mlp_pays(x.shape[0] * top_k, E, bits, 8 if spec is not None and spec[3] else 16,
-                                 x_tma_possible(x))
+                                 x_tma_possible(x), x_tma_possible(x))
 
 
 def count_kernels(fn) -> int:

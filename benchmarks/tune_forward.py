@@ -201,8 +201,8 @@ TMA_W_DECODE = [C(16, 64, 128, 4, 4, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
                 C(16, 128, 128, 4, 4, group_m=1, w_lhs=True, tma=True)]
-# 17-64 rows per expert (the table's 64-row pointer tile up to 32, the 128-row TMA tile above):
-# w_lhs tiles of 32 and 64 rows by TMA, one M tile per expert's rows
+# 17-64 rows per expert: w_lhs tiles of 32 and 64 rows by TMA, one M tile per expert's rows (swept
+# with TMA_W_TILES[0], the 128-row tile int4 takes above these rows)
 TMA_W_MID = [C(32, 128, 64, 4, 3, w_lhs=True, tma=True), C(64, 128, 64, 4, 3, w_lhs=True, tma=True),
              C(64, 128, 64, 4, 4, w_lhs=True, tma=True), C(64, 128, 128, 4, 3, w_lhs=True, tma=True),
              C(64, 64, 64, 4, 4, w_lhs=True, tma=True), C(32, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True),

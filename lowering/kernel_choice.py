@@ -68,13 +68,13 @@ def _gemv_config(K: int) -> KernelConfig:
     return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
+# decode tiles (16-row M tiles, weight streaming) up to this many rows per expert
+DECODE_MAX_ROWS_PER_EXPERT = 16
 # int4/int2 weight-only forward above this many rows per expert (the decode tiles' end), x by
 # TMA: the prefill ``w_lhs`` tiles (``choose_forward_config``), W's codes by TMA where aligned;
-# 64 rows up to PACKED_TMA_WIDE_MIN_ROWS rows per expert, 128 (or 256) above
+# 64 rows up to MID_TILE_MAX_ROWS rows per expert, 128 (or 256) above
 PACKED_TMA_PREFILL_MIN_ROWS = 16
-PACKED_TMA_WIDE_MIN_ROWS = 32
 # prefill forward tiles of 64 rows (M) up to this many rows per expert, of 128 or 256 above
-# (except packed int4/int2 weight-only with x by TMA: PACKED_TMA_WIDE_MIN_ROWS)
 MID_TILE_MAX_ROWS = 64
 
 
@@ -162,7 +162,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     if (w_bits < 8 and act_bits == 16 and k_contiguous and packed_gemv
             and rpe <= PACKED_GEMV_MAX_ROWS_PER_EXPERT):
         return _packed_gemv_config(K, scale_k_unit)
-    if rpe <= 16:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
+    if rpe <= DECODE_MAX_ROWS_PER_EXPERT:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
@@ -200,14 +200,17 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
     if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
-        if rpe <= PACKED_TMA_WIDE_MIN_ROWS:
-            # 17-32 rows per expert: one 64-row M tile per expert, the dequantized weight as the
-            # register operand, x and W's codes by TMA (tune_forward.py --tma --tma-w, TMA_W_MID;
-            # results/tune_tma_w_mid_int4_h100_s33.log, int4 g128, CUDA-graph timed, against the
-            # 64-row pointer tile below; bit-equal with W by pointers): Qwen3-30B-A3B gate_up T=384
-            # (24 rows) 0.205 -> 0.125 ms, T=512 (32) 0.257 -> 0.157 (the 128-row tile: 0.188),
-            # down 0.108 -> 0.067, 0.135 -> 0.083; DeepSeek-V3 E=32 T=128 (32) 0.772 -> 0.412.
-            # With W by pointers (unaligned codes) still 0.145, 0.184, 0.079, 0.099, 0.497
+        if rpe <= MID_TILE_MAX_ROWS:
+            # 17-64 rows per expert: the 64-row M tile, the dequantized weight as the register
+            # operand, x and W's codes by TMA (tune_forward.py --tma --tma-w, TMA_W_MID; int4 g128,
+            # CUDA-graph timed, bit-equal with W by pointers). results/tune_tma_w_mid_int4_h100_s33.log,
+            # against the 64-row pointer tile: Qwen3-30B-A3B gate_up T=384 (24 rows) 0.205 -> 0.125
+            # ms, T=512 (32) 0.257 -> 0.157 (the 128-row tile: 0.188), down 0.108 -> 0.067, 0.135
+            # -> 0.083; DeepSeek-V3 E=32 T=128 (32) 0.772 -> 0.412; with W by pointers (unaligned
+            # codes) still 0.145, 0.184, 0.079, 0.099, 0.497. results/tune_tma_w_mid_int4_s35_*.log,
+            # against the 128-row tile below: Qwen3 T=768 (48 rows, H100) gate_up 0.205 -> 0.190,
+            # down 0.109 -> 0.100; T=1024 (64, H200) 0.263 -> 0.242, 0.140 -> 0.128; DeepSeek-V3
+            # T=192 (48, H200) 0.616 -> 0.549, T=256 (64) 0.666 -> 0.601
             return KernelConfig(64, 128, _block_k(K, scale_k_unit, 128), 4, 3, w_lhs=True, tma=True)
         # int4/int2 weight-only prefill: the dequantized weight as the register operand (w_lhs),
         # x's tiles by TMA, and W's stored codes too where a 16-byte multiple. tune_forward.py
@@ -365,10 +368,12 @@ def _combine16_config(K: int) -> KernelConfig:
 FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT = 512
 
 
-def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tma: bool = False) -> bool:
+def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tma: bool = False,
+                          w_tma: bool = False) -> bool:
     """Whether the fused expert MLP's two launches beat its unfused composition for ``M`` rows over
-    ``E`` experts; ``prefill_tma``: the composition's plain GEMMs can take x (and W's codes) by TMA
-    (:func:`moe_ops.kernels.dispatch.x_tma_possible` on x).
+    ``E`` experts; ``prefill_tma``: the composition's plain GEMMs can take x by TMA
+    (:func:`moe_ops.kernels.dispatch.x_tma_possible` on x); ``w_tma``: and both weights' stored
+    tiles (:func:`moe_ops.kernels.dispatch.w_tma_possible` on w1 and w2).
 
     - Weight-only quantized experts above ``FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT``: the gate/up
       launch keeps two accumulators and cannot take the 256-row tiles the plain forward takes
@@ -385,10 +390,20 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tm
       ``benchmarks/probe_fused_prefill.py`` (results/probe_fused_prefill_h100_s33*.log, int4 g128,
       fused forced against composed, CUDA-graph timed): Qwen3 20-32 rows an expert 0.81-0.85x,
       48 rows 1.017x, 64-256 rows 0.79-0.83x; DeepSeek-V3 E=32 20-32 rows 0.704x, 64-256 rows
-      0.73-0.74x; at 16 rows (decode tiles both ways) fused 1.021x."""
+      0.73-0.74x; at 16 rows (decode tiles both ways) fused 1.021x.
+    - 8-bit (int8/fp8) weight-only experts at 17 to ``MID_TILE_MAX_ROWS`` rows per expert where
+      ``prefill_tma`` and ``w_tma``: the composition's GEMMs take the 64-row ``w_lhs`` tile with x
+      and W by TMA (session 34). ``probe_fused_prefill.py`` (results/probe_fused_prefill_h100_s35.log,
+      fp8 block, fused forced against composed, CUDA-graph timed): Qwen3-30B-A3B 24 rows an expert
+      0.909x, 64 rows 0.886x; DeepSeek-V3 E=32 32 rows 0.811x, 64 rows 0.920x. Above 64 rows the
+      composition's 8-bit tiles are the pointer ones and fused wins (Qwen3 256 rows fp8 block 1.23
+      ms fused against 1.40 composed, above)."""
     weight_only = w_bits < 16 and act_bits == 16
     rpe = rows_per_expert_hint(M, E)
     if weight_only and w_bits < 8 and prefill_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
+        return False
+    if (weight_only and w_bits == 8 and prefill_tma and w_tma
+            and DECODE_MAX_ROWS_PER_EXPERT < rpe <= MID_TILE_MAX_ROWS):
         return False
     return not (weight_only and rpe > FUSED_WEIGHT_ONLY_MAX_ROWS_PER_EXPERT)
 

@@ -40,7 +40,7 @@ def test_fused_gate_up_tiles_fit_two_accumulators():
 
 def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
     """int4/int2 weight-only prefill (over 16 rows per expert) takes the ``w_lhs`` tile with x by
-    TMA where x can come by TMA: 64 rows up to 32 rows per expert (one M tile an expert's rows);
+    TMA where x can come by TMA: 64 rows up to 64 rows per expert (``kc.MID_TILE_MAX_ROWS``);
     above, 128 rows where W's codes can come by TMA too (at most 128-row tiles take them:
     ``dispatch._tma_operands``), else 256 rows where an expert's weights are large or its rows
     many; the K tile inside a scale group. Decode sizes (16-row ``w_lhs``
@@ -53,9 +53,9 @@ def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
             cfg = choose_forward_config(M, N, H, E, bits, unit, w_tma=w_tma)
             if cfg.decode and cfg.w_lhs:  # 16-row tiles: TMA where both x and W's codes can take it
                 assert cfg.tma == (w_tma and cfg.block_k * bits % 128 == 0), (T, cfg)
-            elif 16 < rpe <= 32:
+            elif 16 < rpe <= kc.MID_TILE_MAX_ROWS:
                 assert cfg == KernelConfig(64, 128, min(unit, 128), 4, 3, w_lhs=True, tma=True), (T, cfg)
-            elif rpe > 32:
+            elif rpe > kc.MID_TILE_MAX_ROWS:
                 assert cfg.w_lhs and cfg.tma and unit % cfg.block_k == 0, (T, cfg)
                 # 128 rows wherever W's codes come by TMA (16-byte rows of the tile); else 256
                 # for large experts or many rows
@@ -212,23 +212,29 @@ def test_wgrad_fp8_tiles_fit_shared_memory():
 
 
 def test_fused_expert_mlp_pays_rule():
-    """Weight-only quantized experts above 512 rows an expert run the composition, and packed
+    """Weight-only quantized experts above 512 rows an expert run the composition, packed
     (int4/int2) ones above 16 where the composition's GEMMs take x by TMA (their 64/128-row
-    prefill tiles); 16-bit weights and quantized activations stay fused at every size."""
+    prefill tiles), and 8-bit ones at 17-64 where they take x and W by TMA (the 64-row ``w_lhs``
+    tile); 16-bit weights and quantized activations stay fused at every size."""
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 4, 16) is False  # DeepSeek-V3 T=4096: 1024 an expert
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 16) is False
     assert kc.fused_expert_mlp_pays(32 * 1024, 128, 4, 16) is True  # Qwen3-30B-A3B: 256 an expert
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 16, 16) is True
     assert kc.fused_expert_mlp_pays(32 * 1024, 32, 8, 8) is True
-    for M, E, bits, act_bits in itertools.product((8, 64 * 8, 96 * 8, 128 * 8, 256 * 8, 4096 * 8), (32, 128),
-                                                  (2, 4, 8, 16), (8, 16)):
+    for M, E, bits, act_bits in itertools.product((8, 64 * 8, 96 * 8, 128 * 8, 256 * 8, 384 * 8, 4096 * 8),
+                                                  (32, 128), (2, 4, 8, 16), (8, 16)):
         rpe = M / E
-        composed = bits < 16 and act_bits == 16 and (rpe > 512 or (bits < 8 and rpe > 16))
+        weight_only = bits < 16 and act_bits == 16
+        composed = weight_only and (rpe > 512 or (bits < 8 and rpe > 16))
         assert kc.fused_expert_mlp_pays(M, E, bits, act_bits, prefill_tma=True) is not composed, (M, E, bits)
-        # the x-by-TMA tile the packed part defers to is the plain forward's above that many rows
-        if bits < 8 and act_bits == 16:
+        mid_8bit = weight_only and bits == 8 and 16 < rpe <= 64
+        assert kc.fused_expert_mlp_pays(M, E, bits, act_bits, True, w_tma=True) is not (composed or mid_8bit)
+        assert kc.fused_expert_mlp_pays(M, E, bits, act_bits, False, w_tma=True) is not (weight_only and rpe > 512)
+        # the TMA tile each part defers to is the plain forward's at those rows
+        if weight_only and (bits < 8 or mid_8bit):
             cfg = choose_forward_config(M, 1536, 2048, E, bits, 128, x_tma=True, w_tma=True)
-            assert (cfg.w_lhs and cfg.tma and cfg.block_m >= 64) == (rpe > kc.PACKED_TMA_PREFILL_MIN_ROWS), cfg
+            defers = rpe > kc.PACKED_TMA_PREFILL_MIN_ROWS if bits < 8 else True
+            assert (cfg.w_lhs and cfg.tma and cfg.block_m >= 64) == defers, cfg
 
 
 def test_expert_mlp_dispatch_defers_to_the_composition():

@@ -474,7 +474,8 @@ def expert_mlp(x, topk_weights, sorted_rows, offs, w1, w1_scale, w1_zero, w2, w2
     M, E, I = T * top_k, w1.shape[0], w1.shape[1] // 2
     spec = None if w_format == "none" else formats.get_format(w_format)
     if configs is None and not fused_expert_mlp_pays(M, E, 16 if spec is None else spec.bits,
-                                                     8 if act_quant != "none" else 16, x_tma_possible(x)):
+                                                     8 if act_quant != "none" else 16, x_tma_possible(x),
+                                                     w_tma_possible(w1) and w_tma_possible(w2)):
         return None
     pack = 1 if spec is None else spec.pack
     act = _ACT_CODE[act_quant]
