@@ -162,7 +162,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
     if (w_bits < 8 and act_bits == 16 and k_contiguous and packed_gemv
             and rpe <= PACKED_GEMV_MAX_ROWS_PER_EXPERT):
         return _packed_gemv_config(K, scale_k_unit)
-    if rpe <= DECODE_MAX_ROWS_PER_EXPERT:  # decode: weight streaming; each weight tile is used by one M tile (no swizzle)
+    if rpe <= DECODE_MAX_ROWS_PER_EXPERT:  # decode: weight streaming, each weight tile used by one M tile
         if w_bits == 16:
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:

@@ -70,7 +70,8 @@ def _check_fused(fmt, gran, gs, act, T, configs=None):
 
 
 # 128 rows per expert (prefill tiles), 24 (weight-only int4/int2/int8/fp8 on Hopper: the
-# composition's 64-row TMA tiles), decode, and 1/4 row per expert (int4/int2 gate/up on the CUDA cores, KernelConfig.gemv)
+# composition's 64-row TMA tiles), decode, and 1/4 row per expert (int4/int2 gate/up on the CUDA
+# cores, KernelConfig.gemv)
 @pytest.mark.parametrize("T", [512, 96, 3, 1])
 @pytest.mark.parametrize("fmt,gran,gs,act", CASES)
 def test_fused_expert_mlp(fmt, gran, gs, act, T):
@@ -79,9 +80,8 @@ def test_fused_expert_mlp(fmt, gran, gs, act, T):
     from moe_ops.lowering.kernel_choice import fused_expert_mlp_pays
     bits = 16 if fmt == "none" else formats.get_format(fmt).bits
     if not fused_expert_mlp_pays(T * K_TOP, E, bits, 8 if act != "none" else 16, tma_capable(), tma_capable()):
-        # the op ran its composition (int4/int2 above 16 rows an expert on Hopper, 8-bit at
-        # 17-64): the fused
-        # launches with the table's tiles on the same shape too
+        # the op ran its composition (on Hopper int4/int2 above 16 rows an expert, int8/fp8 at
+        # 17-64): the fused launches with the table's tiles on the same shape too
         _check_fused(fmt, gran, gs, act, T, dispatch.expert_mlp_configs(T * K_TOP, H, I, E, fmt, gran, gs, gs, act))
 
 
