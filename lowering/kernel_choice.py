@@ -68,12 +68,10 @@ def _gemv_config(K: int) -> KernelConfig:
     return KernelConfig(1, 32, 128, 2, 1, group_m=1, gemv=True)
 
 
-# decode tiles (16-row M tiles, weight streaming) up to this many rows per expert
+# decode tiles (16-row M tiles, weight streaming) up to this many rows per expert; above, int4/int2
+# weight-only with x by TMA takes the prefill ``w_lhs`` tiles (``choose_forward_config``), W's
+# codes by TMA where aligned: 64 rows up to MID_TILE_MAX_ROWS rows per expert, 128 (or 256) above
 DECODE_MAX_ROWS_PER_EXPERT = 16
-# int4/int2 weight-only forward above this many rows per expert (the decode tiles' end), x by
-# TMA: the prefill ``w_lhs`` tiles (``choose_forward_config``), W's codes by TMA where aligned;
-# 64 rows up to MID_TILE_MAX_ROWS rows per expert, 128 (or 256) above
-PACKED_TMA_PREFILL_MIN_ROWS = 16
 # prefill forward tiles of 64 rows (M) up to this many rows per expert, of 128 or 256 above
 MID_TILE_MAX_ROWS = 64
 
@@ -199,7 +197,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         if rpe <= 0.5:
             return KernelConfig(16, 64, _block_k(K, scale_k_unit, 128), 4, 4, group_m=1)
         return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1)
-    if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
+    if act_bits == 16 and w_bits < 8 and k_contiguous and x_tma:  # above the decode rows
         if rpe <= MID_TILE_MAX_ROWS:
             # 17-64 rows per expert: the 64-row M tile, the dequantized weight as the register
             # operand, x and W's codes by TMA (tune_forward.py --tma --tma-w, TMA_W_MID; int4 g128,
@@ -381,7 +379,7 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tm
       T=4096): DeepSeek-V3 E=32 (1024 rows an expert) int4 g128 10.3 ms fused against 9.19
       composed, fp8 block 7.72 against 7.19; bf16 and W8A8 fused faster (DeepSeek-V3 bf16 5.08
       against 5.59, int8 W8A8 3.88 against 4.55).
-    - Packed (int4/int2) weight-only experts above ``PACKED_TMA_PREFILL_MIN_ROWS`` rows per expert
+    - Packed (int4/int2) weight-only experts above ``DECODE_MAX_ROWS_PER_EXPERT`` rows per expert
       where ``prefill_tma``: the composition's GEMMs take the 64/128-row ``w_lhs`` tiles with x
       and W's codes by TMA (sessions 20 and 33), which the fused gate/up launch (x gathered, two
       accumulators) has no form of. Same benchmark (results/moe_layer_h100_s32_prefill.md):
@@ -400,7 +398,7 @@ def fused_expert_mlp_pays(M: int, E: int, w_bits: int, act_bits: int, prefill_tm
       ms fused against 1.40 composed, above)."""
     weight_only = w_bits < 16 and act_bits == 16
     rpe = rows_per_expert_hint(M, E)
-    if weight_only and w_bits < 8 and prefill_tma and rpe > PACKED_TMA_PREFILL_MIN_ROWS:
+    if weight_only and w_bits < 8 and prefill_tma and rpe > DECODE_MAX_ROWS_PER_EXPERT:
         return False
     if (weight_only and w_bits == 8 and prefill_tma and w_tma
             and DECODE_MAX_ROWS_PER_EXPERT < rpe <= MID_TILE_MAX_ROWS):

@@ -103,7 +103,7 @@ def test_8bit_weight_only_mid_rows_take_w_lhs_by_tma():
             LAYERS, TOKENS, ((True, True), (True, False), (False, True)), (16, 8), (True, False)):
         for M in (T * k, 64 * E, 64 * E + 8):
             rpe = M / E
-            if rpe <= 16:
+            if rpe <= kc.DECODE_MAX_ROWS_PER_EXPERT:
                 continue
             for N, K in ((2 * I, H), (H, I)):
                 for unit in (128, K):
@@ -233,7 +233,7 @@ def test_fused_expert_mlp_pays_rule():
         # the TMA tile each part defers to is the plain forward's at those rows
         if weight_only and (bits < 8 or mid_8bit):
             cfg = choose_forward_config(M, 1536, 2048, E, bits, 128, x_tma=True, w_tma=True)
-            defers = rpe > kc.PACKED_TMA_PREFILL_MIN_ROWS if bits < 8 else True
+            defers = rpe > kc.DECODE_MAX_ROWS_PER_EXPERT if bits < 8 else True
             assert (cfg.w_lhs and cfg.tma and cfg.block_m >= 64) == defers, cfg
 
 

@@ -305,7 +305,7 @@ def test_forward_tma_tiles(fmt, gran, act, tile_idx, monkeypatch):
 
 # integer weight codes under 16-bit x: x by TMA, the codes by TMA in the w_lhs tiles of at most
 # 128 rows (by pointers in the others); both weight-operand sides; the 64-row w_lhs tiles of 17-64
-# rows an expert (kernel_choice.PACKED_TMA_PREFILL_MIN_ROWS, MID_TILE_MAX_ROWS)
+# rows an expert (kernel_choice.DECODE_MAX_ROWS_PER_EXPERT, MID_TILE_MAX_ROWS)
 INT_TMA_TILES = [KernelConfig(256, 128, 64, 8, 3, w_lhs=True, tma=True), KernelConfig(128, 128, 64, 4, 4, tma=True),
                  KernelConfig(128, 128, 128, 8, 3, w_lhs=True, tma=True),
                  KernelConfig(64, 128, 128, 4, 3, w_lhs=True, tma=True), KernelConfig(64, 128, 64, 4, 3, w_lhs=True, tma=True),
