@@ -9,7 +9,8 @@ at call time). ``--gemv``: the CUDA-core decode tiles against the tensor-core de
 ``--tma [--shapes ...] [--tokens ...] [--variants ...]``: prefill tiles with x and W by TMA
 descriptors (Hopper; int4 weight-only: x only) against the table's pointer-load tiles, forward
 and (with bf16 among the variants) bf16 dgrad; with ``--tma-w``, the weight-only ``w_lhs`` tiles
-with W's stored tile by TMA too against x alone (``dispatch.W_LHS_TMA_W``).
+with W's stored tile by TMA too against x alone (``dispatch.W_LHS_TMA_W``); with ``--variants bf16``,
+the ``w_lhs`` tiles on plain weights (the weight tile as the MMA's left operand).
 ``--fp8-promotion [--shapes ...]``: fp8 W8A8 (``fp8_token`` x, channel-scaled W) at T=4096, the
 GEMM alone on x cast beforehand, K tiles of 128 and 256 (the fp32 promotion interval: each K
 tile's product accumulates in the tensor core, then is added to the float32 tile), each
@@ -211,11 +212,18 @@ TMA_W_MID = [C(32, 128, 64, 4, 3, w_lhs=True, tma=True), C(64, 128, 64, 4, 3, w_
 TMA_W_DECODE_8BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
                      C(16, 128, 256, 4, 3, group_m=1, w_lhs=True, tma=True)]
 
+# plain 16-bit weights at decode sizes (the w_lhs tile with W's tile as loaded), also: 256-column K
+# tiles, 64-column K tiles four deep, and 8-warp tiles 128 and 256 wide
+TMA_W_DECODE_16BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
+                      C(16, 128, 64, 4, 4, group_m=1, w_lhs=True, tma=True),
+                      C(16, 128, 128, 8, 3, group_m=1, w_lhs=True, tma=True),
+                      C(16, 256, 64, 8, 4, group_m=1, w_lhs=True, tma=True)]
+
 
 def tune_tma_w(shapes, tokens, variants, out_path):
     """Per case, the table's tile, its TMA twin, the table's tile where neither x nor W can come
-    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit weights
-    :data:`TMA_W_DECODE_8BIT` too; prefill tiles at up to 64 rows per expert: :data:`TMA_W_MID`
+    by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit / plain
+    16-bit weights :data:`TMA_W_DECODE_8BIT` / :data:`TMA_W_DECODE_16BIT` too; prefill tiles at up to 64 rows per expert: :data:`TMA_W_MID`
     and the 128-row tile) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
     timed), and whether the two give the same bits."""
     import moe_ops
@@ -239,11 +247,11 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 if not table.decode and T * top_k / E <= MID_TILE_MAX_ROWS:
                     extra = TMA_W_MID + TMA_W_TILES[:1]
                 if table.decode:
-                    extra = TMA_W_DECODE + (TMA_W_DECODE_8BIT if _BITS[lab] == 8 else [])
+                    extra = TMA_W_DECODE + {8: TMA_W_DECODE_8BIT, 16: TMA_W_DECODE_16BIT}.get(_BITS[lab], [])
                 tiles = [table] + ([_with_tma(table)] if not table.tma else []) + ([no_tma] if no_tma != table else [])
                 for cfg in tiles + [c for c in extra if c not in tiles]:
                     outs = {}
-                    for tma_w in (False, True):
+                    for tma_w in ((False, True) if cfg.w_lhs else (True,)):  # only w_lhs tiles read the flag
                         dispatch.W_LHS_TMA_W = tma_w
                         try:
                             fn = (lambda c=cfg: dispatch.grouped_mm(x, wd, ws, wz, offs, fmt, g2, gs2, "none", "none",

@@ -60,6 +60,19 @@ def spy_tma_operands(monkeypatch) -> list:
     return seen
 
 
+def spy_tile_meta(monkeypatch) -> list:
+    """Record the tile constexprs (``BLOCK_M``, ``W_LHS``, ...: ``dispatch._tile_meta``) of each
+    one-config grouped-GEMM launch, in launch order."""
+    from moe_ops.kernels import dispatch
+    seen, orig = [], dispatch._tma_operands
+
+    def spy(*a):
+        seen.append(dict(a[4]))  # (xq, w, w_strides, config, meta, consts)
+        return orig(*a)
+    monkeypatch.setattr(dispatch, "_tma_operands", spy)
+    return seen
+
+
 def spy_persistent_launches(monkeypatch) -> list:
     """Record the ``dgrad`` flag of each launch of the persistent kernel
     (``persistent_gemm.launch_persistent``, as the dispatcher calls it), in launch order."""

@@ -158,10 +158,10 @@ def test_w_lhs_launches_only_with_scales_constant_over_the_k_tile():
     cfg = KernelConfig(16, 64, 32, 4, 4, group_m=1, w_lhs=True)
     bk = _tile_k(cfg, 0, 4)  # int2 decode: 16 columns a sub-dot, 4 codes a byte -> 64
     assert bk == 64
-    assert _tile_meta(cfg, bk, 64, 4, weight_only=True)["W_LHS"] is True
+    assert _tile_meta(cfg, bk, 64, 4, w_lhs_ok=True)["W_LHS"] is True
     # 32-column scale groups vary inside the 64-column K tile: the plain kernel serves it
-    assert _tile_meta(cfg, bk, 32, 4, weight_only=True)["W_LHS"] is False
-    assert _tile_meta(cfg, bk, 64, 4, weight_only=False)["W_LHS"] is False  # W8A8 / 16-bit weights
+    assert _tile_meta(cfg, bk, 32, 4, w_lhs_ok=True)["W_LHS"] is False
+    assert _tile_meta(cfg, bk, 64, 4, w_lhs_ok=False)["W_LHS"] is False  # W8A8
 
 
 def test_packed_gemv_tiles_only_where_the_word_reader_serves():

@@ -111,12 +111,12 @@ def _scale_operands(w, w_scale, w_zero, granularity: str, transposed: bool):
     return w_scale, wz, (st[0], st[2], st[1]) if transposed else tuple(st)
 
 
-def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_only: bool, unit_n: int = 1,
+def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, w_lhs_ok: bool, unit_n: int = 1,
                swiglu_n=None) -> dict:
-    """The kernel's tile constexprs for one config (K tile ``bk``); ``weight_only``: quantized
-    weights under 16/32-bit activations. ``config.w_lhs`` applies there when the weight scale is
-    constant over the K tile (not, e.g., int2 with 32-column groups under a decode tile's 64-column
-    K tile, which takes the plain kernel). ``unit_n``: the weight scale unit along N;
+    """The kernel's tile constexprs for one config (K tile ``bk``); ``w_lhs_ok``: 16/32-bit
+    activations on quantized (weight-only) or plain weights. ``config.w_lhs`` applies there when
+    the weight scale is constant over the K tile (not, e.g., int2 with 32-column groups under a
+    decode tile's 64-column K tile, which takes the plain kernel). ``unit_n``: the weight scale unit along N;
     ``swiglu_n``: the output width N of a SwiGLU launch (its up rows start at row N), else None."""
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     uniform_n = unit_n % config.block_n == 0
@@ -125,7 +125,7 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, weight_onl
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=bk, GROUP_M=config.group_m,
                 SCALE_UNIFORM_N=uniform_n,
                 UNPACK_JOIN=pack > 1 and not config.decode, GEMV=config.gemv,
-                W_LHS=config.w_lhs and weight_only and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
+                W_LHS=config.w_lhs and w_lhs_ok and scale_tile and not config.gemv, SCALE_TILE=scale_tile,
                 ONE_LOOP=config.one_loop, GEMV_PREFETCH=min(max(config.num_stages, 1), 3),
                 GEMV_KSPLIT=config.k_split)
 
@@ -302,10 +302,11 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         AMAX_COLS=amax_cols, AMAX_POW2=next_power_of_2(amax_cols), SLOT_OUT=bool(f.get("slot_out")),
         COMBINE=top_k, COMBINE_POW2=next_power_of_2(max(top_k, 1)), SLOT_SUM=slot_sum,
         CNT_ZERO=f.get("cnt_zero", 0))
-    weight_only = act == 0 and w_kind != 0 and consts["HAS_SCALE"]
+    # the w_lhs tile's operands: 16/32-bit x, and plain weights or weight-only codes with scales
+    w_lhs_ok = act == 0 and (w_kind == 0 or consts["HAS_SCALE"])
     swiglu_n = N if consts["SWIGLU"] else None
     if candidates is not None and len(candidates) > 1:
-        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, weight_only, unit_n, swiglu_n).items()), c.num_warps,
+        tiles = tuple((tuple(_tile_meta(c, b, unit_k, pack, w_lhs_ok, unit_n, swiglu_n).items()), c.num_warps,
                        c.num_stages)
                       for c, b in candidates)
 
@@ -319,7 +320,7 @@ def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, 
         grid = (M // top_k * cdiv(N, config.block_n),)
     else:
         grid = (row_tile_bound(M, config.block_m, E) * cdiv(N, config.block_n),)
-    meta = _tile_meta(config, bk, unit_k, pack, weight_only, unit_n, swiglu_n)
+    meta = _tile_meta(config, bk, unit_k, pack, w_lhs_ok, unit_n, swiglu_n)
     descs, tma_x, tma_w = _tma_operands(xq, w, w_strides, config, meta, consts)
     kwargs = {**dict(zip(grouped_gemm_kernel.arg_names, args)), **consts, **meta, "TMA_X": tma_x, "TMA_W": tma_w}
     launch.launch(grouped_gemm_kernel, grid, {k: v for k, v in kwargs.items() if k not in descs}, descs,

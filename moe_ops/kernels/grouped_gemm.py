@@ -39,9 +39,9 @@ One kernel family, switched by constexprs (the weight never goes back to memory 
               through shared memory) and no padding of a few rows to the 16 an MMA needs.
               Packed int4/int2 codes take :func:`_gemv_packed_acc` (32-bit words, one row a
               tile, ``GEMV_PREFETCH`` the depth of its register prefetch).
-``W_LHS``     (weight-only, quantized W) the tile is computed transposed, the dequantized
-              weight as the MMA's left operand, which Hopper's wgmma takes from registers:
-              :func:`_dequant_acc_w_lhs`.
+``W_LHS``     (16/32-bit x: weight-only quantized W, or plain W) the tile is computed
+              transposed, the (dequantized) weight as the MMA's left operand, which Hopper's
+              wgmma takes from registers: :func:`_dequant_acc_w_lhs`.
 ``TMA_X``, ``TMA_W`` (tensor-core tiles, Hopper and later) x's and W's tiles arrive by TMA
               descriptors (host-side ``TensorDescriptor``s over x and the stored W) instead of
               pointer loads: no address arithmetic or masks in the K loop, out-of-range rows
@@ -624,12 +624,14 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                        BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr, POST_SCALE: tl.constexpr,
                        PACK: tl.constexpr, X_DTYPE: tl.constexpr, x_desc=None, x_row0=0,
                        TMA_X: tl.constexpr = False, w_desc=None, w_row0=0, TMA_W: tl.constexpr = 0):
-    """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) under 16-bit x: the float32
-    ``[BLOCK_M, BLOCK_N]`` tile of ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of
-    ``W[rn] @ x[xrow]^T``. The dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left
-    operand, which Hopper's wgmma reads from registers: it goes from the dequantization to the
-    tensor cores without a store to shared memory and the wait that store needs each K step
-    (as the right operand it would). Packed codes are unpacked along K within each weight row
+    """Weight-only formats (``W_KIND`` 1 or 2, scales constant over a K tile) and plain weights
+    (``W_KIND`` 0, x's dtype) under 16/32-bit x: the float32 ``[BLOCK_M, BLOCK_N]`` tile of
+    ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of ``W[rn] @ x[xrow]^T``. The
+    dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left operand, which Hopper's wgmma
+    reads from registers: it goes from the dequantization to the tensor cores without a store to
+    shared memory and the wait that store needs each K step (as the right operand it would); a
+    plain weight tile is the operand as loaded, and a decode tile's few rows of x become the
+    MMA's N side (at least 8 wide) instead of a 64-row M side mostly masked. Packed codes are unpacked along K within each weight row
     (W's stored layout), and turned into floats by exponent bits: ``0x4B000000 | q`` is the
     float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly. Decode tiles
     (``BLOCK_M <= 16``) with the scale constant over the K tile do it in x's 16-bit type
@@ -639,7 +641,7 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     tile is ``x_desc.load([x_row0, k0])`` transposed (as in :func:`_gemm_acc`: rows past the
     expert's are other experts' rows, masked at the store; columns past K read as zero).
     ``TMA_W`` (1): W's stored tile (``[BLOCK_N, BLOCK_K // PACK]`` bytes of codes, or
-    ``[BLOCK_N, BLOCK_K]`` fp8 values) is ``w_desc.load([expert, w_row0, k0 // PACK])`` over the
+    ``[BLOCK_N, BLOCK_K]`` fp8 or plain values) is ``w_desc.load([expert, w_row0, k0 // PACK])`` over the
     stored ``[E, N, K // PACK]`` (rows past N and columns past the row's end read as zero; ``rn =
     w_row0 + arange(BLOCK_N)``)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
@@ -667,7 +669,8 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
         else:
             a = tl.load(x_ptr + xrow[None, :] * stride_xm + kk[:, None].to(tl.int64) * stride_xk,
                         mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
-        s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
+        if W_KIND != 0:
+            s = tl.load(s_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0.0)[:, None]
         if ZERO_MODE == 2:  # z, and the float32 zero with exponent bits included for packed codes
             z = tl.load(z_base + s_rows + (k0 // UNIT_K) * stride_sk, mask=n_mask, other=0)[:, None]
             zf = z.to(tl.float32) + zero_bias
@@ -682,7 +685,17 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 rb = k0 // PACK + rs
                 byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
                                mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
-        if CODES16:
+        if W_KIND == 0:  # plain weights in x's dtype: the stored tile is the operand
+            if TMA_W:
+                b = w_tile
+            else:
+                b = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, a, acc)
+        elif CODES16:
             code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
             q16 = (code | bias16).to(X_DTYPE, bitcast=True)
             if ZERO_MODE == 2:

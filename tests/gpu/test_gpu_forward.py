@@ -10,7 +10,7 @@ import moe_ops
 from moe_ops.kernels import dispatch
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config
 from helpers import (GPU_BOUND_BF16, oracle_grouped_mm, ragged_offs, rel_err, spy_persistent_launches,
-                     spy_tma_operands, tma_capable, weight_cases)
+                     spy_tile_meta, spy_tma_operands, tma_capable, weight_cases)
 
 DEV = "cuda" if torch.cuda.is_available() else ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else None)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEV is None, reason="needs a CUDA or XPU device")]
@@ -323,7 +323,7 @@ def _check_tma_twin(x, w, offs, wq, tile, monkeypatch):
     seen = spy_tma_operands(monkeypatch)
     ys = []
     for cfg in (tile, KernelConfig(**{**tile.__dict__, "tma": False})):
-        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=DEV)
+        out = torch.full((M, N), float("nan"), dtype=x.dtype, device=DEV)
         ys.append(dispatch.grouped_mm(x.to(DEV), *dev_args[:3], offs.to(DEV), *dev_args[3:], "none", "none",
                                       config=cfg, out=out))
     assert seen[1] == (False, 0)
@@ -386,6 +386,28 @@ def test_forward_tma_mid_rows_8bit_weights(fmt, gran, tile, monkeypatch):
     x, w, offs = _case(hash((fmt, gran, str(tile), "tma_mid_8bit")) % 10000, M, E, N, K)
     wq = moe_ops.quantize_weight(w.bfloat16(), fmt, gran, 128 if gran == "group" else 0)
     assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1)
+
+
+@pytest.mark.parametrize("tile", [KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
+                                  KernelConfig(16, 128, 64, 4, 4, group_m=1, w_lhs=True, tma=True),
+                                  KernelConfig(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
+                                  KernelConfig(64, 128, 64, 4, 3, w_lhs=True, tma=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_w_lhs_plain_weights(dtype, tile, monkeypatch):
+    """Plain 16-bit weights in the ``w_lhs`` tiles (the weight tile as the MMA's left operand) with
+    x and W by TMA, against the pointer-load twin (:func:`_check_tma_twin`: bit-equal, repeatable,
+    the oracle within the bf16 bound); decode tiles at about 3 rows an expert, the 64-row tile at
+    about 31; N = 320 and K = 600 leave partial N and K tiles, experts ragged with an empty one."""
+    if not tma_capable():
+        pytest.skip("TMA needs CUDA capability 9.0 or later")
+    M, E = (48, 16) if tile.decode else (1500, 48)
+    N, K = 320, 600
+    x, w, offs = _case(hash((str(dtype), str(tile), "w_lhs_plain")) % 10000, M, E, N, K)
+    x = x.to(dtype)
+    wq = moe_ops.quantize_weight(w.to(dtype), "bf16" if dtype == torch.bfloat16 else "fp16")
+    metas = spy_tile_meta(monkeypatch)
+    assert _check_tma_twin(x, w, offs, wq, tile, monkeypatch) == (True, 1)
+    assert all(m["W_LHS"] for m in metas)
 
 
 @pytest.mark.parametrize("fmt", ["none", "int4_asym"])

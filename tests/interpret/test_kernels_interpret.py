@@ -11,7 +11,7 @@ from moe_ops import reference
 from moe_ops.kernels import dispatch
 from moe_ops.kernels.grouped_gemm import _expert_of_rank
 from moe_ops.lowering.kernel_choice import KernelConfig
-from helpers import ragged_offs, rel_err, spy_persistent_launches, spy_tma_operands, weight_cases
+from helpers import ragged_offs, rel_err, spy_persistent_launches, spy_tile_meta, spy_tma_operands, weight_cases
 
 E, N, K, M = 4, 40, 96, 45  # N, K not multiples of the 32-wide tiles; K a multiple of 32 (group size)
 CONFIGS = {"decode": KernelConfig(16, 16, 32, 4, 1), "prefill": KernelConfig(32, 32, 16, 4, 1)}
@@ -68,6 +68,18 @@ def test_forward_packed_gemv(fmt, gran, gs, dtype, cfg):
 @pytest.mark.parametrize("fmt,gran,gs", weight_cases())
 def test_forward_weight_only_w_lhs(fmt, gran, gs, dtype, cfg):
     _check_weight_only(fmt, gran, gs, dtype, W_LHS[cfg])
+
+
+@pytest.mark.parametrize("k", [K, 80])  # 80: a partial last K tile
+@pytest.mark.parametrize("cfg", list(W_LHS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_plain_weights_w_lhs(dtype, cfg, k, monkeypatch):
+    """Plain 16-bit weights in the ``w_lhs`` tile (the weight tile as the MMA's left operand, the
+    output tile computed transposed): the launch takes it (``W_LHS``), and its output is the
+    reference's, on ragged experts with an empty one, zero rows past ``offs[-1]``."""
+    seen = spy_tile_meta(monkeypatch)
+    _check_weight_only("none", "none", 0, dtype, W_LHS[cfg], k=k)
+    assert [m["W_LHS"] for m in seen] == [True]
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS) + list(W_LHS))
@@ -559,9 +571,11 @@ def test_tma_tiles_equal_pointer_loads(fmt, gran, gs, act, k, monkeypatch):
         assert torch.all(dx[0][int(offs[-1]):] == 0)
 
 
-# (format, granularity, group, K tile, K, W's tile by TMA): int4 rows of 48 bytes (K = 96) and fp8
-# and int8 rows of 80 take it, int4 rows of 40 bytes (K = 80) and 8-byte boxes (16 int4 columns) do not
-@pytest.mark.parametrize("fmt,gran,gs,bk,k,tma_w", [("int4_asym", "group", 32, 32, 96, 1),
+# (format, granularity, group, K tile, K, W's tile by TMA): int4 rows of 48 bytes (K = 96), fp8
+# and int8 rows of 80 and plain fp16 rows of 160 take it, int4 rows of 40 bytes (K = 80) and 8-byte
+# boxes (16 int4 columns) do not
+@pytest.mark.parametrize("fmt,gran,gs,bk,k,tma_w", [("fp16", "none", 0, 32, 80, 1),
+                                                    ("int4_asym", "group", 32, 32, 96, 1),
                                                     ("int4_sym", "channel", 0, 64, 96, 1),
                                                     ("fp8_e4m3", "channel", 0, 32, 80, 1),
                                                     ("int8_asym", "channel", 0, 32, 80, 1),
