@@ -162,6 +162,19 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
         return _packed_gemv_config(K, scale_k_unit)
     if rpe <= DECODE_MAX_ROWS_PER_EXPERT:  # decode: weight streaming, each weight tile used by one M tile
         if w_bits == 16:
+            if act_bits == 16 and k_contiguous and x_tma:
+                # plain 16-bit weights: the weight tile as the MMA's left operand (w_lhs), x and W by
+                # TMA (tune_forward.py --tma --tma-w --variants bf16, results/tune_w_lhs_bf16_decode_
+                # h100_s36.log, CUDA-graph timed, bit-equal with W by pointers) against the 16x32x256
+                # pointer tile: 64-column K tiles four deep where K is short or over 8 rows per expert,
+                # Qwen3-30B-A3B down (K 768) T=16 (1 row per expert) 53.7 -> 40.2 us, T=128 108.4 ->
+                # 71.7, T=256 159.0 -> 91.7, gate_up T=256 (16 rows) 224.0 -> 160.7, DeepSeek-V3 E=32
+                # T=64 (16) 683 -> 589, Mixtral T=64 973 -> 942; 128-column K tiles three deep at up
+                # to 8 rows, Qwen3 gate_up T=16 81.5 -> 72.8, T=128 157.8 -> 131.5, DeepSeek-V3 T=16
+                # (4 rows) 394.9 -> 393.5, Mixtral T=16 375.8 -> 376.9 (even)
+                if K < 2048 or rpe > 8:
+                    return KernelConfig(16, 128, _block_k(K, scale_k_unit, 64), 4, 4, group_m=1, w_lhs=True, tma=True)
+                return KernelConfig(16, 128, _block_k(K, scale_k_unit, 128), 4, 3, group_m=1, w_lhs=True, tma=True)
             return KernelConfig(16, 32, _block_k(K, scale_k_unit, 256), 4, 4, group_m=1)
         if w_bits == 8:
             if act_bits == 16 and k_contiguous and x_tma and w_tma and K < 2048 and rpe > 0.5:

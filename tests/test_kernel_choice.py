@@ -22,9 +22,30 @@ def test_w_lhs_only_for_16_bit_activations_and_k_contiguous_weights():
     for (H, I, E, k), T, bits, act, contiguous in itertools.product(LAYERS, TOKENS, BITS, (16, 8), (True, False)):
         cfg = choose_forward_config(T * k, 2 * I, H, E, bits, 128, act_bits=act, k_contiguous=contiguous)
         if cfg.w_lhs:
-            # the dgrad view (k_contiguous=False), plain weights and W8A8/W4A8 keep the plain kernel
-            assert bits < 16 and act == 16 and contiguous, cfg
+            # the dgrad view (k_contiguous=False) and W8A8/W4A8 keep the plain kernel; plain
+            # weights take it at decode sizes only, with x by TMA
+            assert act == 16 and contiguous, cfg
+            assert bits < 16 or (cfg.decode and cfg.tma), cfg
             assert not cfg.gemv
+
+
+def test_plain_weights_decode_tile():
+    """16-bit weights at decode sizes (over 1/8 row per expert, at most 16): the ``w_lhs`` tile
+    with x and W by TMA where x can come by TMA and W is K-contiguous, 64-column K tiles four
+    deep where K is short or over 8 rows per expert, else 128-column K tiles three deep; the
+    16x32 pointer tile where x cannot come by TMA or for the dgrad view."""
+    lhs64 = KernelConfig(16, 128, 64, 4, 4, group_m=1, w_lhs=True, tma=True)
+    lhs128 = KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True)
+    E, k = 128, 8  # Qwen3-30B-A3B: gate_up K 2048, down K 768
+    for T, K, want in ((16, 2048, lhs128), (128, 2048, lhs128), (256, 2048, lhs64), (16, 768, lhs64),
+                       (256, 768, lhs64)):
+        assert choose_forward_config(T * k, 1536, K, E, 16, K) == want, (T, K)
+        assert choose_forward_config(T * k, 1536, K, E, 16, K, x_tma=False) == KernelConfig(16, 32, 256, 4, 4,
+                                                                                               group_m=1)
+        assert not choose_forward_config(T * k, K, 1536, E, 16, 1536, k_contiguous=False, dgrad=True).w_lhs
+    assert choose_forward_config(64 * 8, 4096, 7168, 32, 16, 7168) == lhs64  # DeepSeek-V3 E=32, 16 rows
+    assert choose_forward_config(16 * 8, 4096, 7168, 32, 16, 7168) == lhs128  # 4 rows
+    assert choose_forward_config(8, 1536, 2048, 128, 16, 2048).gemv  # Qwen3 T=1: the CUDA-core tile
 
 
 def test_fused_gate_up_tiles_fit_two_accumulators():

@@ -410,18 +410,24 @@ def test_forward_w_lhs_plain_weights(dtype, tile, monkeypatch):
     assert all(m["W_LHS"] for m in metas)
 
 
-@pytest.mark.parametrize("fmt", ["none", "int4_asym"])
+@pytest.mark.parametrize("fmt", ["none", "int4_asym", "none_decode"])
 def test_compiled_forward_tma_tile(fmt, monkeypatch):
     """Under torch.compile the launch's host-side TensorDescriptors are rebuilt by Inductor from
     the tensors (torch's "stable" TMA metadata): the generated code launches our kernel with
-    them, and the result equals the eager TMA launch; bf16 weights (x and W by TMA) and int4
-    g128 (the default prefill tile: ``w_lhs``, x by TMA)."""
+    them, and the result equals the eager TMA launch; bf16 weights (x and W by TMA), int4
+    g128 (the default prefill tile: ``w_lhs``, x by TMA) and bf16 at decode sizes (the default
+    ``w_lhs`` tile, x and W by TMA)."""
     if not tma_capable():
         pytest.skip("TMA needs CUDA capability 9.0 or later")
-    M, E, N, K = 1000, 4, 256, 512
+    M, E, N, K = (48, 16, 256, 512) if fmt == "none_decode" else (1000, 4, 256, 512)
     x, w, offs = _case(61, M, E, N, K)
     xd, od = x.to(DEV), offs.to(DEV)
-    if fmt == "none":
+    if fmt == "none_decode":
+        qw = w.bfloat16().to(DEV)
+        args = (qw, None, None, "none", "none", 0)
+        tile = choose_forward_config(M, N, K, E, 16, K)
+        assert tile.w_lhs and tile.tma and tile.decode
+    elif fmt == "none":
         tile = KernelConfig(128, 128, 64, 8, 3, tma=True)
         monkeypatch.setattr(dispatch, "choose_forward_config", lambda *a, **k: tile)
         monkeypatch.setattr(dispatch, "choose_persistent_config", lambda *a, **k: None)  # its own test below
