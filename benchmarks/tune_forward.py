@@ -219,11 +219,19 @@ TMA_W_DECODE_16BIT = [C(16, 64, 256, 4, 3, group_m=1, w_lhs=True, tma=True),
                       C(16, 128, 128, 8, 3, group_m=1, w_lhs=True, tma=True),
                       C(16, 256, 64, 8, 4, group_m=1, w_lhs=True, tma=True)]
 
+# packed int4/int2 codes at decode sizes, also: 64-column K tiles (32-byte rows of codes a tile),
+# four and six deep, and an 8-warp tile 256 wide
+TMA_W_DECODE_PACKED = [C(16, 128, 64, 4, 4, group_m=1, w_lhs=True, tma=True),
+                       C(16, 64, 64, 4, 4, group_m=1, w_lhs=True, tma=True),
+                       C(16, 128, 64, 4, 6, group_m=1, w_lhs=True, tma=True),
+                       C(16, 256, 64, 8, 4, group_m=1, w_lhs=True, tma=True)]
+
 
 def tune_tma_w(shapes, tokens, variants, out_path):
     """Per case, the table's tile, its TMA twin, the table's tile where neither x nor W can come
     by TMA, and :data:`TMA_W_TILES` (decode sizes: :data:`TMA_W_DECODE`, and for 8-bit / plain
-    16-bit weights :data:`TMA_W_DECODE_8BIT` / :data:`TMA_W_DECODE_16BIT` too; prefill tiles at up to 64 rows per expert: :data:`TMA_W_MID`
+    16-bit / packed weights :data:`TMA_W_DECODE_8BIT` / :data:`TMA_W_DECODE_16BIT` /
+    :data:`TMA_W_DECODE_PACKED` too; prefill tiles at up to 64 rows per expert: :data:`TMA_W_MID`
     and the 128-row tile) with ``dispatch.W_LHS_TMA_W`` off and on (eager and CUDA-graph
     timed), and whether the two give the same bits."""
     import moe_ops
@@ -247,7 +255,7 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 if not table.decode and T * top_k / E <= MID_TILE_MAX_ROWS:
                     extra = TMA_W_MID + TMA_W_TILES[:1]
                 if table.decode:
-                    extra = TMA_W_DECODE + {8: TMA_W_DECODE_8BIT, 16: TMA_W_DECODE_16BIT}.get(_BITS[lab], [])
+                    extra = TMA_W_DECODE + {8: TMA_W_DECODE_8BIT, 16: TMA_W_DECODE_16BIT}.get(_BITS[lab], TMA_W_DECODE_PACKED)
                 tiles = [table] + ([_with_tma(table)] if not table.tma else []) + ([no_tma] if no_tma != table else [])
                 for cfg in tiles + [c for c in extra if c not in tiles]:
                     outs = {}
