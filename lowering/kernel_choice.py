@@ -20,8 +20,8 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8  # M tiles that walk the N tiles together (L2 reuse of weight tiles)
     gemv: bool = False  # CUDA-core tile (weight-only decode, W contiguous along K); else tl.dot
-    # weight-only formats: the dequantized weight tile is the MMA's left (register) operand,
-    # the output tile computed transposed (grouped_gemm._dequant_acc_w_lhs)
+    # weight-only formats and plain weights under 16-bit x: the (dequantized) weight tile is the
+    # MMA's left (register) operand, the output tile computed transposed (grouped_gemm._dequant_acc_w_lhs)
     w_lhs: bool = False
     # SwiGLU launches (fused expert MLP gate/up): gate and up rows in one K loop, one
     # [block_m, 2 * block_n] accumulator (x read once per K tile); else two K loops
