@@ -359,10 +359,13 @@ def grouped_mm(x, w, w_scale, w_zero, offs, w_format, granularity, group_size, a
     if persistent is None and config is None:
         tile_unit = min(unit_k, act_unit_k, max(K, 1))
         words_ok = gemv_layout_ok(w.stride(), w.storage_offset(), K, pack)
+        # plain float32 weights keep the pointer tiles: the plain decode w_lhs TMA tiles were
+        # measured (and sized for shared memory) on 16-bit weights
+        x_tma = x_tma_possible(x) and (spec is not None or x.element_size() == 2)
         config = choose_forward_config(M, N, K, E, w_bits, tile_unit, act_bits=8 if act else 16,
                                        k_contiguous=w.stride(2) == 1, packed_gemv=words_ok,
                                        fp8_dot=act == 2 and spec is not None and spec.kind == "fp8",
-                                       x_tma=x_tma_possible(x), w_tma=w_tma_possible(w))
+                                       x_tma=x_tma, w_tma=w_tma_possible(w))
         if autotune.enabled() and not autotune.keeps_static(config):
             candidates = _feasible(autotune.forward_candidates(config, K, tile_unit, packed=pack > 1), act, pack,
                                    unit_k, words_ok)

@@ -82,6 +82,26 @@ def test_forward_plain_weights_w_lhs(dtype, cfg, k, monkeypatch):
     assert [m["W_LHS"] for m in seen] == [True]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_plain_weights_decode_table_tile(dtype, monkeypatch):
+    """The table's tile for plain weights at decode sizes (3 rows an expert): 16-bit weights take
+    the ``w_lhs`` tile with x and W by TMA (``kernel_choice.choose_forward_config``), float32 ones
+    the pointer tile; the output is the reference's either way."""
+    metas, seen = spy_tile_meta(monkeypatch), spy_tma_operands(monkeypatch)
+    g = torch.Generator().manual_seed(23)
+    m, e, n, k = 48, 16, 40, 96
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(e, n, k, generator=g).to(dtype)
+    offs = ragged_offs(m, e, g, empty=(1,), tail=3)
+    y = dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none")
+    ref = reference.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none")
+    sixteen = dtype != torch.float32
+    assert [(mt["BLOCK_M"], mt["W_LHS"]) for mt in metas] == [(16, sixteen)]
+    assert seen == [(True, 1) if sixteen else (False, 0)]
+    assert torch.all(y[int(offs[-1]):] == 0)
+    assert rel_err(y, ref) < (1.6e-2 if sixteen else 1e-5)
+
+
 @pytest.mark.parametrize("cfg", list(CONFIGS) + list(W_LHS))
 @pytest.mark.parametrize("fmt", ["none", "int4_asym", "int8_sym", "fp8_e4m3"])
 def test_forward_partial_k_tile(fmt, cfg):
