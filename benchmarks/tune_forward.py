@@ -255,7 +255,8 @@ def tune_tma_w(shapes, tokens, variants, out_path):
                 if not table.decode and T * top_k / E <= MID_TILE_MAX_ROWS:
                     extra = TMA_W_MID + TMA_W_TILES[:1]
                 if table.decode:
-                    extra = TMA_W_DECODE + {8: TMA_W_DECODE_8BIT, 16: TMA_W_DECODE_16BIT}.get(_BITS[lab], TMA_W_DECODE_PACKED)
+                    by_bits = {8: TMA_W_DECODE_8BIT, 16: TMA_W_DECODE_16BIT}
+                    extra = TMA_W_DECODE + by_bits.get(_BITS[lab], TMA_W_DECODE_PACKED)
                 tiles = [table] + ([_with_tma(table)] if not table.tma else []) + ([no_tma] if no_tma != table else [])
                 for cfg in tiles + [c for c in extra if c not in tiles]:
                     outs = {}
