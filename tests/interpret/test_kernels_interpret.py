@@ -608,9 +608,10 @@ def test_tma_in_the_w_lhs_tile(fmt, gran, gs, bk, k, tma_w, monkeypatch):
     ``offs[-1]``."""
     x, w, offs = _data(hash((fmt, gran, k)) % 997, torch.float16, k)
     args = moe_ops.quantize_weight(w.half(), fmt, gran, gs).op_args()
+    metas = spy_tile_meta(monkeypatch)
     seen = spy_tma_operands(monkeypatch)
     y = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True, tma=True))
-    assert seen == [(True, tma_w)]
+    assert seen == [(True, tma_w)] and metas[0]["W_LHS"]
     ref = _run(x, args, offs, "none", KernelConfig(32, 32, bk, 4, 1, w_lhs=True))
     assert seen[-1] == (False, 0) and rel_err(y, ref) < 1e-4
 
