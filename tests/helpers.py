@@ -46,31 +46,30 @@ def tma_capable() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def spy_tma_operands(monkeypatch) -> list:
-    """Record the ``(TMA_X, TMA_W)`` each grouped-GEMM launch takes (``dispatch._tma_operands``),
-    in launch order."""
+def _spy_tma_operands_calls(monkeypatch, record) -> list:
+    """Wrap ``dispatch._tma_operands`` (called once per one-config grouped-GEMM launch, with
+    ``(xq, w, w_strides, config, meta, consts)``); append ``record(args, result)`` per call."""
     from moe_ops.kernels import dispatch
     seen, orig = [], dispatch._tma_operands
 
     def spy(*a):
         r = orig(*a)
-        seen.append(r[1:])
+        seen.append(record(a, r))
         return r
     monkeypatch.setattr(dispatch, "_tma_operands", spy)
     return seen
 
 
+def spy_tma_operands(monkeypatch) -> list:
+    """Record the ``(TMA_X, TMA_W)`` each grouped-GEMM launch takes (``dispatch._tma_operands``),
+    in launch order."""
+    return _spy_tma_operands_calls(monkeypatch, lambda a, r: r[1:])
+
+
 def spy_tile_meta(monkeypatch) -> list:
     """Record the tile constexprs (``BLOCK_M``, ``W_LHS``, ...: ``dispatch._tile_meta``) of each
     one-config grouped-GEMM launch, in launch order."""
-    from moe_ops.kernels import dispatch
-    seen, orig = [], dispatch._tma_operands
-
-    def spy(*a):
-        seen.append(dict(a[4]))  # (xq, w, w_strides, config, meta, consts)
-        return orig(*a)
-    monkeypatch.setattr(dispatch, "_tma_operands", spy)
-    return seen
+    return _spy_tma_operands_calls(monkeypatch, lambda a, r: dict(a[4]))
 
 
 def spy_persistent_launches(monkeypatch) -> list:

@@ -117,7 +117,8 @@ def _tile_meta(config: KernelConfig, bk: int, unit_k: int, pack: int, w_lhs_ok: 
     activations on quantized (weight-only) or plain weights. ``config.w_lhs`` applies there when
     the weight scale is constant over the K tile (not, e.g., int2 with 32-column groups under a
     decode tile's 64-column K tile, which takes the plain kernel). ``unit_n``: the weight scale
-    unit along N; ``swiglu_n``: the output width N of a SwiGLU launch (its up rows start at row N), else None."""
+    unit along N; ``swiglu_n``: the output width N of a SwiGLU launch (its up rows start at row
+    N), else None."""
     scale_tile = unit_k >= _HUGE or unit_k % bk == 0
     uniform_n = unit_n % config.block_n == 0
     if swiglu_n is not None:  # the up tile [N + j * BLOCK_N, ...) must not cross a scale unit either
@@ -191,8 +192,8 @@ def _tma_operands(xq, w, w_strides, config: KernelConfig, meta: dict, consts: di
     x when its rows are read in order (no gather), W unless gate and up rows interleave
     (``ONE_LOOP``). Integer weight codes only under 16-bit x (with one sub-dot a K tile or
     ``W_LHS``; int8 x int8 tiles keep pointer loads: int8 codes by TMA measured slower,
-    benchmarks/NOTES.md). The ``W_LHS`` tile takes W's stored tile (codes, fp8 or plain values) by TMA
-    where :data:`W_LHS_TMA_W`, its rows are a multiple of 16 bytes and it has at most 128 rows
+    benchmarks/NOTES.md). The ``W_LHS`` tile takes W's stored tile (codes, fp8 or plain values) by
+    TMA where :data:`W_LHS_TMA_W`, its rows are a multiple of 16 bytes and it has at most 128 rows
     (256-row, 8-warp int4 tiles came out wrong and nondeterministic with it on Triton 3.6:
     ``benchmarks/probe_w_lhs_tma_w.py``); the other integer-code tiles x only."""
     int_w = consts["W_KIND"] == 1

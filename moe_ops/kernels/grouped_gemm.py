@@ -629,21 +629,21 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
     ``x[xrow] @ W[expert][rn]^T``, computed as the transpose of ``W[rn] @ x[xrow]^T``. The
     dequantized weight tile ``[BLOCK_N, BLOCK_K]`` is the MMA's left operand, which Hopper's wgmma
     reads from registers: it goes from the dequantization to the tensor cores without a store to
-    shared memory and the wait that store needs each K step (as the right operand it would); a
-    plain weight tile is the operand as loaded, and a decode tile's few rows of x become the
-    MMA's narrow N side instead of a mostly masked 64-row M side. Packed codes are unpacked along
-    K within each weight row (W's stored layout), and turned into floats by exponent bits: ``0x4B000000 | q`` is the
-    float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly. Decode tiles
+    shared memory and the wait that store needs each K step (as the right operand it would); a plain
+    weight tile is the operand as loaded, and a decode tile's few rows of x become the MMA's narrow
+    N side instead of a mostly masked 64-row M side. Packed codes are unpacked along K within each
+    weight row (W's stored layout), and turned into floats by exponent bits: ``0x4B000000 | q`` is
+    the float ``2^23 + q``, so ``q - z`` is that minus ``2^23 + z``, exactly. Decode tiles
     (``BLOCK_M <= 16``) with the scale constant over the K tile do it in x's 16-bit type
     (``0x4300 | q`` is bf16 ``128 + q``, ``0x6400 | q`` fp16 ``1024 + q``; two codes per
-    instruction) and multiply the tile's exact-code partial sums by the scale: the weight is
-    then not rounded to 16 bits before the product, as in :func:`_gemv_acc`. ``TMA_X``: x's
-    tile is ``x_desc.load([x_row0, k0])`` transposed (as in :func:`_gemm_acc`: rows past the
-    expert's are other experts' rows, masked at the store; columns past K read as zero).
-    ``TMA_W`` (1): W's stored tile (``[BLOCK_N, BLOCK_K // PACK]`` bytes of codes, or
-    ``[BLOCK_N, BLOCK_K]`` fp8 or plain values) is ``w_desc.load([expert, w_row0, k0 // PACK])``
-    over the stored ``[E, N, K // PACK]`` (rows past N and columns past the row's end read as zero; ``rn =
-    w_row0 + arange(BLOCK_N)``)."""
+    instruction) and multiply the tile's exact-code partial sums by the scale: the weight is then
+    not rounded to 16 bits before the product, as in :func:`_gemv_acc`. ``TMA_X``: x's tile is
+    ``x_desc.load([x_row0, k0])`` transposed (as in :func:`_gemm_acc`: rows past the expert's are
+    other experts' rows, masked at the store; columns past K read as zero). ``TMA_W`` (1): W's
+    stored tile (``[BLOCK_N, BLOCK_K // PACK]`` bytes of codes, or ``[BLOCK_N, BLOCK_K]`` fp8 or
+    plain values) is ``w_desc.load([expert, w_row0, k0 // PACK])`` over the stored
+    ``[E, N, K // PACK]`` (rows past N and columns past the row's end read as zero;
+    ``rn = w_row0 + arange(BLOCK_N)``)."""
     w_base, s_base, z_base, w_rows, s_rows = _expert_operands(w_ptr, ws_ptr, wz_ptr, expert, rn, stride_we,
                                                               stride_wn, stride_se, stride_sn, UNIT_N)
     SUB: tl.constexpr = BLOCK_K // PACK  # stored columns per K tile
