@@ -159,18 +159,25 @@ def ab_arguments(default_cases) -> argparse.Namespace:
     return p.parse_args()
 
 
+def _max_rel_diff(a: tuple, b: tuple) -> float:
+    """The largest ``||x - y|| / ||y||`` (Frobenius, float64) over the pairs of outputs."""
+    return max(float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)) for x, y in zip(a, b))
+
+
 def ab_run(args, run_case) -> None:
     """The A/B scripts' loop over ``args.cases`` on one source tree: ``run_case(case)`` returns
     ``(ms, outputs, note)`` (outputs: a tuple of tensors); prints each case's time, and whether
-    its outputs equal bit for bit those that ``--save`` kept from the other run (the case at the
-    same position of its list: the two lists may differ in their configs)."""
+    its outputs equal bit for bit, and their largest relative difference to, those that ``--save``
+    kept from the other run (the case at the same position of its list: the two lists may differ
+    in their configs)."""
     saved = torch.load(args.compare) if args.compare else None
     outs = []  # by position: a case may appear twice in a list
     for i, case in enumerate(args.cases):
         ms, out, note = run_case(case)
         outs.append(tuple(t.cpu() for t in out))
         same = "" if saved is None else (f" bitwise equal to {args.compare}: "
-                                         f"{all(torch.equal(a, b) for a, b in zip(saved[i], outs[i]))}")
+                                         f"{all(torch.equal(a, b) for a, b in zip(saved[i], outs[i]))}, "
+                                         f"relative difference {_max_rel_diff(saved[i], outs[i]):.2e}")
         print(f"{case:42s} {ms * 1e3:9.1f} us {note}{same}", flush=True)
     if args.save:
         torch.save(outs, args.save)

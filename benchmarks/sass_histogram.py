@@ -1,7 +1,7 @@
 """SASS opcode histogram of the grouped GEMM's K loop, compiled offline (no GPU needed).
 
 Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --tile 16 128 128 4 3
-[--swiglu] [--w-lhs] [--gemv [--k-split N | --combine TOP_K]] [--act fp8_1x128 --block
+[--swiglu] [--w-lhs] [--tma] [--gemv [--k-split N | --combine TOP_K]] [--act fp8_1x128 --block
 [--scale-per-column]]`` (or ``--token-blocks BLOCK_C WARPS
 [--per-expert [--prefetch]] [--div-rn]``: the FP8 recipes' token-block cast, instructions per element). Compiles
 :func:`grouped_gemm_kernel` for an NVIDIA target (default sm90) with Triton's bundled
@@ -9,8 +9,10 @@ Usage: ``python benchmarks/sass_histogram.py --format int4_asym --group 128 --ti
 16-divisible pointers and row strides), and prints the registers and spills ``ptxas -v`` reports,
 then for each loop of the kernel its instruction count per thread and iteration and the most
 frequent opcodes. With the K tile's weight elements per thread, that gives instructions per weight
-element: the number that bounds a dequantizing tile that is not memory-bound (see
-benchmarks/NOTES.md). ``--swiglu``: the fused expert MLP's gate/up launch (two accumulators,
+element: a count to compare a dequantizing tile's variants by, not a prediction of their time
+(benchmarks/NOTES.md, sessions 8 and 37: fewer instructions measured no faster, or slower).
+``--tma``: x and W's stored tiles by TMA descriptors, as the table's TMA tiles launch (their K
+loop differs from the pointer tile's); ``--swiglu``: the fused expert MLP's gate/up launch (two accumulators,
 gathered rows; with ``--one-loop`` one loop over the interleaved gate/up rows,
 ``KernelConfig.one_loop``); ``--w-lhs``: the weight-only kernel with the dequantized weight as the
 MMA's register operand (``KernelConfig.w_lhs``); ``--gemv --combine TOP_K``: the fused expert MLP's token-major down
@@ -79,7 +81,10 @@ def ptxas_report(ptx: str, arch: int) -> str:
     return "ptxas -v: no bundled ptxas accepted the PTX"
 
 
-def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int, x_ptr: str = "*bf16"):
+def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int, x_ptr: str = "*bf16",
+                 tma: bool = False):
+    """The kernel's ``(SASS, ptxas -v report)`` for ``consts``; ``tma``: x and W's stored tiles by
+    host-side TMA descriptors (``TMA_X``, ``TMA_W`` 1; the blocks ``dispatch._tma_operands`` gives)."""
     params = inspect.signature(grouped_gemm_kernel.fn).parameters
     names = list(params)
     # constexprs the caller leaves out take their defaults (as a launch that does not pass them)
@@ -92,6 +97,11 @@ def compile_sass(consts: dict, w_ptr: str, warps: int, stages: int, arch: int, x
         sig[n] = (w_ptr if n == "w_ptr" else x_ptr if n == "x_ptr" else "*u8" if n == "wz_ptr"
                   else "*fp32" if n in ("ws_ptr", "xs_ptr")
                   else "*i32" if n in ("offs_ptr", "xrow_ptr", "dst_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
+        if n in ("x_desc", "w_desc") and tma:
+            bm, bn, bk, pack = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"], consts["PACK"]
+            sig[n] = (f"tensordesc<{x_ptr[1:]}[{bm},{bk}]>" if n == "x_desc"
+                      else f"tensordesc<{w_ptr[1:]}[1,{bn},{bk // pack}]>")
+            continue
         if n in ("x_desc", "w_desc"):  # TMA off: plain pointers in the descriptors' places
             sig[n] = x_ptr if n == "x_desc" else w_ptr
         if n.endswith("_ptr") or n in _DIV16:
@@ -199,6 +209,7 @@ def main():
     p.add_argument("--act", default="none", choices=["none", "fp8_token", "fp8_1x128"],
                    help="fp8 activations (with an fp8 --format): the W8A8 / training-recipe tile")
     p.add_argument("--block", action="store_true", help="128x128 weight scale blocks (fp8_blockwise's W)")
+    p.add_argument("--tma", action="store_true", help="x and W's stored tiles by TMA descriptors (TMA_X, TMA_W 1)")
     p.add_argument("--scale-per-column", action="store_true",
                    help="with --block: W's scale loaded per column (SCALE_UNIFORM_N off), for comparison")
     p.add_argument("--token-blocks", type=int, nargs=2, metavar=("BLOCK_C", "WARPS"),
@@ -246,9 +257,10 @@ def main():
     if a.swiglu:
         consts.update(SWIGLU=True, GATHER=8, ONE_LOOP=a.one_loop)
     consts.update(W_LHS=a.w_lhs and spec is not None, GEMV=a.gemv, GEMV_PREFETCH=a.tile[4], GEMV_KSPLIT=a.k_split,
-                  COMBINE=a.combine, COMBINE_POW2=triton.next_power_of_2(max(a.combine, 1)))
+                  COMBINE=a.combine, COMBINE_POW2=triton.next_power_of_2(max(a.combine, 1)), TMA_X=a.tma,
+                  TMA_W=int(a.tma))
     sass, regs = compile_sass(consts, _W_PTR["int" if spec is not None and spec.kind == "int" else a.format],
-                              a.tile[3], a.tile[4], a.arch, "*bf16" if a.act == "none" else _W_PTR["fp8_e4m3"])
+                              a.tile[3], a.tile[4], a.arch, "*bf16" if a.act == "none" else _W_PTR["fp8_e4m3"], a.tma)
     print(regs)
     rows = a.tile[1] * (2 if a.swiglu and a.one_loop else 1)  # weight rows of one K loop
     # weight elements of a loop step per thread (the combine launch: all slots a step)
