@@ -85,15 +85,22 @@ def test_forward_w_lhs_tiles(fmt, gran, gs, shape):
     _run_tile(x, moe_ops.quantize_weight(w.bfloat16(), fmt, gran, gs), offs, W_LHS_TILES[shape])
 
 
+@pytest.mark.parametrize("shift", [0.0, 4.0])  # 4: x = |x| + 4: a wrong zero point shows in full
 @pytest.mark.parametrize("config", [KernelConfig(16, 64, 128, 4, 4, group_m=1, w_lhs=True),
-                                    KernelConfig(16, 128, 64, 4, 3, group_m=1, w_lhs=True)])
+                                    KernelConfig(16, 128, 64, 4, 3, group_m=1, w_lhs=True),
+                                    KernelConfig(16, 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True),
+                                    KernelConfig(16, 128, 128, 4, 3, group_m=1, w_lhs=True, tma=True)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["int4_asym", "int4_sym"])
-def test_forward_int4_decode_16bit_codes(fmt, dtype, config):
+def test_forward_int4_decode_16bit_codes(fmt, dtype, config, shift):
     """int4 decode tiles with the weight as the register operand: codes biased in x's 16-bit
-    type (bf16 128 + q, fp16 1024 + q), the scale on the K tile's sums; both dtypes."""
+    type (bf16 128 + q, fp16 1024 + q), the scale on the K tile's sums; both dtypes, x and W by
+    pointers and by TMA (the table's tiles); ``shift``: x = |x| + 4 (x's sums far from zero, so an
+    error in the codes' zero point does not cancel)."""
     M, E, N, K = SHAPES["decode"]
-    x, w, offs = _case(hash((fmt, str(dtype), config.block_k, "codes16")) % 10000, M, E, N, K)
+    x, w, offs = _case(hash((fmt, str(dtype), str(config), shift, "codes16")) % 10000, M, E, N, K)
+    if shift:
+        x = (x.float().abs() + shift).bfloat16()
     _run_tile(x.to(dtype), moe_ops.quantize_weight(w.to(dtype), fmt, "group", 128), offs, config)
 
 
