@@ -91,6 +91,23 @@ def test_packed_weight_only_prefill_takes_w_lhs_with_x_by_tma():
             assert not choose_forward_config(M, N, H, E, bits, unit, k_contiguous=False).tma
 
 
+def test_packed_weight_only_decode_tile_width():
+    """int4/int2 weight-only decode with x and W's codes by TMA: the 16-row ``w_lhs`` tile three
+    deep, 128 columns wide where K is under 2048, or under 4096 with over 4 rows per expert, else
+    64."""
+    for (H, I, E, k), T, bits in itertools.product(LAYERS, TOKENS, (4, 2)):
+        for N, K in ((2 * I, H), (H, I)):
+            cfg = choose_forward_config(T * k, N, K, E, bits, 128)
+            if not cfg.decode or cfg.gemv:
+                continue
+            wide = K < 2048 or (K < 4096 and T * k / E > 4)
+            assert cfg == KernelConfig(16, 128 if wide else 64, 128, 4, 3, group_m=1, w_lhs=True, tma=True), (T, K)
+    assert choose_forward_config(128 * 8, 1536, 2048, 128, 4, 128).block_n == 128  # Qwen3 gate_up T=128
+    assert choose_forward_config(16 * 8, 1536, 2048, 128, 4, 128).block_n == 64  # T=16
+    assert choose_forward_config(64 * 8, 4096, 7168, 32, 4, 128).block_n == 64  # DeepSeek-V3 E=32 T=64
+    assert choose_forward_config(64 * 2, 28672, 4096, 8, 4, 128).block_n == 64  # Mixtral T=64
+
+
 def test_8bit_weight_only_decode_takes_w_lhs_by_tma_where_k_is_short():
     """8-bit weight-only decode (16-row tiles) takes the 128-wide ``w_lhs`` tile with x and W's
     stored tile by TMA where both can come by TMA, K is under 2048 and there is over half a row
