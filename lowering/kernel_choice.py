@@ -201,7 +201,7 @@ def choose_forward_config(M: int, N: int, K: int, E: int, w_bits: int, scale_k_u
                 # tiles), T=16: Qwen3-30B-A3B gate_up 43.0 -> 35.8 us, down 27.6 -> 20.7,
                 # DeepSeek-V3 E=32 218 -> 161, Mixtral 183 -> 159; three stages (four: 37.9,
                 # 166, 162 us). 128 columns where K is short, and where K is under 4096 above 4
-                # rows per expert (results/tune_tma_w_decode_int4_h100_s37.log: Qwen3 gate_up,
+                # rows per expert (results/tune_tma_w_decode_int4*_h100_s37.log: Qwen3 gate_up,
                 # K 2048, T=128 (8 rows) 86.7 -> 82.7 us, T=256 (16) 132.2 -> 126.0, at T=16 (1
                 # row) 35.2 against 37.8; at 16 rows Mixtral, K 4096, 399.6 against 397.2, and
                 # DeepSeek-V3 E=32, K 7168, 318.2 against 325.6, keep 64). 64-column K tiles lost
