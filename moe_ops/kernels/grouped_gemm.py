@@ -685,17 +685,7 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 rb = k0 // PACK + rs
                 byte = tl.load(w_base + w_rows[:, None] + rb.to(tl.int64)[None, :] * stride_wk,
                                mask=n_mask[:, None] & (rb < K // PACK)[None, :], other=0)
-        if W_KIND == 0:  # plain weights in x's dtype: the stored tile is the operand
-            if TMA_W:
-                b = w_tile
-            else:
-                b = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
-                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(b, a, acc)
-        elif CODES16:
+        if CODES16:
             code = _unpack_rows(byte.to(tl.int16), W_BITS, BLOCK_N, BLOCK_K)
             q16 = (code | bias16).to(X_DTYPE, bitcast=True)
             if ZERO_MODE == 2:
@@ -715,15 +705,17 @@ def _dequant_acc_w_lhs(x_ptr, w_ptr, ws_ptr, wz_ptr, expert, xrow, m_mask, rn, n
                 else:
                     q = byte.to(tl.float32)
                 q = q - zf
-            elif TMA_W:
-                q = w_tile.to(tl.float32)
+            elif TMA_W:  # fp8 or plain values: the stored tile
+                q = w_tile
             else:
                 q = tl.load(w_base + w_rows[:, None] + kk.to(tl.int64)[None, :] * stride_wk,
-                            mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            if POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
-                b = q.to(X_DTYPE)
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if W_KIND == 0:  # plain weights in x's dtype: the stored tile is the operand
+                b = q
+            elif POST_SCALE:  # |q - z| <= 255 and fp8 values are exact in bf16/fp16
+                b = q.to(tl.float32).to(X_DTYPE)
             else:
-                b = (q * s).to(X_DTYPE)
+                b = (q.to(tl.float32) * s).to(X_DTYPE)
             if UPCAST_DOT:
                 acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
             else:
