@@ -17,7 +17,14 @@ and ``torch._grouped_mm`` on the unquantized operands, and the activation cast a
 int8 W8A8 target: the cast plus the GEMM faster than our bf16 path). Error relative to
 ``torch._grouped_mm``'s bf16 output (the formats' quantization error).
 
-Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8 | --int8]``
+``--half``: the table's persistent tiles (``choose_persistent_config``: bf16 forward and dgrad,
+fp8 and int8 W8A8 forward on x cast beforehand) with ``half_m`` off and on (``HALF_M``: an
+expert's last row tile of at most half the tile's rows runs as a half-height tile), alternated
+over ``--rounds`` rounds, ``torch._grouped_mm`` in each round; each output's error against
+``torch._grouped_mm`` (bf16) and whether the two variants' outputs are equal bit for bit.
+
+Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8 | --int8 |
+--half [--rounds N]]``
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import harness  # noqa: E402
 
 from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.kernels.persistent_gemm import launch_persistent  # noqa: E402
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config  # noqa: E402
+from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config, choose_persistent_config  # noqa: E402
 
 SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 2048),
           "dsv3_gate_up_e32": (32, 8, 7168, 4096), "mixtral_gate_up": (8, 2, 4096, 28672)}
@@ -142,11 +149,76 @@ def fp8(args, dev, env, ceil):
     harness.write_json(os.path.join(args.out, "probe_persistent_fp8.json"), {"env": env, "ceilings": ceil, "rows": rows})
 
 
+def _half_cases(name, dev):
+    """``[(pass, tile, launch(tile) -> y, peer, ref, used, flops)]`` of one shape: the passes that
+    take the persistent kernel's table tile at T=4096 (bf16 forward and dgrad; fp8 and int8 W8A8
+    forward on x cast beforehand), the tile with ``half_m`` off; ``peer`` the pass's bf16
+    ``torch._grouped_mm`` launch, ``ref`` its output."""
+    from dataclasses import replace
+    E, k, K, N = SHAPES[name]
+    offs, x, w, dy = harness.training_operands(E, k, K, N, 4096, dev)
+    M, used = x.shape[0], int(offs[-1])
+    flops = 2 * used * N * K
+    fwd_peer = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # noqa: E731
+    cases = []
+    for dgrad in (False, True):
+        tile = choose_persistent_config(M, K if dgrad else N, N if dgrad else K, E, dgrad=dgrad)
+        if tile is None:
+            continue
+        a = dy if dgrad else x
+        y = torch.empty(M, K if dgrad else N, dtype=a.dtype, device=dev)
+        peer = (lambda: torch._grouped_mm(dy, w, offs=offs)) if dgrad else fwd_peer
+        cases.append(("dgrad" if dgrad else "fwd", replace(tile, half_m=False),
+                      lambda t, a=a, y=y, dgrad=dgrad: launch_persistent(a, w, y, offs, t, dgrad), peer, peer(),
+                      used, flops))
+    for fmt, act, flag in (("fp8_e4m3", "fp8_token", "fp8_dot"), ("int8_sym", "int8_token", "int8_dot")):
+        tile = choose_persistent_config(M, N, K, E, **{flag: True})
+        if tile is None:
+            continue
+        _, _, _, qw, xq, _, scales, _, _ = _codes_case(name, fmt, act, dev)
+        y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
+        cases.append((f"fwd_{act}", replace(tile, half_m=False),
+                      lambda t, xq=xq, c=qw[0], sc=scales, y=y: launch_persistent(xq, c, y, offs, t, False, scales=sc),
+                      fwd_peer, fwd_peer(), used, flops))
+    return cases
+
+
+def half(args, dev, env, ceil):
+    from dataclasses import replace
+    rows = []
+    for name in args.shapes:
+        for ps, tile, run, peer, ref, used, flops in _half_cases(name, dev):
+            outs = {}
+            for rnd in range(args.rounds):
+                for label, t in (("torch._grouped_mm bf16", None), ("half_m=False", tile),
+                                 ("half_m=True", replace(tile, half_m=True))):
+                    timed = harness.time_variant(f"{name} {ps} {label}", peer if t is None else (lambda t=t: run(t)),
+                                                 ref, used)
+                    if timed is None:
+                        continue
+                    out, ms, err = timed
+                    if t is not None:
+                        outs[label] = out[:used].clone()
+                    tf = flops / ms / 1e9
+                    rows.append({"shape": name, "pass": ps, "tile": str(tile), "variant": label, "round": rnd,
+                                 "ms": ms, "TFLOPs": tf, "rel_err_vs_bf16_aten": err})
+                    print(f"{name} {ps} round {rnd} {label}: {ms * 1e3:.1f} us {tf:.0f} TFLOP/s err {err:.2e}",
+                          flush=True)
+            if len(outs) == 2:
+                same = bool(torch.equal(outs["half_m=False"], outs["half_m=True"]))
+                print(f"{name} {ps} {tile}: half_m on and off equal bit for bit: {same}", flush=True)
+                rows.append({"shape": name, "pass": ps, "tile": str(tile), "half_equal": same})
+    harness.write_json(os.path.join(args.out, "probe_persistent_half.json"), {"env": env, "ceilings": ceil,
+                                                                              "rows": rows})
+
+
 def main(args):
     dev = torch.device("cuda")
     env = harness.environment(dev)
     ceil = harness.ceilings(dev)
     print(env, ceil, flush=True)
+    if args.half:
+        return half(args, dev, env, ceil)
     if args.fp8:
         return fp8(args, dev, env, ceil)
     if args.int8:
@@ -195,4 +267,6 @@ if __name__ == "__main__":
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--fp8", action="store_true")
     p.add_argument("--int8", action="store_true")
+    p.add_argument("--half", action="store_true")
+    p.add_argument("--rounds", type=int, default=2)
     main(p.parse_args())

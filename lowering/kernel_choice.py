@@ -42,6 +42,9 @@ class KernelConfig:
     # where the device has TMA (CUDA capability >= 9) and the operands' layout allows
     # (dispatch._tma_operands); elsewhere the same tile with pointer loads
     tma: bool = False
+    # the persistent kernel (moe_ops.kernels.persistent_gemm HALF_M): an expert's last row tile
+    # that holds at most block_m // 2 rows runs as a block_m // 2 row tile (half the MMA work)
+    half_m: bool = False
 
     @property
     def decode(self) -> bool:

@@ -2,6 +2,8 @@
 for an sm_90 target): exactly the outputs. A pointer it wrongly counts as written makes
 ``torch.compile`` copy that tensor before each launch, and when it is a graph input (the layer's
 ``x``), ``mode="reduce-overhead"`` gives up CUDA graphs ("mutated inputs")."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -282,11 +284,17 @@ def test_tuned_launch_passes_every_constexpr(monkeypatch):
         assert constexprs - set(named) - set(cfg.kwargs) == set()
 
 
+@pytest.mark.parametrize("half_m", [False, True])
 @pytest.mark.parametrize("dgrad", [False, True])
-def test_persistent_launch_writes_its_output_only(dgrad, monkeypatch):
+def test_persistent_launch_writes_its_output_only(dgrad, half_m, monkeypatch):
     """The persistent 16-bit kernel that prefill-sized calls take on TMA devices (more than 64
-    rows per expert; ``choose_persistent_config``), x and W as descriptors: only ``y`` is written."""
+    rows per expert; ``choose_persistent_config``), x and W as descriptors (and with
+    ``half_m`` x's half-height one): only ``y`` is written."""
     seen = []
+    if half_m:
+        choose = dispatch.choose_persistent_config
+        monkeypatch.setattr(dispatch, "choose_persistent_config",
+                            lambda *a, **k: dataclasses.replace(choose(*a, **k), half_m=True))
     monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
     monkeypatch.setattr(dispatch.persistent_gemm, "_programs", lambda x, bound: 132)  # an SM count, not a GPU's
     monkeypatch.setattr(dispatch.launch, "launch",
@@ -298,7 +306,8 @@ def test_persistent_launch_writes_its_output_only(dgrad, monkeypatch):
     else:
         dispatch.grouped_mm(torch.randn(300, 128).bfloat16(), w, None, None, offs, "none", "none", 0, "none", "none")
     (kernel, kw, descs), = seen
-    assert kernel.fn.__name__ == "persistent_grouped_kernel" and set(descs) == {"x_desc", "w_desc"}
+    assert kernel.fn.__name__ == "persistent_grouped_kernel" and kw["HALF_M"] == half_m
+    assert set(descs) == {"x_desc", "w_desc"} | ({"x_half_desc"} if half_m else set())
     assert kw["W_T"] == dgrad
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["y_ptr"]

@@ -247,7 +247,8 @@ def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, ge
     the gemv tile's needs (:func:`_feasible`), ``config.combine`` on exactly the fused
     expert MLP's token-major down launch (``combine``) with weights it reads (16-bit, or packed
     int4/int2 codes with scales) and 16-bit activations, and ``config.slot_sum`` on exactly its
-    row-tile down launch that sums the slots (``slot_sum``)."""
+    row-tile down launch that sums the slots (``slot_sum``); ``config.half_m`` never (the
+    persistent kernel's)."""
     w_kind, _, _, _, pack = _weight_consts(spec)
     if config.gemv and not _feasible([config], act, pack, unit_k, gemv_layout):
         raise ValueError(f"config {config}: the CUDA-core (gemv) tile needs 16/32-bit activations, weights "
@@ -262,6 +263,9 @@ def _check_config(config: KernelConfig, bk: int, spec, act: int, unit_k: int, ge
     if config.slot_sum != slot_sum or (slot_sum and config.combine):
         raise ValueError(f"config {config}: slot_sum=True is the fused expert MLP's row-tile down launch "
                          "(not combine), and only that launch")
+    if config.half_m:
+        raise ValueError(f"config {config}: half_m=True is the persistent kernel's (persistent_gemm."
+                         "launch_persistent), which a config given to a call does not take")
 
 
 def _launch(xq, xs, w, w_strides, ws, wz, s_strides, y, offs, M, N, K, E, spec, unit_n, unit_k, act, act_unit_k,

@@ -584,6 +584,72 @@ def test_persistent_int8_w8a8(tile, gran):
                                               prequantized=(xq, xs)))
 
 
+# rows per expert for the half tiles at 128-row tiles: remainders 72, 88, 104 and 127 (full
+# tiles), 64, 1, 1, 33 and 60 (64-row half tiles after 3, 0, 1, 0 and 5 full tiles), none
+HALF_SIZES = (200, 0, 448, 1, 129, 256, 600, 33, 700, 127, 65, 1000)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8_token", "int8_token"])
+def test_persistent_half_tiles(kind):
+    """``KernelConfig.half_m`` at the persistent table tiles (bf16 forward and dgrad 128x256x64,
+    fp8 W8A8 128x128x256, int8 W8A8 128x256x128): experts whose last tile holds 1-64 rows get a
+    64-row tile, N and K off the tiles, outputs poisoned, rows past offs[-1] zero. Against the
+    float64 oracle within the bound (fp8: the float64 product of the same codes) and bit for bit
+    equal to the same tile without ``half_m`` (each output element's MMA sums in the same
+    order); int8 equal to the reference (exact)."""
+    if not tma_capable():
+        pytest.skip("the persistent kernel takes TMA descriptors: CUDA capability 9.0 or later")
+    from dataclasses import replace
+    from moe_ops.kernels import persistent_gemm
+    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    offs = torch.cumsum(torch.tensor(HALF_SIZES), 0).to(torch.int32)
+    M, E, N, K = int(offs[-1]) + 5, len(HALF_SIZES), 1000, 1040 if kind == "bf16" else 1024
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(E, N, K, generator=g) * 0.05
+    od = offs.to(DEV)
+
+    def both(launch, rows, cols, dtype=torch.bfloat16):
+        outs = []
+        for half in (True, False):
+            _poison(rows, cols, dtype)
+            outs.append(launch(half, torch.empty(rows, cols, dtype=dtype, device=DEV)))
+            assert not torch.isnan(outs[-1]).any() and torch.all(outs[-1][int(offs[-1]):] == 0)
+        assert torch.equal(outs[0], outs[1])
+        return outs[0].cpu()
+
+    if kind == "bf16":
+        tile = KernelConfig(128, 256, 64, 8, 4)
+        wd, xd = w.bfloat16().to(DEV), x.to(DEV)
+        y = both(lambda h, out: persistent_gemm.launch_persistent(xd, wd, out, od, replace(tile, half_m=h), False),
+                 M, N)
+        assert rel_err(y, oracle_grouped_mm(x, (w.bfloat16(), None, None, "none", "none", 0), offs)) < GPU_BOUND_BF16
+        dy = torch.randn(M, N, generator=g).bfloat16()
+        dyd = dy.to(DEV)
+        dx = both(lambda h, out: persistent_gemm.launch_persistent(dyd, wd, out, od, replace(tile, half_m=h), True),
+                  M, K)
+        ref = torch.zeros(M, K, dtype=torch.float64)
+        for e in range(E):
+            lo, hi = (int(offs[e - 1]) if e else 0), int(offs[e])
+            ref[lo:hi] = dy[lo:hi].double() @ w[e].bfloat16().double()
+        assert rel_err(dx, ref) < GPU_BOUND_BF16
+        return
+    fmt, tile = (("fp8_e4m3", KernelConfig(128, 128, 256, 8, 3)) if kind == "fp8_token"
+                 else ("int8_sym", KernelConfig(128, 256, 128, 8, 3)))
+    qw = moe_ops.quantize_weight(w.bfloat16(), fmt, "channel", 0)
+    args = [a.to(DEV) if torch.is_tensor(a) else a for a in qw.op_args()]
+    xq, xs = dispatch.quantize_act(x.to(DEV), kind)
+    ws, _, st = dispatch._scale_operands(args[0], args[1], args[2], "channel", transposed=False)
+    y = both(lambda h, out: persistent_gemm.launch_persistent(xq, args[0], out, od, replace(tile, half_m=h), False,
+                                                              scales=(xs, ws, (xs.stride(0), st[0], st[1]))), M, N)
+    if kind == "int8_token":
+        assert torch.equal(y, moe_ops.reference.grouped_mm(x, *qw.op_args()[:3], offs, *qw.op_args()[3:], kind,
+                                                           "none"))
+    else:  # the float64 product of the same codes (test_fp8_dot_k_tile_256's bound)
+        ref = moe_ops.reference.segment_mm(xq.cpu().double() * xs.cpu().double(),
+                                           moe_ops.dequantize_weight(qw, torch.float64), offs, "nt")
+        assert rel_err(y, ref) < 5e-3
+
+
 def test_int8_w8a8_default_takes_the_persistent_kernel(monkeypatch):
     """``moe_ops.grouped_mm(..., act_quant="int8_token")`` with channel-scaled int8_sym W above 64
     rows per expert: the persistent kernel on TMA devices (``choose_persistent_config``), exact

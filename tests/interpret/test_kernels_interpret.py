@@ -702,21 +702,59 @@ def test_persistent_gemm_forward_and_dgrad(dtype, k):
     experts (an empty one; rows past offs[-1] written as zeros by the second loop), 16-row tiles
     (experts span several, part-filled ones read the next expert's rows, masked at the store),
     GROUP_M 2, N and K off the tile; forward and dgrad against the float64 reference."""
-    from moe_ops.kernels import persistent_gemm
     x, w, offs = _data(hash((str(dtype), k)) % 997, dtype, k)
-    w = w.to(dtype)
-    y = torch.full((M, N), float("nan"), dtype=dtype)
-    persistent_gemm.launch_persistent(x, w, y, offs, PERSISTENT_TILE, dgrad=False)
-    ref = reference.grouped_mm(x.double(), w.double(), None, None, offs, "none", "none", 0, "none", "none")
-    assert not torch.isnan(y).any() and torch.all(y[int(offs[-1]):] == 0)
-    bound = 1e-3 if dtype == torch.float16 else 8e-3  # the output's rounding
-    assert rel_err(y, ref) < bound
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(8)).to(dtype)
-    dx = torch.full((M, k), float("nan"), dtype=dtype)
-    persistent_gemm.launch_persistent(dy, w, dx, offs, PERSISTENT_TILE, dgrad=True)
-    ref = reference.grouped_mm_dgrad(dy.double(), w.double(), None, None, offs, "none", "none", 0, "none")
-    assert not torch.isnan(dx).any() and torch.all(dx[int(offs[-1]):] == 0)
-    assert rel_err(dx, ref) < bound
+    _persistent_against_reference(x, w.to(dtype), dy, offs, PERSISTENT_TILE)
+
+
+def _persistent_against_reference(x, w, dy, offs, tile):
+    """The persistent kernel's forward (``x``) and dgrad (``dy``) at ``tile``, outputs poisoned
+    with NaN: every row written, rows past offs[-1] zero, within the output's rounding of the
+    float64 reference."""
+    from moe_ops.kernels import persistent_gemm
+    bound = 1e-3 if x.dtype == torch.float16 else 8e-3  # the output's rounding
+    for dgrad, a in ((False, x), (True, dy)):
+        out = torch.full((x.shape[0], w.shape[2] if dgrad else w.shape[1]), float("nan"), dtype=x.dtype)
+        persistent_gemm.launch_persistent(a, w, out, offs, tile, dgrad=dgrad)
+        args = (a.double(), w.double(), None, None, offs, "none", "none", 0, "none")
+        ref = reference.grouped_mm_dgrad(*args) if dgrad else reference.grouped_mm(*args, "none")
+        assert not torch.isnan(out).any() and torch.all(out[int(offs[-1]):] == 0)
+        assert rel_err(out, ref) < bound
+
+
+# experts' rows for the half tiles (32-row tiles): remainders 8, 11 and 16 (a 16-row half tile
+# each, after 1, 2 and 0 full tiles), 20 (a full tile), none (an empty expert, a whole one)
+HALF_SIZES = (40, 0, 75, 20, 64, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_persistent_gemm_half_tiles(dtype):
+    """``KernelConfig.half_m`` (the kernel's ``HALF_M``): an expert's last row tile of at most
+    half the tile's rows runs as a half-height tile in a second loop (x by its own descriptor),
+    continuing the round robin over three programs. Forward and dgrad against the float64
+    reference; rows past offs[-1] zero; the int8 W8A8 path (``ACT`` 1) through the half tiles
+    equal to the reference bit for bit in fp16 (exact int32 sums, whatever the tile)."""
+    from moe_ops.kernels import persistent_gemm
+    g = torch.Generator().manual_seed(31)
+    offs = torch.cumsum(torch.tensor(HALF_SIZES), 0).to(torch.int32)
+    m, e, n, k = int(offs[-1]) + 5, len(HALF_SIZES), 40, 48  # N and K off the 32-wide tiles
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(e, n, k, generator=g).to(dtype)
+    tile = KernelConfig(32, 32, 32, 4, 2, group_m=2, half_m=True)
+    _persistent_against_reference(x, w, torch.randn(m, n, generator=g).to(dtype), offs, tile)
+    if dtype == torch.float16:
+        args = moe_ops.quantize_weight(w.float(), "int8_sym", "channel", 0).op_args()
+        xq, xs = dispatch.quantize_act(x, "int8_token")
+        ws, _, st = dispatch._scale_operands(args[0], args[1], args[2], "channel", transposed=False)
+        yq = torch.full((m, n), float("nan"), dtype=dtype)
+        persistent_gemm.launch_persistent(xq, args[0], yq, offs, tile, dgrad=False,
+                                          scales=(xs, ws, (xs.stride(0), st[0], st[1])))
+        assert torch.equal(yq, reference.grouped_mm(x, *args[:3], offs, *args[3:], "int8_token", "none"))
+    with pytest.raises(ValueError, match="half_m"):
+        persistent_gemm.launch_persistent(x, w, torch.empty(m, n, dtype=dtype), offs,
+                                          KernelConfig(16, 32, 32, 4, 2, half_m=True), dgrad=False)
+    with pytest.raises(ValueError, match="half_m"):  # a config given to a call: the one-program-a-tile kernel's
+        dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none", config=tile)
 
 
 @pytest.mark.parametrize("gran", ["channel", "tensor"])
