@@ -17,11 +17,13 @@ and ``torch._grouped_mm`` on the unquantized operands, and the activation cast a
 int8 W8A8 target: the cast plus the GEMM faster than our bf16 path). Error relative to
 ``torch._grouped_mm``'s bf16 output (the formats' quantization error).
 
-``--half``: the table's persistent tiles (``choose_persistent_config``: bf16 forward and dgrad,
-fp8 and int8 W8A8 forward on x cast beforehand) with ``half_m`` off and on (``HALF_M``: an
-expert's last row tile of at most half the tile's rows runs as a half-height tile), alternated
-over ``--rounds`` rounds, ``torch._grouped_mm`` in each round; each output's error against
-``torch._grouped_mm`` (bf16) and whether the two variants' outputs are equal bit for bit.
+``--half``: bf16 forward and dgrad, fp8 and int8 W8A8 forward (x cast beforehand), each at the
+persistent table tile (``choose_persistent_config``; where the table takes another kernel, at
+:data:`HALF_DEFAULT_TILES`' tile) with ``half_m`` off and on (``HALF_M``: an expert's last row
+tile of at most half the tile's rows runs as a half-height tile), the pass's launch as the table
+chooses it and ``torch._grouped_mm``, alternated over ``--rounds`` rounds; each output's error
+against ``torch._grouped_mm`` (bf16) and whether the two persistent variants' outputs are equal
+bit for bit.
 
 Usage (GPU): ``python benchmarks/probe_persistent.py [--out DIR] [--shapes ...] [--fp8 | --int8 |
 --half [--rounds N]]``
@@ -37,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
+import moe_ops  # noqa: E402
 from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.kernels.persistent_gemm import launch_persistent  # noqa: E402
 from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config, choose_persistent_config  # noqa: E402
@@ -149,10 +152,18 @@ def fp8(args, dev, env, ceil):
     harness.write_json(os.path.join(args.out, "probe_persistent_fp8.json"), {"env": env, "ceilings": ceil, "rows": rows})
 
 
+# the persistent tile each pass is probed at where the table does not take the persistent kernel
+# (bf16 dgrad above 512 rows per expert; fp8 W8A8 up to 512; int8 W8A8 up to 64)
+HALF_DEFAULT_TILES = {"fwd": KernelConfig(128, 256, 64, 8, 3), "dgrad": KernelConfig(128, 256, 64, 8, 3),
+                      "fwd_fp8_token": KernelConfig(128, 128, 256, 8, 3),
+                      "fwd_int8_token": KernelConfig(128, 256, 128, 8, 3)}
+
+
 def _half_cases(name, dev):
-    """``[(pass, tile, launch(tile) -> y, peer, ref, used, flops)]`` of one shape: the passes that
-    take the persistent kernel's table tile at T=4096 (bf16 forward and dgrad; fp8 and int8 W8A8
-    forward on x cast beforehand), the tile with ``half_m`` off; ``peer`` the pass's bf16
+    """``[(pass, tile, launch(tile) -> y, table, peer, ref, used, flops)]`` of one shape at T=4096:
+    bf16 forward and dgrad, fp8 and int8 W8A8 forward on x cast beforehand; ``tile`` the
+    persistent table tile (else :data:`HALF_DEFAULT_TILES`'), ``half_m`` off; ``table`` the
+    pass's launch as the table chooses it (persistent or not); ``peer`` the pass's bf16
     ``torch._grouped_mm`` launch, ``ref`` its output."""
     from dataclasses import replace
     E, k, K, N = SHAPES[name]
@@ -161,25 +172,29 @@ def _half_cases(name, dev):
     flops = 2 * used * N * K
     fwd_peer = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # noqa: E731
     cases = []
-    for dgrad in (False, True):
-        tile = choose_persistent_config(M, K if dgrad else N, N if dgrad else K, E, dgrad=dgrad)
-        if tile is None:
-            continue
-        a = dy if dgrad else x
-        y = torch.empty(M, K if dgrad else N, dtype=a.dtype, device=dev)
+    for ps, a, red, out_n in (("fwd", x, K, N), ("dgrad", dy, N, K)):
+        dgrad = ps == "dgrad"
+        tile = choose_persistent_config(M, out_n, red, E, dgrad=dgrad) or HALF_DEFAULT_TILES[ps]
+        y = torch.empty(M, out_n, dtype=a.dtype, device=dev)
+        table = ((lambda: dispatch.grouped_mm_dgrad(dy, w, None, None, offs, "none", "none", 0, "none")) if dgrad
+                 else (lambda: dispatch.grouped_mm(x, w, None, None, offs, "none", "none", 0, "none", "none")))
         peer = (lambda: torch._grouped_mm(dy, w, offs=offs)) if dgrad else fwd_peer
-        cases.append(("dgrad" if dgrad else "fwd", replace(tile, half_m=False),
-                      lambda t, a=a, y=y, dgrad=dgrad: launch_persistent(a, w, y, offs, t, dgrad), peer, peer(),
-                      used, flops))
+        cases.append((ps, replace(tile, half_m=False),
+                      lambda t, a=a, y=y, dgrad=dgrad: launch_persistent(a, w, y, offs, t, dgrad), table, peer,
+                      peer(), used, flops))
+    ref = fwd_peer()
     for fmt, act, flag in (("fp8_e4m3", "fp8_token", "fp8_dot"), ("int8_sym", "int8_token", "int8_dot")):
-        tile = choose_persistent_config(M, N, K, E, **{flag: True})
-        if tile is None:
-            continue
-        _, _, _, qw, xq, _, scales, _, _ = _codes_case(name, fmt, act, dev)
+        qw = moe_ops.quantize_weight(w, fmt, "channel", 0).op_args()
+        xq, xs = dispatch.quantize_act(x, act)
+        ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
+        scales = (xs, ws, (xs.stride(0), st[0], st[1]))
+        tile = choose_persistent_config(M, N, K, E, **{flag: True}) or HALF_DEFAULT_TILES[f"fwd_{act}"]
         y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
         cases.append((f"fwd_{act}", replace(tile, half_m=False),
                       lambda t, xq=xq, c=qw[0], sc=scales, y=y: launch_persistent(xq, c, y, offs, t, False, scales=sc),
-                      fwd_peer, fwd_peer(), used, flops))
+                      lambda qw=qw, act=act, xq=xq, xs=xs: dispatch.grouped_mm(x, *qw[:3], offs, *qw[3:], act, "none",
+                                                                               prequantized=(xq, xs)),
+                      fwd_peer, ref, used, flops))
     return cases
 
 
@@ -187,17 +202,17 @@ def half(args, dev, env, ceil):
     from dataclasses import replace
     rows = []
     for name in args.shapes:
-        for ps, tile, run, peer, ref, used, flops in _half_cases(name, dev):
+        for ps, tile, run, table, peer, ref, used, flops in _half_cases(name, dev):
             outs = {}
             for rnd in range(args.rounds):
-                for label, t in (("torch._grouped_mm bf16", None), ("half_m=False", tile),
-                                 ("half_m=True", replace(tile, half_m=True))):
-                    timed = harness.time_variant(f"{name} {ps} {label}", peer if t is None else (lambda t=t: run(t)),
-                                                 ref, used)
+                for label, fn in (("torch._grouped_mm bf16", peer), ("table", table),
+                                  ("half_m=False", lambda: run(tile)),
+                                  ("half_m=True", lambda: run(replace(tile, half_m=True)))):
+                    timed = harness.time_variant(f"{name} {ps} {label}", fn, ref, used)
                     if timed is None:
                         continue
                     out, ms, err = timed
-                    if t is not None:
+                    if label.startswith("half_m"):
                         outs[label] = out[:used].clone()
                     tf = flops / ms / 1e9
                     rows.append({"shape": name, "pass": ps, "tile": str(tile), "variant": label, "round": rnd,
