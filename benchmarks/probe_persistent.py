@@ -42,7 +42,8 @@ import harness  # noqa: E402
 import moe_ops  # noqa: E402
 from moe_ops.kernels import dispatch  # noqa: E402
 from moe_ops.kernels.persistent_gemm import launch_persistent  # noqa: E402
-from moe_ops.lowering.kernel_choice import KernelConfig, choose_forward_config, choose_persistent_config  # noqa: E402
+from moe_ops.lowering.kernel_choice import (KernelConfig, choose_forward_config,  # noqa: E402
+                                            choose_persistent_config)
 
 SHAPES = {"qwen3_gate_up": (128, 8, 2048, 1536), "qwen3_down": (128, 8, 768, 2048),
           "dsv3_gate_up_e32": (32, 8, 7168, 4096), "mixtral_gate_up": (8, 2, 4096, 28672)}

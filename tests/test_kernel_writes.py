@@ -172,17 +172,21 @@ def test_tma_launch_writes_its_output_only(case, names, tma_w, monkeypatch):
     assert written == ["y_ptr"]
 
 
-def test_wgrad_tma_launch_writes_its_output_only(monkeypatch):
-    """The bf16 wgrad with its row chunks by TMA descriptors: only ``dw`` counts as written."""
+@pytest.mark.parametrize("expert_group", [0, 3])
+def test_wgrad_tma_launch_writes_its_output_only(expert_group, monkeypatch):
+    """The bf16 wgrad with its row chunks by TMA descriptors (in the expert-by-expert grid, and
+    in the 1-D grid three experts at a time): only ``dw`` counts as written."""
     from moe_ops.kernels.grouped_wgrad import launch_wgrad
     seen = []
     monkeypatch.setattr(dispatch.launch, "tma_device", lambda t: True)
     monkeypatch.setattr(dispatch.launch, "launch",
                         lambda kernel, grid, kwargs, descriptors, **o: seen.append((kernel, kwargs, descriptors)))
     offs = torch.tensor([50, 50, 200, 256], dtype=torch.int32)
-    launch_wgrad(torch.randn(256, 192).bfloat16(), torch.randn(256, 128).bfloat16(), offs, torch.bfloat16, tma=True)
+    config = (64, 128, 128, 8, 3) + ((expert_group,) if expert_group else ())
+    launch_wgrad(torch.randn(256, 192).bfloat16(), torch.randn(256, 128).bfloat16(), offs, torch.bfloat16, config,
+                 tma=True)
     kernel, kw, descs = seen[0]
-    assert set(descs) == {"dy_desc", "x_desc"} and kw["TMA"]
+    assert set(descs) == {"dy_desc", "x_desc"} and kw["TMA"] and kw["EXPERT_GROUP"] == expert_group
     meta = {n: ("stable", (list(block),)) for n, (_, block) in descs.items()}
     assert _written(kernel, tma=meta, **kw, **{n: t for n, (t, _) in descs.items()}) == ["dw_ptr"]
 
@@ -213,13 +217,14 @@ def test_training_kernels_write_their_outputs_only(per_expert, step, tma, prefet
     qx = torch.empty(K_, blocks * bm, dtype=torch.float8_e4m3fn)
     # TMA: the token-block tiles as descriptors (torch's "stable" metadata), as the launcher passes them
     meta = {"dy_desc": ("stable", ([32, bm],)), "x_desc": ("stable", ([32, bm],))} if tma else None
-    written = _written(grouped_wgrad_fp8_kernel, tma=meta, qdy_ptr=qdy, qx_ptr=qx,
-                       dw_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16), offs_ptr=offs,
-                       sdy_ptr=torch.empty(blocks, N_), sx_ptr=torch.empty(blocks, K_), dy_desc=qdy, x_desc=qx,
-                       N=N_, K=K_, stride_dyn=blocks * bm, stride_xk=blocks * bm, stride_we=N_ * K_, stride_wn=K_,
-                       stride_wk=1, stride_sdy=N_, stride_sx=K_, E=E_, E_POW2=E_, BLOCK_M=bm, BLOCK_N=32,
-                       BLOCK_K=32, PER_EXPERT=per_expert, TMA=tma)
-    assert written == ["dw_ptr"]
+    for expert_group in (0, 3):  # the expert-by-expert grid; the 1-D grid three experts at a time
+        written = _written(grouped_wgrad_fp8_kernel, tma=meta, qdy_ptr=qdy, qx_ptr=qx,
+                           dw_ptr=torch.empty(E_, N_, K_, dtype=torch.bfloat16), offs_ptr=offs,
+                           sdy_ptr=torch.empty(blocks, N_), sx_ptr=torch.empty(blocks, K_), dy_desc=qdy, x_desc=qx,
+                           N=N_, K=K_, stride_dyn=blocks * bm, stride_xk=blocks * bm, stride_we=N_ * K_,
+                           stride_wn=K_, stride_wk=1, stride_sdy=N_, stride_sx=K_, E=E_, E_POW2=E_, BLOCK_M=bm,
+                           BLOCK_N=32, BLOCK_K=32, PER_EXPERT=per_expert, TMA=tma, EXPERT_GROUP=expert_group)
+        assert written == ["dw_ptr"]
 
 
 @pytest.mark.parametrize("per_row,flat,pair,words,one_read", [

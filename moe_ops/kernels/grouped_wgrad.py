@@ -1,6 +1,7 @@
 """Triton grouped wgrad ``dW[e] = dy[g]^T @ x[g]``: a K-grouped reduction over each expert's rows.
 
-Grid ``(cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), E)``: program (t, e) owns one ``[BLOCK_N, BLOCK_K]``
+Grid ``(cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), E)`` (or, with ``EXPERT_GROUP``, the same programs
+in a 1-D grid taken that many experts at a time): program (t, e) owns one ``[BLOCK_N, BLOCK_K]``
 tile of expert e, reads the expert's row range ``[offs[e-1], offs[e])`` on the device and
 reduces over it in BLOCK_M chunks. Deterministic (one program per output tile, fixed order, no
 atomics); an expert with no rows writes exact zeros. fp32 accumulation; output in
@@ -29,17 +30,35 @@ from .token_block_quant import BLOCK
 
 
 @triton.jit
+def _expert_group_tile(pid, E, tiles, EXPERT_GROUP: tl.constexpr):
+    """``(tile, expert)`` of program ``pid`` of a 1-D grid of ``E * tiles`` programs taken
+    ``EXPERT_GROUP`` experts at a time, tile position by tile position: the group's experts'
+    tiles at one position launch together (the last group holds the experts left)."""
+    span = EXPERT_GROUP * tiles
+    group = pid // span
+    size = tl.minimum(EXPERT_GROUP, E - group * EXPERT_GROUP)
+    r = pid - group * span
+    return r // size, group * EXPERT_GROUP + r % size
+
+
+@triton.jit
 def grouped_wgrad_kernel(dy_ptr, x_ptr, dw_ptr, offs_ptr, dy_desc, x_desc, N, K,
-                         stride_dym, stride_dyn, stride_xm, stride_xk, stride_we, stride_wn, stride_wk,
+                         stride_dym, stride_dyn, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, E,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr, TMA: tl.constexpr = False):
+                         UPCAST_DOT: tl.constexpr, TMA: tl.constexpr = False, EXPERT_GROUP: tl.constexpr = 0):
     """``TMA``: the whole ``BLOCK_M``-row chunks of the expert come by TMA descriptors
     (``dy_desc`` ``[BLOCK_M, BLOCK_N]`` over dy, ``x_desc`` ``[BLOCK_M, BLOCK_K]`` over x; columns
     past N / K read as zero) and only the last, part-filled chunk by masked pointer loads (a
-    descriptor cannot stop at the expert's last row)."""
-    pid = tl.program_id(0)
-    e = tl.program_id(1)
+    descriptor cannot stop at the expert's last row). ``EXPERT_GROUP`` 0: grid ``(tiles, E)``,
+    expert by expert; else a 1-D grid in :func:`_expert_group_tile`'s order, so that the tiles
+    in flight mix the group's experts (an empty or small expert's tiles only store, a large
+    one's mostly multiply) while the group's rows stay in L2."""
     num_k = tl.cdiv(K, BLOCK_K)
+    if EXPERT_GROUP > 0:
+        pid, e = _expert_group_tile(tl.program_id(0), E, tl.cdiv(N, BLOCK_N) * num_k, EXPERT_GROUP)
+    else:
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
     pid_n = pid // num_k
     pid_k = pid % num_k
     end = tl.load(offs_ptr + e)
@@ -86,13 +105,17 @@ def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr,
                              stride_dyn, stride_xk, stride_we, stride_wn, stride_wk, stride_sdy, stride_sx,
                              E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER_EXPERT: tl.constexpr,
-                             TMA: tl.constexpr = False):
+                             TMA: tl.constexpr = False, EXPERT_GROUP: tl.constexpr = 0):
     """``TMA``: each token block's operand tiles by TMA descriptors (``dy_desc`` ``[BLOCK_N,
     BLOCK_M]`` over ``qdy_t``, ``x_desc`` ``[BLOCK_K, BLOCK_M]`` over ``qx_t``; rows past N / K
-    read as zero); else masked pointer loads."""
-    pid = tl.program_id(0)
-    e = tl.program_id(1)
+    read as zero); else masked pointer loads. ``EXPERT_GROUP``: the grid's order, as
+    :func:`grouped_wgrad_kernel`'s."""
     num_k = tl.cdiv(K, BLOCK_K)
+    if EXPERT_GROUP > 0:
+        pid, e = _expert_group_tile(tl.program_id(0), E, tl.cdiv(N, BLOCK_N) * num_k, EXPERT_GROUP)
+    else:
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
     pid_n = pid // num_k
     pid_k = pid % num_k
     e_idx = tl.arange(0, E_POW2)  # offs as values (see _expert_tiles)
@@ -137,8 +160,9 @@ WGRAD_TMA = True
 def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, config=None,
                  interpret: bool = False, tma: bool = None) -> torch.Tensor:
     """``[E, N, K]`` in ``out_dtype`` from 16/32-bit dy ``[M, N]``, x ``[M, K]``. ``config``:
-    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` (default: ``choose_wgrad_config``
-    from the rows per expert); ``tma`` (default ``WGRAD_TMA``):
+    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, expert_group])`` (default:
+    ``choose_wgrad_config`` from the rows per expert; ``expert_group`` the kernel's
+    ``EXPERT_GROUP``, 0 if left out); ``tma`` (default ``WGRAD_TMA``):
     TMA descriptors for the whole row chunks, where :mod:`.launch` allows them."""
     M, N = dy.shape
     K = x.shape[1]
@@ -146,15 +170,17 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
     dw = torch.empty(E, N, K, dtype=out_dtype, device=dy.device)
     if E == 0 or N == 0 or K == 0:
         return dw
-    bm, bn, bk, warps, stages = config or choose_wgrad_config(M, E)
-    grid = (cdiv(N, bn) * cdiv(K, bk), E)
+    bm, bn, bk, warps, stages, *rest = config or choose_wgrad_config(M, E)
+    expert_group = rest[0] if rest else 0
+    grid = (cdiv(N, bn) * cdiv(K, bk), E) if expert_group == 0 else (cdiv(N, bn) * cdiv(K, bk) * E,)
     use_tma = ((WGRAD_TMA if tma is None else tma) and dy.dtype != torch.float32 and launch.tma_device(dy)
                and launch.tma_aligned(dy) and launch.tma_aligned(x) and launch.descriptors_allowed(dy))
     descs = {"dy_desc": (dy, (bm, bn)), "x_desc": (x, (bm, bk))} if use_tma else {}
-    kwargs = dict(dy_ptr=dy, x_ptr=x, dw_ptr=dw, offs_ptr=offs, N=N, K=K,
+    kwargs = dict(dy_ptr=dy, x_ptr=x, dw_ptr=dw, offs_ptr=offs, N=N, K=K, E=E,
                   stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
                   stride_we=dw.stride(0), stride_wn=dw.stride(1), stride_wk=dw.stride(2),
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interpret or dy.dtype == torch.float32, TMA=use_tma)
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST_DOT=interpret or dy.dtype == torch.float32, TMA=use_tma,
+                  EXPERT_GROUP=expert_group)
     if not use_tma:
         kwargs.update(dy_desc=dy, x_desc=x)  # plain pointers in the descriptors' places
     launch.launch(grouped_wgrad_kernel, grid, kwargs, descs, num_warps=warps, num_stages=stages)
@@ -172,7 +198,8 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
     """``[E, N, K]`` in ``out_dtype`` from the padded token-block operands of
     :func:`.token_block_quant.token_block_quant`: ``qdy_t`` ``[N, P]``, ``qx_t`` ``[K, P]``
     float8 and their scales (``[E, .]`` if ``per_expert`` else per block). ``config``:
-    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` (default: ``choose_wgrad_fp8_config``); the
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages[, expert_group])`` (default:
+    ``choose_wgrad_fp8_config``; ``expert_group`` the kernel's ``EXPERT_GROUP``, 0 if left out); the
     reduction chunk is one token block. ``tma`` (default ``WGRAD_FP8_TMA``): TMA descriptors
     for the token-block tiles, where :mod:`.launch` allows them."""
     N, K, E = qdy_t.shape[0], qx_t.shape[0], offs.shape[0]
@@ -180,8 +207,9 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
     if E == 0 or N == 0 or K == 0:
         return dw
     rows = qdy_t.shape[1] - E * BLOCK  # P = (cdiv(M, BLOCK) + E) * BLOCK: M rounded up to a block
-    bn, bk, warps, stages = config or choose_wgrad_fp8_config(rows, E, per_expert)
-    grid = (cdiv(N, bn) * cdiv(K, bk), E)
+    bn, bk, warps, stages, *rest = config or choose_wgrad_fp8_config(rows, E, per_expert)
+    expert_group = rest[0] if rest else 0
+    grid = (cdiv(N, bn) * cdiv(K, bk), E) if expert_group == 0 else (cdiv(N, bn) * cdiv(K, bk) * E,)
     use_tma = ((WGRAD_FP8_TMA if tma is None else tma) and launch.tma_device(qdy_t) and launch.tma_aligned(qdy_t)
                and launch.tma_aligned(qx_t) and launch.descriptors_allowed(qdy_t))
     descs = {"dy_desc": (qdy_t, (bn, BLOCK)), "x_desc": (qx_t, (bk, BLOCK))} if use_tma else {}
@@ -189,7 +217,7 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
                   stride_dyn=qdy_t.stride(0), stride_xk=qx_t.stride(0), stride_we=dw.stride(0),
                   stride_wn=dw.stride(1), stride_wk=dw.stride(2), stride_sdy=sdy.stride(0), stride_sx=sx.stride(0),
                   E=E, E_POW2=next_power_of_2(E), BLOCK_M=BLOCK, BLOCK_N=bn, BLOCK_K=bk, PER_EXPERT=per_expert,
-                  TMA=use_tma)
+                  TMA=use_tma, EXPERT_GROUP=expert_group)
     if not use_tma:
         kwargs.update(dy_desc=qdy_t, x_desc=qx_t)  # plain pointers in the descriptors' places
     launch.launch(grouped_wgrad_fp8_kernel, grid, kwargs, descs, num_warps=warps, num_stages=stages)

@@ -22,8 +22,8 @@ program reads ``offs`` once, and its tiles' experts come from that prefix sum on
 ``offs[-1]``. With ``HALF_M`` an expert's last tile that holds at most ``BLOCK_M // 2`` rows is
 left out of that numbering and runs in a second tile loop as a ``BLOCK_M // 2``-row tile.
 Same function and summation order as :func:`.grouped_gemm.grouped_gemm_kernel` at the same tile
-(``ACT`` 0 with plain weights, ``ACT`` 1 or 2 with scales constant along K): bit-equal outputs (GPU ``test_persistent_tiles``, ``test_fp8_dot_k_tile_256``,
-``test_persistent_int8_w8a8``).
+(``ACT`` 0 with plain weights, ``ACT`` 1 or 2 with scales constant along K): bit-equal outputs
+(GPU ``test_persistent_tiles``, ``test_fp8_dot_k_tile_256``, ``test_persistent_int8_w8a8``).
 
 Measured against that kernel's default tiles (``benchmarks/probe_persistent.py [--fp8]``, H100,
 T=4096): :func:`moe_ops.lowering.kernel_choice.choose_persistent_config` takes it where it was

@@ -206,6 +206,33 @@ def test_wgrad_tma_chunks_bitwise(config):
     assert rel_err(a.cpu(), ref) < GPU_BOUND_BF16
 
 
+@pytest.mark.parametrize("group", [3, 8])  # E = 8: a last group of two; one group
+def test_wgrad_expert_groups_bitwise(group):
+    """The wgrads' 1-D grid taken ``group`` experts at a time (``EXPERT_GROUP``, config entry 6 /
+    5): the same programs as the expert-by-expert grid in another order, so the same bits, bf16
+    (TMA chunks) and both FP8 recipes; outputs poisoned, the empty expert zero."""
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad, launch_wgrad_fp8
+    from moe_ops.kernels.token_block_quant import token_block_quant
+    from moe_ops.lowering.kernel_choice import choose_wgrad_config, choose_wgrad_fp8_config
+    x, dy, _, offs = _case(9)
+    xd, dyd, od = x.to(DEV), dy.to(DEV), offs.to(DEV)
+    tile = choose_wgrad_config(M, E)
+    base = launch_wgrad(dyd, xd, od, torch.bfloat16, tile)
+    torch.full((E, N, K), float("nan"), dtype=torch.bfloat16, device=DEV)  # poison the allocator's next block
+    got = launch_wgrad(dyd, xd, od, torch.bfloat16, tuple(tile) + (group,))
+    assert torch.equal(got, base) and torch.all(got[3] == 0)
+    ref = moe_ops.reference.grouped_mm_wgrad(dy.double(), x.double(), offs, "none")
+    assert rel_err(got.cpu(), ref) < GPU_BOUND_BF16
+    for per_expert in (False, True):
+        qdy, sdy = token_block_quant(dyd, od, per_expert)
+        qx, sx = token_block_quant(xd, od, per_expert)
+        tile = choose_wgrad_fp8_config(M, E, per_expert)
+        base = launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.bfloat16, tile)
+        torch.full((E, N, K), float("nan"), dtype=torch.bfloat16, device=DEV)
+        got = launch_wgrad_fp8(qdy, qx, sdy, sx, od, per_expert, torch.bfloat16, tuple(tile) + (group,))
+        assert torch.equal(got, base) and torch.all(got[3] == 0)
+
+
 # the fp8 MMA's accumulation: the cast's codes and scales equal the reference's bit for bit
 # here, and the kernel differs from the float64 product of those operands by 1.03e-3 (rowwise:
 # an expert's ~750 rows in one MMA accumulator chain) and 1.26e-4 (blockwise: chains of 128

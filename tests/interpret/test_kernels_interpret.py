@@ -332,6 +332,24 @@ def test_wgrad(dtype):
     assert rel_err(dw, ref) < (1e-3 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("group", [1, 3])  # 3: a last group of one expert (E = 4)
+def test_wgrad_expert_groups(group):
+    """The wgrad's 1-D grid taken ``group`` experts at a time (config entry 6, the kernel's
+    ``EXPERT_GROUP``): every (expert, tile) program once, so the output equals the expert-by-expert
+    grid's bit for bit (each tile's sums do not depend on the launch order); the empty expert
+    gets exact zeros; rows past offs[-1] (NaN) are never read."""
+    from moe_ops.kernels.grouped_wgrad import launch_wgrad
+    x, _, offs = _data(21, torch.float16)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(22)).half()
+    dy[int(offs[-1]):] = float("nan")
+    cfg = (16, 32, 32, 4, 1)
+    dw = launch_wgrad(dy, x, offs, torch.float16, cfg + (group,), interpret=True)
+    assert torch.equal(dw, launch_wgrad(dy, x, offs, torch.float16, cfg, interpret=True))
+    assert torch.all(dw[1] == 0)
+    ref = reference.grouped_mm_wgrad(dy[: int(offs[-1])].double(), x[: int(offs[-1])].double(), offs, "none")
+    assert rel_err(dw, ref) < 1e-3
+
+
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
 def test_recipe_forward_and_dgrad(recipe):
     """The recipes' forward and dgrad GEMMs against the product of the same quantized operands
@@ -417,6 +435,9 @@ def test_recipe_wgrad_fp8_kernel(recipe):
         dw = launch_wgrad_fp8(qdy, qx, sdy, sx, offs, per_expert, torch.float32, (32, 32, 4, 1), tma=tma)
         assert torch.all(dw[1] == 0)
         assert rel_err(dw, ref) < 1e-6
+    # the 1-D grid two experts at a time (a last group of one): the same programs, the same bits
+    grouped = launch_wgrad_fp8(qdy, qx, sdy, sx, offs, per_expert, torch.float32, (32, 32, 4, 1, 2), tma=False)
+    assert torch.equal(grouped, dw)
     # the quantization kernel: the same scales for every used unit and the padded rows' codes
     # zero (Triton's interpreter rounds float32 -> float8 differently from the hardware; the
     # GPU tests compare the codes bit for bit)
