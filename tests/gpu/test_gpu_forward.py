@@ -584,7 +584,7 @@ def test_persistent_int8_w8a8(tile, gran):
                                               prequantized=(xq, xs)))
 
 
-# rows per expert for the half tiles at 128-row tiles: remainders 72, 88, 104 and 127 (full
+# rows per expert for the half tiles at 128-row tiles: remainders 72, 88, 127, 65 and 104 (full
 # tiles), 64, 1, 1, 33 and 60 (64-row half tiles after 3, 0, 1, 0 and 5 full tiles), none
 HALF_SIZES = (200, 0, 448, 1, 129, 256, 600, 33, 700, 127, 65, 1000)
 
