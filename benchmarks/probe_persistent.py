@@ -68,14 +68,19 @@ def _codes_case(name, fmt, act, dev):
     """The operands of one 8-bit-codes case at T=4096: ``(offs, x, w, qw, xq, xs, scales, used,
     flops)``; ``qw`` the channel-scaled weight's op args, ``(xq, xs)`` x cast under ``act``,
     ``scales`` the persistent kernel's."""
-    import moe_ops
     E, k, K, N = SHAPES[name]
     offs, x, w, _ = harness.training_operands(E, k, K, N, 4096, dev)
     used = int(offs[-1])
+    return (offs, x, w, *_codes(x, w, fmt, act), used, 2 * used * N * K)
+
+
+def _codes(x, w, fmt, act):
+    """``(qw, xq, xs, scales)``: ``w`` quantized to ``fmt`` with channel scales (op args), ``x``
+    cast under ``act``, and the persistent kernel's ``scales`` argument."""
     qw = moe_ops.quantize_weight(w, fmt, "channel", 0).op_args()
     xq, xs = dispatch.quantize_act(x, act)
     ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
-    return offs, x, w, qw, xq, xs, (xs, ws, (xs.stride(0), st[0], st[1])), used, 2 * used * N * K
+    return qw, xq, xs, (xs, ws, (xs.stride(0), st[0], st[1]))
 
 
 def _persistent_cands(tiles, xq, codes, offs, scales, n, dev) -> dict:
@@ -185,10 +190,7 @@ def _half_cases(name, dev):
                       peer(), used, flops))
     ref = fwd_peer()
     for fmt, act, flag in (("fp8_e4m3", "fp8_token", "fp8_dot"), ("int8_sym", "int8_token", "int8_dot")):
-        qw = moe_ops.quantize_weight(w, fmt, "channel", 0).op_args()
-        xq, xs = dispatch.quantize_act(x, act)
-        ws, _, st = dispatch._scale_operands(qw[0], qw[1], qw[2], "channel", transposed=False)
-        scales = (xs, ws, (xs.stride(0), st[0], st[1]))
+        qw, xq, xs, scales = _codes(x, w, fmt, act)
         tile = choose_persistent_config(M, N, K, E, **{flag: True}) or HALF_DEFAULT_TILES[f"fwd_{act}"]
         y = torch.empty(M, N, dtype=torch.bfloat16, device=dev)
         cases.append((f"fwd_{act}", replace(tile, half_m=False),

@@ -4,7 +4,7 @@ Usage (GPU): ``python benchmarks/tune_recipes.py [--out DIR] [--only SUBSTRING[,
 TFLOP/s over the fp8 matmul ceiling; casts: bytes read + written over the copy ceiling) and
 writes ``tune_recipes.json`` (``--only promote_blockwise``: the blockwise GEMMs' promotion A/B,
 :func:`_scale_uniform_n`; ``--only groups``: the fp8 wgrad's table tile with its grid taken
-:data:`WGRAD_GROUPS` experts at a time). The defaults in the kernels' launchers come from these rankings.
+``tune_backward.WGRAD_GROUPS`` experts at a time). The defaults in the kernels' launchers come from these rankings.
 Every config is timed as CUDA-graph replays: an eager launch of these ops costs the host about
 0.3 ms, which ``do_bench`` would count for every kernel shorter than that.
 """
@@ -26,14 +26,13 @@ from moe_ops.kernels.grouped_wgrad import launch_wgrad_fp8  # noqa: E402
 from moe_ops.kernels.token_block_quant import token_block_quant  # noqa: E402
 from moe_ops.kernels.weight_quant import fp8_weight_quant  # noqa: E402
 from moe_ops.lowering.kernel_choice import KernelConfig as C, choose_wgrad_fp8_config  # noqa: E402
+from tune_backward import WGRAD_GROUPS  # noqa: E402  (the bf16 wgrad's groups, swept alike)
 
 FWD = [C(128, 128, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 128, 128, 4, 4), C(64, 128, 128, 4, 3),
        C(128, 64, 128, 4, 4), C(128, 256, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 4, 3),
        # TMA tiles (Hopper)
        C(128, 128, 128, 8, 4, tma=True), C(128, 128, 128, 8, 3, tma=True), C(64, 128, 128, 4, 3, tma=True),
        C(64, 256, 128, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True)]
-# experts a group of the wgrad's 1-D grid (grouped_wgrad EXPERT_GROUP; 0: expert by expert)
-WGRAD_GROUPS = [0, 4, 8, 16, 32]
 WGRAD = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
          (64, 128, 4, 4), (128, 64, 4, 4)]
 ACT_ROW = [(4, 2048, 8), (2, 2048, 4), (1, 2048, 4), (8, 2048, 8), (16, 512, 8),  # BLOCK_C < K: two passes

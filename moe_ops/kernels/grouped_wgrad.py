@@ -152,6 +152,15 @@ def grouped_wgrad_fp8_kernel(qdy_ptr, qx_ptr, dw_ptr, offs_ptr, sdy_ptr, sx_ptr,
     _store_dw(dw_ptr, acc, e, rn, rk, n_mask, k_mask, stride_we, stride_wn, stride_wk)
 
 
+def _expert_group(rest, caller: str) -> int:
+    """The config's optional last entry after the tile (the kernels' ``EXPERT_GROUP``; 0 if left
+    out): a non-negative int."""
+    if len(rest) > 1 or (rest and not (isinstance(rest[0], int) and rest[0] >= 0)):
+        raise ValueError(f"{caller}: config takes the tile and at most one more entry, expert_group (an int "
+                         f">= 0), got {tuple(rest)} after the tile")
+    return rest[0] if rest else 0
+
+
 # whole row chunks of the bf16 wgrad by TMA descriptors where the device and layout allow
 # (grouped_wgrad_kernel TMA; measured in benchmarks/tune_backward.py --tma)
 WGRAD_TMA = True
@@ -171,7 +180,7 @@ def launch_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtyp
     if E == 0 or N == 0 or K == 0:
         return dw
     bm, bn, bk, warps, stages, *rest = config or choose_wgrad_config(M, E)
-    expert_group = rest[0] if rest else 0
+    expert_group = _expert_group(rest, "launch_wgrad")
     grid = (cdiv(N, bn) * cdiv(K, bk), E) if expert_group == 0 else (cdiv(N, bn) * cdiv(K, bk) * E,)
     use_tma = ((WGRAD_TMA if tma is None else tma) and dy.dtype != torch.float32 and launch.tma_device(dy)
                and launch.tma_aligned(dy) and launch.tma_aligned(x) and launch.descriptors_allowed(dy))
@@ -208,7 +217,7 @@ def launch_wgrad_fp8(qdy_t: torch.Tensor, qx_t: torch.Tensor, sdy: torch.Tensor,
         return dw
     rows = qdy_t.shape[1] - E * BLOCK  # P = (cdiv(M, BLOCK) + E) * BLOCK: M rounded up to a block
     bn, bk, warps, stages, *rest = config or choose_wgrad_fp8_config(rows, E, per_expert)
-    expert_group = rest[0] if rest else 0
+    expert_group = _expert_group(rest, "launch_wgrad_fp8")
     grid = (cdiv(N, bn) * cdiv(K, bk), E) if expert_group == 0 else (cdiv(N, bn) * cdiv(K, bk) * E,)
     use_tma = ((WGRAD_FP8_TMA if tma is None else tma) and launch.tma_device(qdy_t) and launch.tma_aligned(qdy_t)
                and launch.tma_aligned(qx_t) and launch.descriptors_allowed(qdy_t))

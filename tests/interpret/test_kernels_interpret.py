@@ -348,6 +348,9 @@ def test_wgrad_expert_groups(group):
     assert torch.all(dw[1] == 0)
     ref = reference.grouped_mm_wgrad(dy[: int(offs[-1])].double(), x[: int(offs[-1])].double(), offs, "none")
     assert rel_err(dw, ref) < 1e-3
+    for bad in (cfg + (group, 1), cfg + (-1,)):
+        with pytest.raises(ValueError, match="expert_group"):
+            launch_wgrad(dy, x, offs, torch.float16, bad, interpret=True)
 
 
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_blockwise"])
